@@ -1,0 +1,134 @@
+//! The agent's local API: newline-delimited JSON over a Unix socket, one
+//! request and one response per connection.
+//!
+//! The CNI plugin registers endpoints through it (so programs and maps are in
+//! place before ADD returns) and the CLI asks the agent for its status. Kept
+//! std-only on the client side so the CNI binary stays small.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/dataplane/agent.sock";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    /// The runtime's container id (CNI_CONTAINERID); the endpoint's identity in the API.
+    pub container_id: String,
+    #[serde(default)]
+    pub pod_namespace: String,
+    #[serde(default)]
+    pub pod_name: String,
+    /// Host-side veth name in the node's network namespace.
+    pub host_ifname: String,
+    /// Addresses assigned to the pod.
+    pub ips: Vec<IpAddr>,
+    /// MAC of the pod's interface, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    #[serde(flatten)]
+    pub spec: EndpointSpec,
+    pub ifindex: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: String,
+    pub version: String,
+    /// `tcx` or `clsact`.
+    pub attach_mode: String,
+    pub pin_dir: String,
+    pub endpoints: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    EndpointAdd(EndpointSpec),
+    EndpointDel { container_id: String },
+    EndpointList,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Status(AgentStatus),
+    Endpoints { endpoints: Vec<EndpointStatus> },
+    Error { message: String },
+}
+
+/// Errors a caller may want to tell apart: the CNI plugin maps `Unavailable`
+/// to "try again later".
+#[derive(Debug)]
+pub enum CallError {
+    /// Nothing is listening (agent not running or not ready yet).
+    Unavailable(std::io::Error),
+    /// The agent answered, but the exchange failed or made no sense.
+    Protocol(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unavailable(e) => write!(f, "agent is not reachable: {e}"),
+            CallError::Protocol(m) => write!(f, "agent API error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Sends one request and waits for its response.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, CallError> {
+    let mut stream = UnixStream::connect(socket).map_err(CallError::Unavailable)?;
+    let proto = |e: std::io::Error| CallError::Protocol(format!("{}: {e}", socket.display()));
+    stream.set_read_timeout(Some(timeout)).map_err(proto)?;
+    stream.set_write_timeout(Some(timeout)).map_err(proto)?;
+    let mut line =
+        serde_json::to_string(request).map_err(|e| CallError::Protocol(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(proto)?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(proto)?;
+    if reply.is_empty() {
+        return Err(CallError::Protocol(
+            "agent closed the connection without answering".into(),
+        ));
+    }
+    serde_json::from_str(&reply)
+        .map_err(|e| CallError::Protocol(format!("bad response {reply:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        let req = Request::EndpointDel {
+            container_id: "abc".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"op":"endpoint_del","container_id":"abc"}"#
+        );
+        let resp: Response = serde_json::from_str(r#"{"result":"error","message":"x"}"#).unwrap();
+        assert_eq!(
+            resp,
+            Response::Error {
+                message: "x".into()
+            }
+        );
+    }
+}

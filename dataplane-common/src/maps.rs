@@ -1,0 +1,283 @@
+//! Map names, keys and values.
+//!
+//! Kernel programs declare each map with the literal name below (the
+//! `#[btf_map]` attribute takes no constant); the agent refuses to start when
+//! the loaded object lacks one of [`MAPS`], so a rename cannot drift silently.
+
+use crate::reason::{Direction, Reason};
+
+/// Root of the bpffs pins; each node's maps and links live in `<root>/<node>/`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
+
+/// Endpoints (pods) by IP address: [`EndpointKey`] -> [`EndpointInfo`].
+pub const MAP_ENDPOINTS: &str = "dp_endpoints";
+/// Per-endpoint traffic counters, per CPU: [`EpMetricsKey`] -> [`Counter`].
+pub const MAP_EP_METRICS: &str = "dp_ep_metrics";
+/// Verdict counters by (direction, reason), per CPU: index from [`metrics_index`] -> [`Counter`].
+pub const MAP_METRICS: &str = "dp_metrics";
+
+/// Programs, by attach point. Kernel names are capped at 15 characters.
+pub const PROG_LXC_FROM_CTR: &str = "lxc_from_ctr";
+pub const PROG_LXC_TO_CTR: &str = "lxc_to_ctr";
+pub const PROGRAMS: &[&str] = &[PROG_LXC_FROM_CTR, PROG_LXC_TO_CTR];
+
+pub const ENDPOINTS_MAX: u32 = 65_536;
+pub const EP_METRICS_MAX: u32 = 16_384;
+pub const METRICS_MAX: u32 = 4 << 8;
+
+/// Describes one map for the CLI (`dataplane map list`) and the agent's checks.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub max_entries: u32,
+    pub description: &'static str,
+}
+
+pub const MAPS: &[MapSpec] = &[
+    MapSpec {
+        name: MAP_ENDPOINTS,
+        kind: "hash",
+        max_entries: ENDPOINTS_MAX,
+        description: "endpoints (pods) by IP",
+    },
+    MapSpec {
+        name: MAP_EP_METRICS,
+        kind: "percpu_hash",
+        max_entries: EP_METRICS_MAX,
+        description: "per-endpoint packet/byte counters (IP traffic)",
+    },
+    MapSpec {
+        name: MAP_METRICS,
+        kind: "percpu_array",
+        max_entries: METRICS_MAX,
+        description: "verdict counters by direction and reason",
+    },
+];
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// An IP address as a map key. IPv4 sits in `addr[0..4]` with the rest zero;
+/// IPv6 fills all 16 bytes. Network byte order in both cases, so the kernel
+/// can copy it straight from the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: [u8; 16],
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 20);
+
+impl EndpointKey {
+    /// `addr` as the four bytes of the IPv4 header field (network byte order).
+    #[inline(always)]
+    pub const fn v4(addr: [u8; 4]) -> Self {
+        Self {
+            addr: [
+                addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    pub const fn v6(addr: [u8; 16]) -> Self {
+        Self {
+            addr,
+            family: FAMILY_IPV6,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The endpoint runs on this node (its `ifindex` is valid here).
+pub const EP_F_LOCAL: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Host-side veth ifindex; doubles as the endpoint id on this node. 0 for remote endpoints.
+    pub ifindex: u32,
+    /// Security identity (policy); 0 until one is assigned.
+    pub identity: u32,
+    /// MAC of the pod's `eth0`.
+    pub mac: [u8; 6],
+    /// MAC of the host-side veth (the pod's gateway MAC).
+    pub host_mac: [u8; 6],
+    /// `EP_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 28);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EpMetricsKey {
+    /// Host-side veth ifindex of the endpoint.
+    pub ifindex: u32,
+    /// A [`Direction`] code.
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<EpMetricsKey>() == 8);
+
+impl EpMetricsKey {
+    #[inline(always)]
+    pub const fn new(ifindex: u32, direction: Direction) -> Self {
+        Self {
+            ifindex,
+            direction: direction as u8,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Packets and bytes (bytes as `skb->len`: from the L2 header on).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Index into [`MAP_METRICS`] for a (direction, reason) pair.
+#[inline(always)]
+pub const fn metrics_index(direction: Direction, reason: Reason) -> u32 {
+    ((direction as u32) << 8) | reason as u32
+}
+
+/// Inverse of [`metrics_index`]; `None` for slots no pair maps to.
+pub const fn metrics_slot(index: u32) -> Option<(Direction, Reason)> {
+    if index >= METRICS_MAX {
+        return None;
+    }
+    match (
+        Direction::from_code((index >> 8) as u8),
+        Reason::from_code((index & 0xff) as u8),
+    ) {
+        (Some(d), Some(r)) => Some((d, r)),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use std::net::IpAddr;
+
+    // SAFETY: all are repr(C), contain only integers and byte arrays, and have
+    // no implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for EpMetricsKey {}
+    unsafe impl aya::Pod for Counter {}
+
+    impl From<IpAddr> for EndpointKey {
+        fn from(ip: IpAddr) -> Self {
+            match ip {
+                IpAddr::V4(v4) => EndpointKey::v4(v4.octets()),
+                IpAddr::V6(v6) => EndpointKey::v6(v6.octets()),
+            }
+        }
+    }
+
+    impl EndpointKey {
+        /// The address, or `None` when the family byte is not one we write.
+        pub fn ip(&self) -> Option<IpAddr> {
+            match self.family {
+                FAMILY_IPV4 => {
+                    let [a, b, c, d, ..] = self.addr;
+                    Some(IpAddr::from([a, b, c, d]))
+                }
+                FAMILY_IPV6 => Some(IpAddr::from(self.addr)),
+                _ => None,
+            }
+        }
+    }
+
+    impl std::fmt::Display for EndpointKey {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.ip() {
+                Some(ip) => write!(f, "{ip}"),
+                None => write!(f, "<family {}>", self.family),
+            }
+        }
+    }
+
+    impl std::ops::AddAssign for Counter {
+        fn add_assign(&mut self, rhs: Self) {
+            self.packets += rhs.packets;
+            self.bytes += rhs.bytes;
+        }
+    }
+
+    pub fn format_mac(mac: &[u8; 6]) -> String {
+        let [a, b, c, d, e, g] = mac;
+        format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+
+    pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let p = parts.next()?;
+            if p.len() != 2 {
+                return None;
+            }
+            *byte = u8::from_str_radix(p, 16).ok()?;
+        }
+        parts.next().is_none().then_some(out)
+    }
+
+    /// `<root>/<node>`: where one node's agent pins its maps and links.
+    pub fn pin_dir(root: &std::path::Path, node: &str) -> std::path::PathBuf {
+        root.join(node)
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::{format_mac, parse_mac, pin_dir};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_index_round_trips_and_fits() {
+        for d in Direction::ALL {
+            for r in Reason::ALL {
+                let i = metrics_index(*d, *r);
+                assert!(i < METRICS_MAX);
+                assert_eq!(metrics_slot(i), Some((*d, *r)));
+            }
+        }
+        assert_eq!(metrics_slot(METRICS_MAX), None);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn endpoint_key_from_ip_is_network_order() {
+        let k = EndpointKey::from("10.244.1.7".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(&k.addr[..4], &[10, 244, 1, 7]);
+        assert!(k.addr[4..].iter().all(|b| *b == 0));
+        assert_eq!(k.family, FAMILY_IPV4);
+        assert_eq!(k.to_string(), "10.244.1.7");
+        let k6 = EndpointKey::from("fd00::1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(k6.to_string(), "fd00::1");
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn mac_parse_and_format() {
+        let m = parse_mac("0a:1b:2c:3d:4e:5f").unwrap();
+        assert_eq!(format_mac(&m), "0a:1b:2c:3d:4e:5f");
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e"), None);
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e:5f:00"), None);
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e:zz"), None);
+    }
+}

@@ -1,0 +1,126 @@
+//! The one table of verdict reasons.
+//!
+//! Every packet a program handles ends in exactly one reason: `Forwarded` or
+//! a named drop. Programs count it in [`crate::MetricsKey`] and the CLI,
+//! metrics endpoint and monitor render the same names from this table.
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident = $code:literal, $name:literal, $desc:literal; )+) => {
+        /// Why a packet left a program the way it did. Codes are stable: they are
+        /// stored in maps and events, so never renumber, only append.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $( $(#[$doc])* $variant = $code, )+
+        }
+
+        impl Reason {
+            /// All reasons, in code order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant),+];
+
+            /// The reason with this code, if it is one.
+            pub const fn from_code(code: u8) -> Option<Reason> {
+                match code {
+                    $( $code => Some(Reason::$variant), )+
+                    _ => None,
+                }
+            }
+
+            /// Short machine-friendly name (metrics label, CLI column).
+            pub const fn name(self) -> &'static str {
+                match self { $( Reason::$variant => $name, )+ }
+            }
+
+            /// One line for a person reading a drop.
+            pub const fn description(self) -> &'static str {
+                match self { $( Reason::$variant => $desc, )+ }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Passed on (to the stack, a device or a peer).
+    Forwarded = 0, "forwarded", "packet passed on";
+    /// Headers shorter than they claim, or not parseable.
+    Malformed = 1, "malformed", "packet headers truncated or invalid";
+    /// An L3 protocol the datapath does not handle.
+    UnsupportedL3 = 2, "unsupported_l3", "L3 protocol not handled by the datapath";
+    /// Destination is in no endpoint, node or service map.
+    UnknownDestination = 3, "unknown_destination", "destination address is in no map";
+    /// Source address is not one the sending endpoint owns.
+    SourceSpoofed = 4, "source_spoofed", "source address not owned by the sending endpoint";
+    /// Denied by network policy.
+    PolicyDenied = 5, "policy_denied", "denied by network policy";
+    /// A helper (redirect, encap, FIB) failed.
+    HelperFailed = 6, "helper_failed", "kernel helper call failed";
+    /// The packet does not fit the path MTU and may not be fragmented.
+    FragNeeded = 7, "frag_needed", "packet larger than path MTU with DF set";
+}
+
+impl Reason {
+    pub const fn is_drop(self) -> bool {
+        !matches!(self, Reason::Forwarded)
+    }
+}
+
+/// Which way a packet was travelling relative to the hook that saw it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Leaving a pod (tc ingress on its host-side veth).
+    FromEndpoint = 0,
+    /// Entering a pod (tc egress on its host-side veth).
+    ToEndpoint = 1,
+    /// Arriving from the network on a node device.
+    FromNetwork = 2,
+    /// Leaving to the network on a node device.
+    ToNetwork = 3,
+}
+
+impl Direction {
+    pub const ALL: &'static [Direction] = &[
+        Direction::FromEndpoint,
+        Direction::ToEndpoint,
+        Direction::FromNetwork,
+        Direction::ToNetwork,
+    ];
+
+    pub const fn from_code(code: u8) -> Option<Direction> {
+        match code {
+            0 => Some(Direction::FromEndpoint),
+            1 => Some(Direction::ToEndpoint),
+            2 => Some(Direction::FromNetwork),
+            3 => Some(Direction::ToNetwork),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::FromEndpoint => "from-endpoint",
+            Direction::ToEndpoint => "to-endpoint",
+            Direction::FromNetwork => "from-network",
+            Direction::ToNetwork => "to-network",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_names_are_unique() {
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as u8 as usize, i, "codes must be dense and in order");
+            assert_eq!(Reason::from_code(*r as u8), Some(*r));
+            assert!(names.insert(r.name()), "duplicate name {}", r.name());
+        }
+        assert_eq!(Reason::from_code(Reason::ALL.len() as u8), None);
+        for d in Direction::ALL {
+            assert_eq!(Direction::from_code(*d as u8), Some(*d));
+        }
+    }
+}

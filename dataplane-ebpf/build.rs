@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    aya_build::emit_bpf_target_arch_cfg()
+}

@@ -1,0 +1,64 @@
+//! Counters: the verdict table (by direction and reason) and per endpoint.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    btf_maps::{PerCpuArray, PerCpuHashMap},
+    macros::btf_map,
+    programs::TcContext,
+};
+use aya_log_ebpf::info;
+use dataplane_common::{
+    Counter, Direction, EP_METRICS_MAX, EpMetricsKey, METRICS_MAX, Reason, metrics_index,
+};
+
+#[btf_map(name = "dp_metrics")]
+static METRICS: PerCpuArray<Counter, { METRICS_MAX as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "dp_ep_metrics")]
+static EP_METRICS: PerCpuHashMap<EpMetricsKey, Counter, { EP_METRICS_MAX as usize }> =
+    PerCpuHashMap::new();
+
+/// Counts one packet under (direction, reason).
+#[inline(always)]
+pub fn count_verdict(direction: Direction, reason: Reason, len: u32) {
+    if let Some(c) = METRICS.get_ptr_mut(metrics_index(direction, reason)) {
+        // SAFETY: per-CPU slot of a preallocated array; programs do not
+        // migrate CPUs while running, so nothing else writes it concurrently.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+    }
+}
+
+/// Counts one packet for the endpoint behind `ifindex`.
+#[inline(always)]
+pub fn count_endpoint(ctx: &TcContext, ifindex: u32, direction: Direction, len: u32) {
+    let key = EpMetricsKey::new(ifindex, direction);
+    match EP_METRICS.get_ptr_mut(&key) {
+        // SAFETY: as above, this CPU's value of a per-CPU hash entry.
+        Some(c) => unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        },
+        None => {
+            let first = Counter {
+                packets: 1,
+                bytes: u64::from(len),
+            };
+            // NOEXIST: if another CPU created the entry meanwhile, its packet
+            // is already counted there and ours is the one lost, once.
+            if EP_METRICS
+                .insert(&key, &first, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                info!(
+                    ctx,
+                    "endpoint ifindex {} first packet {}",
+                    ifindex,
+                    direction.name()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `dataplane`: the node agent (`dataplane agent`) and the debug CLI.
+
+mod agent;
+mod bpf;
+mod maps;
+mod sys;
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use dataplane_common::api::{self, EndpointSpec, Request, Response};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dataplane",
+    version,
+    about = "eBPF Kubernetes dataplane: node agent and debug CLI"
+)]
+struct Cli {
+    /// Run inside this network namespace (an `ip netns` name or a path).
+    /// Only the network namespace changes; bpffs pins and sockets are shared.
+    #[arg(long, global = true)]
+    netns: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(agent::AgentArgs),
+    /// Ask the running agent how it is.
+    Status(SocketArg),
+    /// Endpoints (pods) registered with the agent.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// Inspect the pinned BPF maps.
+    #[command(subcommand)]
+    Map(MapCmd),
+}
+
+#[derive(Debug, clap::Args)]
+struct SocketArg {
+    /// The agent's API socket.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum EndpointCmd {
+    /// List endpoints.
+    List {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// Register an endpoint whose veth is already wired (what the CNI plugin does).
+    Add {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        container_id: String,
+        /// Host-side veth, in the agent's network namespace.
+        #[arg(long)]
+        host_ifname: String,
+        /// Pod address; repeat for dual stack.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+        /// MAC of the pod's interface.
+        #[arg(long)]
+        mac: String,
+        /// Pod as namespace/name.
+        #[arg(long, default_value = "")]
+        pod: String,
+    },
+    /// Unregister an endpoint (idempotent).
+    Del {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        container_id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct PinArgs {
+    /// The node whose maps to read (a directory under --pin-root); may be
+    /// left out when only one node pins there.
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long, default_value = dataplane_common::PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Read maps from exactly this directory (overrides --node/--pin-root).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+}
+
+impl PinArgs {
+    fn resolve(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.pin_dir {
+            return Ok(dir.clone());
+        }
+        if let Some(node) = &self.node {
+            return Ok(dataplane_common::pin_dir(&self.pin_root, node));
+        }
+        let nodes: Vec<String> = std::fs::read_dir(&self.pin_root)
+            .with_context(|| format!("reading {} (is an agent running?)", self.pin_root.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        match nodes.as_slice() {
+            [one] => Ok(self.pin_root.join(one)),
+            [] => bail!("no node pins under {}", self.pin_root.display()),
+            many => bail!(
+                "several nodes pin under {}: pass --node (one of {})",
+                self.pin_root.display(),
+                many.join(", ")
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum MapCmd {
+    /// The maps of the datapath and how full they are.
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+    },
+    /// Decode and print every entry of one map.
+    Dump {
+        /// Map name, e.g. dp_ep_metrics (see `map list`).
+        name: String,
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    // Before any thread exists: setns applies to the calling thread only.
+    if let Some(ns) = &cli.netns {
+        sys::enter_netns(ns)?;
+    }
+    match cli.command {
+        Command::Agent(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(agent::run(args)),
+        Command::Status(s) => {
+            match call(&s, &Request::Status)? {
+                Response::Status(st) => {
+                    print!(
+                        "{}",
+                        maps::table(
+                            &["NODE", "VERSION", "ATTACH", "ENDPOINTS", "PIN-DIR"],
+                            vec![vec![
+                                st.node,
+                                st.version,
+                                st.attach_mode,
+                                st.endpoints.to_string(),
+                                st.pin_dir
+                            ]],
+                        )
+                    );
+                }
+                other => bail!("unexpected response {other:?}"),
+            }
+            Ok(())
+        }
+        Command::Endpoint(cmd) => endpoint(cmd),
+        Command::Map(MapCmd::List { pin }) => {
+            let dir = pin.resolve()?;
+            let mut rows = Vec::new();
+            for spec in dataplane_common::MAPS {
+                let entries = match maps::count(&dir, spec.name) {
+                    Ok(n) => n.to_string(),
+                    Err(e) => format!("unavailable: {e:#}"),
+                };
+                rows.push(vec![
+                    spec.name.to_owned(),
+                    spec.kind.to_owned(),
+                    entries,
+                    spec.max_entries.to_string(),
+                    spec.description.to_owned(),
+                ]);
+            }
+            print!(
+                "{}",
+                maps::table(&["NAME", "TYPE", "ENTRIES", "MAX", "DESCRIPTION"], rows)
+            );
+            Ok(())
+        }
+        Command::Map(MapCmd::Dump { name, pin, output }) => {
+            print!("{}", maps::dump(&pin.resolve()?, &name, output)?);
+            Ok(())
+        }
+    }
+}
+
+fn call(socket: &SocketArg, request: &Request) -> Result<Response> {
+    let response = api::call(&socket.socket, request, Duration::from_secs(10))?;
+    if let Response::Error { message } = response {
+        bail!("{message}");
+    }
+    Ok(response)
+}
+
+fn endpoint(cmd: EndpointCmd) -> Result<()> {
+    match cmd {
+        EndpointCmd::List { socket, output } => {
+            let Response::Endpoints { endpoints } = call(&socket, &Request::EndpointList)? else {
+                bail!("unexpected response");
+            };
+            match output {
+                maps::Format::Json => println!("{}", serde_json::to_string_pretty(&endpoints)?),
+                maps::Format::Table => print!(
+                    "{}",
+                    maps::table(
+                        &["CONTAINER", "POD", "IFNAME", "IFINDEX", "IPS", "MAC"],
+                        endpoints
+                            .into_iter()
+                            .map(|e| {
+                                vec![
+                                    e.spec.container_id,
+                                    format!("{}/{}", e.spec.pod_namespace, e.spec.pod_name),
+                                    e.spec.host_ifname,
+                                    e.ifindex.to_string(),
+                                    e.spec
+                                        .ips
+                                        .iter()
+                                        .map(ToString::to_string)
+                                        .collect::<Vec<_>>()
+                                        .join(","),
+                                    e.spec.mac,
+                                ]
+                            })
+                            .collect(),
+                    )
+                ),
+            }
+        }
+        EndpointCmd::Add {
+            socket,
+            container_id,
+            host_ifname,
+            ips,
+            mac,
+            pod,
+        } => {
+            let (pod_namespace, pod_name) = pod
+                .split_once('/')
+                .map_or((String::new(), pod.clone()), |(a, b)| (a.into(), b.into()));
+            call(
+                &socket,
+                &Request::EndpointAdd(EndpointSpec {
+                    container_id,
+                    pod_namespace,
+                    pod_name,
+                    host_ifname,
+                    ips,
+                    mac,
+                }),
+            )?;
+        }
+        EndpointCmd::Del {
+            socket,
+            container_id,
+        } => {
+            call(&socket, &Request::EndpointDel { container_id })?;
+        }
+    }
+    Ok(())
+}

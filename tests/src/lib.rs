@@ -1,0 +1,683 @@
+//! The lab: a simulated cluster built from network namespaces on one kernel.
+//!
+//! ```text
+//!   <id>-ext (external host, 172.20.0.100)
+//!        |
+//!   <id>-ul: bridge br0 ── the "datacenter L2" underlay, 172.20.0.0/24
+//!        |                      |
+//!   <id>-n0 eth0 .11        <id>-n1 eth0 .12      (nodes; each runs a `dataplane agent`)
+//!     lxc* ── <id>-n0-p0      lxc* ── <id>-n1-p0  (pods, 10.244.<node>.<10+j>/32)
+//! ```
+//!
+//! Nothing is linked to the machine's own interfaces and no namespace has a
+//! route out, so traffic cannot leave the lab. Every name carries a per-run
+//! id, so labs run in parallel. The state of each lab is written to
+//! `/run/dataplane-lab/<id>/state.json` as it is built: dropping a [`Lab`]
+//! (also while panicking) tears everything down, and a lab left by a killed
+//! process can be removed with [`teardown_all`].
+
+use std::{
+    fs,
+    io::Read as _,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use dataplane_common::api::{self, EndpointSpec, Request, Response};
+use serde::{Deserialize, Serialize};
+
+/// Where lab state, agent logs and API sockets live.
+pub const RUN_ROOT: &str = "/run/dataplane-lab";
+/// bpffs root the lab's agents pin under (`<root>/<node>/`).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+pub const UNDERLAY_PREFIX: u8 = 24;
+
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// `auto`, `tcx` or `clsact`.
+    pub attach_mode: String,
+    /// Kernel log level passed to the agents (`info`, `debug`, ...).
+    pub bpf_log_level: String,
+    /// The `dataplane` binary; see [`dataplane_bin`].
+    pub dataplane_bin: PathBuf,
+}
+
+impl LabSpec {
+    pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        Ok(Self {
+            nodes,
+            pods_per_node,
+            attach_mode: "auto".into(),
+            bpf_log_level: "info".into(),
+            dataplane_bin: dataplane_bin()?,
+        })
+    }
+}
+
+/// The `dataplane` binary: `$DATAPLANE_BIN` (set by `cargo xtask`), else the
+/// workspace's debug build.
+pub fn dataplane_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("DATAPLANE_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/dataplane"),
+    };
+    if !path.is_file() {
+        bail!(
+            "dataplane binary not found at {}: run through `cargo xtask test`, or `cargo xtask build` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Kubernetes node name; also its netns name and pin directory name.
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// This node's pod CIDR, e.g. `10.244.0.0/24`.
+    pub pod_cidr: String,
+    pub pin_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub log: PathBuf,
+    pub agent_pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodState {
+    pub name: String,
+    pub namespace: String,
+    pub netns: String,
+    /// Index into [`LabState::nodes`].
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub host_ifname: String,
+    pub container_id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostState {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub id: String,
+    pub run_dir: PathBuf,
+    pub dataplane_bin: PathBuf,
+    pub underlay_netns: String,
+    pub external: Option<HostState>,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+    /// Every netns created, in creation order (teardown removes them all).
+    pub namespaces: Vec<String>,
+}
+
+pub struct Lab {
+    pub state: LabState,
+    agents: Vec<Child>,
+    armed: bool,
+}
+
+/// Root is needed for namespaces, BPF and bpffs; say so plainly.
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the lab needs root (network namespaces, BPF programs, bpffs): run as root, e.g. `sudo -E cargo xtask test`"
+        );
+    }
+    Ok(())
+}
+
+fn random_id() -> Result<String> {
+    let mut b = [0u8; 3];
+    fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(format!("dpl{:02x}{:02x}{:02x}", b[0], b[1], b[2]))
+}
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// `ip <args>` (use `-n <netns>` inside the args for a namespace).
+pub fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+/// A command inside a network namespace.
+pub fn in_netns(netns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns, program]);
+    c
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    run(in_netns(netns, "sh").args(["-c", &format!("echo {value} > {path}")])).map(drop)
+}
+
+fn link_mac(netns: &str, ifname: &str) -> Result<String> {
+    let out = run(Command::new("ip").args(["-n", netns, "-j", "link", "show", ifname]))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no MAC for {ifname} in {netns}"))
+}
+
+impl Lab {
+    /// Builds the lab and starts one agent per node. On any failure what was
+    /// built so far is torn down before the error is returned.
+    pub fn up(spec: &LabSpec) -> Result<Lab> {
+        require_root()?;
+        let id = random_id()?;
+        let run_dir = Path::new(RUN_ROOT).join(&id);
+        fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+        let mut lab = Lab {
+            state: LabState {
+                id: id.clone(),
+                run_dir,
+                dataplane_bin: spec.dataplane_bin.clone(),
+                underlay_netns: format!("{id}-ul"),
+                ..LabState::default()
+            },
+            agents: Vec::new(),
+            armed: true,
+        };
+        lab.build(spec)
+            .with_context(|| format!("building lab {id}"))?;
+        Ok(lab)
+    }
+
+    fn save(&self) -> Result<()> {
+        let path = self.state.run_dir.join("state.json");
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(&self.state)?)?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        // Recorded before creation: a failure in between still gets cleaned.
+        self.state.namespaces.push(name.to_owned());
+        self.save()?;
+        ip(&["netns", "add", name])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        // IPv4-only until the IPv6 work: no router solicitations or MLD
+        // reports muddying exact packet counts.
+        sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")?;
+        sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        Ok(())
+    }
+
+    fn build(&mut self, spec: &LabSpec) -> Result<()> {
+        let id = self.state.id.clone();
+        let ul = self.state.underlay_netns.clone();
+        self.add_netns(&ul)?;
+        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+
+        for i in 0..spec.nodes {
+            let name = format!("{id}-n{i}");
+            let node_ip =
+                Ipv4Addr::new(172, 20, 0, 11 + u8::try_from(i).context("too many nodes")?);
+            self.add_underlay_host(&name, &format!("n{i}"), node_ip)?;
+            sysctl(&name, "net.ipv4.ip_forward", "1")?;
+            let node = NodeState {
+                pin_dir: Path::new(PIN_ROOT).join(&name),
+                api_socket: self.state.run_dir.join(format!("{name}.sock")),
+                log: self.state.run_dir.join(format!("{name}.log")),
+                netns: name.clone(),
+                name,
+                ip: node_ip,
+                pod_cidr: format!("10.244.{i}.0/24"),
+                agent_pid: None,
+            };
+            self.state.nodes.push(node);
+            self.save()?;
+            self.start_agent(i, spec)?;
+        }
+
+        let ext = format!("{id}-ext");
+        let ext_ip = Ipv4Addr::new(172, 20, 0, 100);
+        self.add_underlay_host(&ext, "ext", ext_ip)?;
+        self.state.external = Some(HostState {
+            netns: ext,
+            ip: ext_ip,
+        });
+        self.save()?;
+
+        for i in 0..spec.nodes {
+            self.wait_agent_ready(i)?;
+            for j in 0..spec.pods_per_node {
+                self.add_pod(i, &format!("pod-{i}-{j}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A namespace with `eth0` on the underlay bridge.
+    fn add_underlay_host(&mut self, netns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+        let ul = self.state.underlay_netns.clone();
+        self.add_netns(netns)?;
+        ip(&[
+            "-n", &ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
+        ])?;
+        ip(&["-n", &ul, "link", "set", port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{addr}/{UNDERLAY_PREFIX}"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn start_agent(&mut self, i: usize, spec: &LabSpec) -> Result<()> {
+        let node = &self.state.nodes[i];
+        let log = fs::File::create(&node.log)?;
+        let child = Command::new(&spec.dataplane_bin)
+            .args(["--netns", &node.netns, "agent", "--node", &node.name])
+            .arg("--api-socket")
+            .arg(&node.api_socket)
+            .args([
+                "--attach-mode",
+                &spec.attach_mode,
+                "--bpf-log-level",
+                &spec.bpf_log_level,
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C meant for `xtask lab up` must
+            // not take a persisted lab's agents with it.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", spec.dataplane_bin.display()))?;
+        self.state.nodes[i].agent_pid = Some(child.id());
+        self.agents.push(child);
+        self.save()
+    }
+
+    fn wait_agent_ready(&mut self, i: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let node = &self.state.nodes[i];
+            if let Ok(Response::Status(_)) =
+                api::call(&node.api_socket, &Request::Status, Duration::from_secs(2))
+            {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .agents
+                .get_mut(i)
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "agent on {} exited ({status}):\n{}",
+                    node.name,
+                    self.agent_log(i)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {} not ready after 20 s:\n{}",
+                    node.name,
+                    self.agent_log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Creates a pod namespace wired to node `i` and registers it with the
+    /// node's agent over the same API the CNI plugin uses.
+    pub fn add_pod(&mut self, i: usize, name: &str) -> Result<usize> {
+        let node = self.state.nodes[i].clone();
+        let j = self.state.pods.iter().filter(|p| p.node == i).count();
+        let pod_ip = Ipv4Addr::new(10, 244, u8::try_from(i)?, 10 + u8::try_from(j)?);
+        let netns = format!("{}-{name}", node.netns);
+        let host_ifname = format!("lxc{j}");
+        self.add_netns(&netns)?;
+        ip(&[
+            "-n",
+            &node.netns,
+            "link",
+            "add",
+            &host_ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
+        ip(&["-n", &node.netns, "link", "set", &host_ifname, "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &GATEWAY.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        // The gateway is answered by a static neighbour entry until the
+        // datapath's own ARP responder takes over.
+        let host_mac = link_mac(&node.netns, &host_ifname)?;
+        ip(&[
+            "-n",
+            &netns,
+            "neigh",
+            "add",
+            &GATEWAY.to_string(),
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        ip(&[
+            "-n",
+            &node.netns,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            &host_ifname,
+        ])?;
+        let pod = PodState {
+            name: name.to_owned(),
+            namespace: "default".into(),
+            mac: link_mac(&netns, "eth0")?,
+            netns,
+            node: i,
+            ip: pod_ip,
+            host_ifname,
+            container_id: format!("{}-{name}", self.state.id),
+        };
+        self.register(&pod)?;
+        self.state.pods.push(pod);
+        self.save()?;
+        Ok(self.state.pods.len() - 1)
+    }
+
+    pub fn register(&self, pod: &PodState) -> Result<()> {
+        let spec = EndpointSpec {
+            container_id: pod.container_id.clone(),
+            pod_namespace: pod.namespace.clone(),
+            pod_name: pod.name.clone(),
+            host_ifname: pod.host_ifname.clone(),
+            ips: vec![pod.ip.into()],
+            mac: pod.mac.clone(),
+        };
+        self.agent_call(pod.node, &Request::EndpointAdd(spec))
+            .map(drop)
+    }
+
+    pub fn unregister(&self, pod: &PodState) -> Result<()> {
+        let req = Request::EndpointDel {
+            container_id: pod.container_id.clone(),
+        };
+        self.agent_call(pod.node, &req).map(drop)
+    }
+
+    pub fn agent_call(&self, node: usize, request: &Request) -> Result<Response> {
+        let socket = &self.state.nodes[node].api_socket;
+        match api::call(socket, request, Duration::from_secs(10))? {
+            Response::Error { message } => {
+                bail!("agent {}: {message}", self.state.nodes[node].name)
+            }
+            r => Ok(r),
+        }
+    }
+
+    pub fn pod(&self, name: &str) -> &PodState {
+        self.state
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in lab {}", self.state.id))
+    }
+
+    pub fn agent_log(&self, node: usize) -> String {
+        fs::read_to_string(&self.state.nodes[node].log).unwrap_or_default()
+    }
+
+    /// Runs the `dataplane` CLI against node `node`'s pins; returns stdout.
+    pub fn cli(&self, node: usize, args: &[&str]) -> Result<String> {
+        let n = &self.state.nodes[node];
+        let mut cmd = Command::new(&self.state.dataplane_bin);
+        cmd.args(args);
+        match args.first() {
+            Some(&"map") => {
+                cmd.arg("--pin-dir").arg(&n.pin_dir);
+            }
+            Some(&"status" | &"endpoint") => {
+                cmd.arg("--socket").arg(&n.api_socket);
+            }
+            _ => {}
+        }
+        Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
+    }
+
+    /// `dataplane map dump <map> -o json` on node `node`, parsed.
+    pub fn dump(&self, node: usize, map: &str) -> Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(
+            &self.cli(node, &["map", "dump", map, "-o", "json"])?,
+        )?)
+    }
+
+    /// Leaves the lab running after this value is gone (`xtask lab up`).
+    pub fn persist(mut self) -> LabState {
+        self.armed = false;
+        std::mem::take(&mut self.state)
+    }
+
+    /// Labs recorded under [`RUN_ROOT`] (running or left behind).
+    pub fn list() -> Result<Vec<LabState>> {
+        let mut labs = Vec::new();
+        let Ok(dir) = fs::read_dir(RUN_ROOT) else {
+            return Ok(labs);
+        };
+        for entry in dir.flatten() {
+            let path = entry.path().join("state.json");
+            if let Ok(bytes) = fs::read(&path) {
+                match serde_json::from_slice::<LabState>(&bytes) {
+                    Ok(state) => labs.push(state),
+                    Err(e) => eprintln!("skipping {}: {e}", path.display()),
+                }
+            }
+        }
+        labs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(labs)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if std::thread::panicking() {
+            for (i, node) in self.state.nodes.iter().enumerate() {
+                eprintln!(
+                    "---- agent log of {} ----\n{}",
+                    node.name,
+                    self.agent_log(i)
+                );
+            }
+        }
+        for child in &mut self.agents {
+            stop_process(child.id(), None);
+            let _ = child.wait();
+        }
+        teardown(&self.state);
+    }
+}
+
+/// Whether `pid` is a `dataplane agent` for `node` (pids get reused).
+fn is_agent(pid: u32, node: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.contains(&b"agent".as_slice()) && args.contains(&node.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+/// SIGTERM, a grace period, then SIGKILL. With `node`, only if the pid is
+/// still that node's agent.
+fn stop_process(pid: u32, node: Option<&str>) {
+    if node.is_some_and(|n| !is_agent(pid, n)) {
+        return;
+    }
+    let Ok(pid) = i32::try_from(pid) else { return };
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        // SAFETY: signal 0 only probes for existence.
+        if unsafe { libc::kill(pid, 0) } != 0
+            || fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// Removes everything a lab created. Best effort: keeps going past errors so
+/// one stuck piece does not leave the rest behind.
+pub fn teardown(state: &LabState) {
+    for node in &state.nodes {
+        if let Some(pid) = node.agent_pid {
+            stop_process(pid, Some(&node.name));
+        }
+    }
+    // Pods first, the underlay last: deleting a netns deletes its veth ends.
+    for ns in state.namespaces.iter().rev() {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    for node in &state.nodes {
+        let _ = fs::remove_dir_all(&node.pin_dir);
+    }
+    if !state.run_dir.as_os_str().is_empty() {
+        let _ = fs::remove_dir_all(&state.run_dir);
+    }
+}
+
+/// Tears down every lab recorded under [`RUN_ROOT`]; returns their ids.
+pub fn teardown_all() -> Result<Vec<String>> {
+    let labs = Lab::list()?;
+    for lab in &labs {
+        teardown(lab);
+    }
+    Ok(labs.into_iter().map(|l| l.id).collect())
+}
+
+/// Result of a ping run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ping {
+    pub transmitted: u64,
+    pub received: u64,
+}
+
+/// Pings `dst` from inside `netns`, `count` times. Never fails on loss:
+/// callers assert on the numbers.
+pub fn ping(netns: &str, dst: &str, count: u32, extra: &[&str]) -> Result<Ping> {
+    let out = in_netns(netns, "ping")
+        .args([
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+        ])
+        .args(extra)
+        .arg(dst)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| {
+            format!(
+                "no ping summary in: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let nums: Vec<u64> = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    match nums.as_slice() {
+        [transmitted, received, ..] => Ok(Ping {
+            transmitted: *transmitted,
+            received: *received,
+        }),
+        _ => bail!("cannot parse ping summary {line:?}"),
+    }
+}
