@@ -1,1 +1,543 @@
-fn main() {}
+//! `cargo xtask`: toolchain setup, build, tests, the lab and the demo.
+//!
+//! Every command installs what it needs itself, so the README's two commands
+//! work on a fresh machine.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use lab::{Lab, LabSpec};
+
+/// bpf-linker release built against rustc's own LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// LLVM majors that bpf-linker release supports.
+const BPF_LINKER_LLVM: &[u32] = &[21, 22, 23];
+/// Debian packages the lab and tests drive.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("bpftool", "bpftool"),
+];
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build needs: nightly rust-src and bpf-linker (cached
+    /// outside the repo; a second run is a quick check).
+    Setup,
+    /// Build the eBPF programs and the userspace binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Unit tests plus the root-only lab integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A simulated cluster with traffic and what the datapath saw of it.
+    Demo {
+        /// Leave the lab running afterwards (remove it with `cargo xtask lab down`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// A lab to explore by hand.
+    #[command(subcommand)]
+    Lab(LabCmd),
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build a lab and leave it running.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        /// auto, tcx or clsact.
+        #[arg(long, default_value = "auto")]
+        attach_mode: String,
+    },
+    /// Show the labs on this machine.
+    Status,
+    /// Remove labs (all of them when no id is given).
+    Down { ids: Vec<String> },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Setup => setup().map(drop),
+        Cmd::Build { release } => build(release).map(drop),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { keep } => demo(keep),
+        Cmd::Lab(cmd) => lab_cmd(cmd),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Same location dataplane/build.rs looks in.
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(d) = env::var_os("DATAPLANE_CACHE") {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(d).join("dataplane"));
+    }
+    let home =
+        env::var_os("HOME").context("neither DATAPLANE_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache/dataplane"))
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    Ok(PathBuf::from(output(
+        Command::new("rustc").args(["+nightly", "--print", "sysroot"]),
+    )?))
+}
+
+/// Returns the directory holding `bpf-linker` (to put on PATH).
+fn setup() -> Result<PathBuf> {
+    let started = Instant::now();
+    if Command::new("rustup").arg("--version").output().is_err() {
+        bail!(
+            "rustup is needed to install the nightly toolchain for the eBPF build; see https://rustup.rs"
+        );
+    }
+    let sysroot = match nightly_sysroot() {
+        Ok(s) => s,
+        Err(_) => {
+            eprintln!("xtask: installing the nightly toolchain (eBPF programs need -Z build-std)");
+            status(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
+            nightly_sysroot()?
+        }
+    };
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        eprintln!("xtask: adding rust-src to nightly");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // bpf-linker must use the same LLVM as the rustc that emits the bitcode:
+    // build it against the shared libLLVM the nightly toolchain ships.
+    let llvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.*-rust-* in {}/lib: is the nightly toolchain complete?",
+                sysroot.display()
+            )
+        })?;
+    let llvm_name = llvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("libLLVM name")?
+        .to_owned();
+    let major: u32 = llvm_name
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot read the LLVM version from {llvm_name}"))?;
+    if !BPF_LINKER_LLVM.contains(&major) {
+        bail!(
+            "nightly uses LLVM {major}; bpf-linker {BPF_LINKER_VERSION} supports LLVM {BPF_LINKER_LLVM:?}"
+        );
+    }
+    let cache = cache_dir()?;
+    let root = cache.join("toolchain").join(&llvm_name);
+    let linker = root.join("bin/bpf-linker");
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm_name} (about a minute on 2 cores)"
+        );
+        let prefix = root.join("rustc-llvm");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        for name in ["libLLVM.so", llvm_name.as_str()] {
+            let link = prefix.join("lib").join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&llvm, &link)?;
+        }
+        status(
+            Command::new("cargo")
+                .args(["install", "--locked", "--root"])
+                .arg(&root)
+                .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+                .args([
+                    "--no-default-features",
+                    "--features",
+                    &format!("llvm-{major}"),
+                ])
+                .env("LLVM_PREFIX", &prefix),
+        )
+        .context("building bpf-linker (needs network access to crates.io)")?;
+    }
+    let bin = cache.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let link = bin.join("bpf-linker");
+    if std::fs::read_link(&link).ok().as_deref() != Some(linker.as_path()) {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&linker, &link)?;
+    }
+    eprintln!(
+        "xtask: toolchain ready ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(bin)
+}
+
+fn cargo_with_linker(bin: &Path) -> Result<Command> {
+    let mut paths: Vec<PathBuf> = vec![bin.to_path_buf()];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.current_dir(workspace_root())
+        .env("PATH", env::join_paths(paths)?);
+    Ok(cmd)
+}
+
+/// Builds everything; returns the `dataplane` binary.
+fn build(release: bool) -> Result<PathBuf> {
+    let bin = setup()?;
+    let mut cmd = cargo_with_linker(&bin)?;
+    cmd.args(["build", "-p", "dataplane", "-p", "dataplane-cni"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("dataplane"))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn have(tool: &str) -> bool {
+    env::split_paths(&env::var_os("PATH").unwrap_or_default())
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| d.join(tool).is_file())
+}
+
+/// The lab drives iproute2, ping and bpftool; install them when missing.
+fn ensure_test_tools() -> Result<()> {
+    let mut missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(t, _)| !have(t))
+        .map(|(_, p)| *p)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!(
+            "missing tools; install these packages: {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let dataplane = build(false)?;
+    let bin = cache_dir()?.join("bin");
+    let root = is_root();
+    if root {
+        ensure_test_tools()?;
+    }
+    let mut cmd = cargo_with_linker(&bin)?;
+    cmd.arg("test").env("DATAPLANE_BIN", &dataplane);
+    if !root {
+        // Unit tests still run; the lab tests cannot.
+        cmd.args(["--lib", "--bins"]);
+    }
+    cmd.args(args);
+    status(&mut cmd)?;
+    if !root {
+        bail!(
+            "unit tests passed, but the lab integration tests need root (network namespaces, BPF, bpffs): run `sudo -E cargo xtask test`"
+        );
+    }
+    Ok(())
+}
+
+fn prepare_lab() -> Result<PathBuf> {
+    if !is_root() {
+        bail!("the lab needs root (network namespaces, BPF programs, bpffs): run with sudo -E");
+    }
+    let dataplane = build(false)?;
+    ensure_test_tools()?;
+    Ok(dataplane)
+}
+
+fn lab_cmd(cmd: LabCmd) -> Result<()> {
+    match cmd {
+        LabCmd::Up {
+            nodes,
+            pods_per_node,
+            attach_mode,
+        } => {
+            let dataplane_bin = prepare_lab()?;
+            let spec = LabSpec {
+                nodes,
+                pods_per_node,
+                attach_mode,
+                bpf_log_level: "info".into(),
+                dataplane_bin,
+            };
+            let state = Lab::up(&spec)?.persist();
+            print_lab(&state);
+            println!("\nremove it with: cargo xtask lab down {}", state.id);
+            Ok(())
+        }
+        LabCmd::Status => {
+            let labs = Lab::list()?;
+            if labs.is_empty() {
+                println!("no labs");
+            }
+            for state in &labs {
+                print_lab(state);
+                println!();
+            }
+            Ok(())
+        }
+        LabCmd::Down { ids } => {
+            if ids.is_empty() {
+                let removed = lab::teardown_all()?;
+                println!("removed {} lab(s) {}", removed.len(), removed.join(" "));
+                return Ok(());
+            }
+            let labs = Lab::list()?;
+            for id in ids {
+                let state = labs
+                    .iter()
+                    .find(|l| l.id == id)
+                    .with_context(|| format!("no lab {id}"))?;
+                lab::teardown(state);
+                println!("removed {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_lab(state: &lab::LabState) {
+    let alive = |pid: Option<u32>| pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+    println!(
+        "lab {}  (underlay netns {}, 172.20.0.0/{})",
+        state.id,
+        state.underlay_netns,
+        lab::UNDERLAY_PREFIX
+    );
+    for (i, n) in state.nodes.iter().enumerate() {
+        println!(
+            "  node {}  netns {}  eth0 {}  pods {}  agent pid {} ({})",
+            n.name,
+            n.netns,
+            n.ip,
+            n.pod_cidr,
+            n.agent_pid.map_or("-".into(), |p| p.to_string()),
+            if alive(n.agent_pid) {
+                "running"
+            } else {
+                "not running"
+            }
+        );
+        for p in state.pods.iter().filter(|p| p.node == i) {
+            println!(
+                "    pod {}/{}  netns {}  ip {}  veth {}",
+                p.namespace, p.name, p.netns, p.ip, p.host_ifname
+            );
+        }
+    }
+    if let Some(ext) = &state.external {
+        println!("  external host  netns {}  eth0 {}", ext.netns, ext.ip);
+    }
+    if let (Some(n), Some(p)) = (state.nodes.first(), state.pods.first()) {
+        println!("\ntry:");
+        println!("  ip netns exec {} ping -c 3 {}", p.netns, n.ip);
+        println!(
+            "  {} map dump dp_ep_metrics --node {}",
+            state.dataplane_bin.display(),
+            n.name
+        );
+        println!(
+            "  {} status --socket {}",
+            state.dataplane_bin.display(),
+            n.api_socket.display()
+        );
+        println!("  agent log: {}", n.log.display());
+    }
+}
+
+fn demo(keep: bool) -> Result<()> {
+    let dataplane = prepare_lab()?;
+    let spec = LabSpec {
+        nodes: 2,
+        pods_per_node: 2,
+        attach_mode: "auto".into(),
+        bpf_log_level: "info".into(),
+        dataplane_bin: dataplane.clone(),
+    };
+    println!("== building a 2-node lab (network namespaces, one agent per node)");
+    let lab = Lab::up(&spec)?;
+    print_lab(&lab.state);
+
+    let show = |title: &str, node: usize, args: &[&str]| -> Result<()> {
+        println!("\n$ dataplane {}    # {}", args.join(" "), title);
+        print!("{}", lab.cli(node, args)?);
+        Ok(())
+    };
+    let ping = |from: &str, to: &str, label: &str, extra: &[&str]| -> Result<()> {
+        let p = lab.pod(from);
+        let r = lab::ping(&p.netns, to, 10, extra)?;
+        println!("  {label}: {} sent, {} received", r.transmitted, r.received);
+        Ok(())
+    };
+
+    println!("\n== traffic");
+    let (a, b) = (lab.pod("pod-0-0").clone(), lab.pod("pod-0-1").clone());
+    ping(
+        "pod-0-0",
+        &b.ip.to_string(),
+        &format!("pod-0-0 {} -> pod-0-1 {} (through node 0)", a.ip, b.ip),
+        &[],
+    )?;
+    ping(
+        "pod-1-0",
+        &lab.state.nodes[1].ip.to_string(),
+        "pod-1-0 -> its node",
+        &[],
+    )?;
+    lab::ip(&[
+        "-n",
+        &a.netns,
+        "addr",
+        "add",
+        "10.244.0.250/32",
+        "dev",
+        "eth0",
+    ])?;
+    ping(
+        "pod-0-0",
+        &lab.state.nodes[0].ip.to_string(),
+        "pod-0-0 with a forged source 10.244.0.250 -> node",
+        &["-I", "10.244.0.250"],
+    )?;
+
+    show("what the agent on node 0 runs", 0, &["status"])?;
+    show("pods registered on node 0", 0, &["endpoint", "list"])?;
+    show(
+        "the endpoint map, decoded",
+        0,
+        &["map", "dump", "dp_endpoints"],
+    )?;
+    show(
+        "per-endpoint counters: 10 requests and 10 replies each way",
+        0,
+        &["map", "dump", "dp_ep_metrics"],
+    )?;
+    show(
+        "verdicts by reason: the forged packets dropped as source_spoofed",
+        0,
+        &["map", "dump", "dp_metrics"],
+    )?;
+    show("node 1", 1, &["map", "dump", "dp_ep_metrics"])?;
+
+    if keep {
+        let state = lab.persist();
+        println!(
+            "\nlab {} left running; remove it with: cargo xtask lab down {}",
+            state.id, state.id
+        );
+    } else {
+        drop(lab);
+        println!("\nlab removed (use --keep to explore it)");
+    }
+    Ok(())
+}
