@@ -14,7 +14,7 @@
 //! id, so labs run in parallel. The state of each lab is written to
 //! `/run/dataplane-lab/<id>/state.json` as it is built: dropping a [`Lab`]
 //! (also while panicking) tears everything down, and a lab left by a killed
-//! process can be removed with [`teardown_all`].
+//! process can be removed with [`teardown_unowned`].
 
 use std::{
     fs,
@@ -121,6 +121,17 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     /// Every netns created, in creation order (teardown removes them all).
     pub namespaces: Vec<String>,
+    /// The process whose `Lab` value owns this lab and removes it on drop;
+    /// `None` once persisted (`xtask lab up`).
+    pub owner_pid: Option<u32>,
+}
+
+impl LabState {
+    /// Persisted, or left behind by an owner that is gone (killed test run).
+    pub fn unowned(&self) -> bool {
+        self.owner_pid
+            .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    }
 }
 
 pub struct Lab {
@@ -200,6 +211,7 @@ impl Lab {
                 run_dir,
                 dataplane_bin: spec.dataplane_bin.clone(),
                 underlay_netns: format!("{id}-ul"),
+                owner_pid: Some(std::process::id()),
                 ..LabState::default()
             },
             agents: Vec::new(),
@@ -523,9 +535,11 @@ impl Lab {
     }
 
     /// Leaves the lab running after this value is gone (`xtask lab up`).
-    pub fn persist(mut self) -> LabState {
+    pub fn persist(mut self) -> Result<LabState> {
+        self.state.owner_pid = None;
+        self.save()?;
         self.armed = false;
-        std::mem::take(&mut self.state)
+        Ok(std::mem::take(&mut self.state))
     }
 
     /// Labs recorded under [`RUN_ROOT`] (running or left behind).
@@ -626,9 +640,10 @@ pub fn teardown(state: &LabState) {
     }
 }
 
-/// Tears down every lab recorded under [`RUN_ROOT`]; returns their ids.
-pub fn teardown_all() -> Result<Vec<String>> {
-    let labs = Lab::list()?;
+/// Tears down every lab recorded under [`RUN_ROOT`] that no live process
+/// owns (persisted ones, and those of killed runs); returns their ids.
+pub fn teardown_unowned() -> Result<Vec<String>> {
+    let labs: Vec<LabState> = Lab::list()?.into_iter().filter(LabState::unowned).collect();
     for lab in &labs {
         teardown(lab);
     }

@@ -75,7 +75,8 @@ enum LabCmd {
     },
     /// Show the labs on this machine.
     Status,
-    /// Remove labs (all of them when no id is given).
+    /// Remove labs: the given ones, or else every lab no running process owns
+    /// (persisted labs and those left by killed test runs).
     Down { ids: Vec<String> },
 }
 
@@ -370,7 +371,7 @@ fn lab_cmd(cmd: LabCmd) -> Result<()> {
                 bpf_log_level: "info".into(),
                 dataplane_bin,
             };
-            let state = Lab::up(&spec)?.persist();
+            let state = Lab::up(&spec)?.persist()?;
             print_lab(&state);
             println!("\nremove it with: cargo xtask lab down {}", state.id);
             Ok(())
@@ -388,7 +389,7 @@ fn lab_cmd(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Down { ids } => {
             if ids.is_empty() {
-                let removed = lab::teardown_all()?;
+                let removed = lab::teardown_unowned()?;
                 println!("removed {} lab(s) {}", removed.len(), removed.join(" "));
                 return Ok(());
             }
@@ -530,7 +531,7 @@ fn demo(keep: bool) -> Result<()> {
     show("node 1", 1, &["map", "dump", "dp_ep_metrics"])?;
 
     if keep {
-        let state = lab.persist();
+        let state = lab.persist()?;
         println!(
             "\nlab {} left running; remove it with: cargo xtask lab down {}",
             state.id, state.id
