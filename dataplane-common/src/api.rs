@@ -46,6 +46,11 @@ pub struct AgentStatus {
     pub attach_mode: String,
     pub pin_dir: String,
     pub endpoints: usize,
+    /// This node's pod CIDR, when known (the CNI plugin allocates from it).
+    #[serde(default)]
+    pub pod_cidr: Option<String>,
+    /// MTU for pod interfaces (underlay MTU minus encapsulation overhead).
+    pub pod_mtu: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,9 +115,46 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
         .map_err(|e| CallError::Protocol(format!("bad response {reply:?}: {e}")))
 }
 
+/// A CIDR as written in flags and configs: `address/prefix-length`, with the
+/// prefix length required and no host bits set.
+pub fn parse_cidr(cidr: &str) -> Result<ipnetwork::IpNetwork, String> {
+    if !cidr.contains('/') {
+        return Err(format!(
+            "{cidr:?} has no prefix length (expected e.g. 10.244.0.0/24)"
+        ));
+    }
+    let net: ipnetwork::IpNetwork = cidr.parse().map_err(|e| format!("{cidr:?}: {e}"))?;
+    if net.ip() != net.network() {
+        return Err(format!(
+            "{cidr:?} has host bits set (the network is {}/{})",
+            net.network(),
+            net.prefix()
+        ));
+    }
+    Ok(net)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidr_parsing() {
+        assert!(parse_cidr("10.244.1.0/24").is_ok());
+        assert!(parse_cidr("fd00::/64").is_ok());
+        assert!(
+            parse_cidr("10.244.1.1/24")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(parse_cidr("10.244.1.0/33").is_err());
+        assert!(
+            parse_cidr("10.244.1.0")
+                .unwrap_err()
+                .contains("prefix length")
+        );
+        assert!(parse_cidr("nope/24").is_err());
+    }
 
     #[test]
     fn wire_format_is_stable() {

@@ -216,6 +216,17 @@ mod user {
         }
     }
 
+    /// `<root>/<node>`: where one node's agent pins its maps and links.
+    pub fn pin_dir(root: &std::path::Path, node: &str) -> std::path::PathBuf {
+        root.join(node)
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::pin_dir;
+
+#[cfg(any(feature = "user", feature = "api"))]
+mod mac {
     pub fn format_mac(mac: &[u8; 6]) -> String {
         let [a, b, c, d, e, g] = mac;
         format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
@@ -233,15 +244,10 @@ mod user {
         }
         parts.next().is_none().then_some(out)
     }
-
-    /// `<root>/<node>`: where one node's agent pins its maps and links.
-    pub fn pin_dir(root: &std::path::Path, node: &str) -> std::path::PathBuf {
-        root.join(node)
-    }
 }
 
-#[cfg(feature = "user")]
-pub use user::{format_mac, parse_mac, pin_dir};
+#[cfg(any(feature = "user", feature = "api"))]
+pub use mac::{format_mac, parse_mac};
 
 #[cfg(test)]
 mod tests {
@@ -271,7 +277,7 @@ mod tests {
         assert_eq!(k6.to_string(), "fd00::1");
     }
 
-    #[cfg(feature = "user")]
+    #[cfg(any(feature = "user", feature = "api"))]
     #[test]
     fn mac_parse_and_format() {
         let m = parse_mac("0a:1b:2c:3d:4e:5f").unwrap();

@@ -45,6 +45,13 @@ pub struct AgentArgs {
     /// How TC programs are attached.
     #[arg(long, value_enum, default_value = "auto")]
     pub attach_mode: AttachMode,
+    /// This node's pod CIDR (until Node objects are synced it comes from here).
+    #[arg(long)]
+    pub pod_cidr: Option<String>,
+    /// MTU for pod interfaces: 1450 leaves room for VXLAN's 50 bytes on a
+    /// 1500-byte underlay.
+    #[arg(long, default_value_t = 1450)]
+    pub pod_mtu: u32,
     /// Most verbose kernel log level that reaches the agent's log.
     #[arg(long, value_enum, default_value = "info")]
     pub bpf_log_level: BpfLogLevel,
@@ -76,6 +83,8 @@ struct LiveEndpoint {
 
 struct State {
     node: String,
+    pod_cidr: Option<String>,
+    pod_mtu: u32,
     datapath: Datapath,
     endpoints: HashMap<String, LiveEndpoint>,
 }
@@ -106,8 +115,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     });
 
+    if let Some(cidr) = &args.pod_cidr {
+        dataplane_common::api::parse_cidr(cidr).map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
+    }
     let state = Arc::new(Mutex::new(State {
         node: args.node.clone(),
+        pod_cidr: args.pod_cidr.clone(),
+        pod_mtu: args.pod_mtu,
         datapath,
         endpoints: HashMap::new(),
     }));
@@ -179,6 +193,8 @@ fn handle(state: &mut State, request: Request) -> Response {
             attach_mode: state.datapath.mode().name().to_owned(),
             pin_dir: state.datapath.pin_dir().display().to_string(),
             endpoints: state.endpoints.len(),
+            pod_cidr: state.pod_cidr.clone(),
+            pod_mtu: state.pod_mtu,
         })),
         Request::EndpointAdd(spec) => endpoint_add(state, spec).map(|()| Response::Ok),
         Request::EndpointDel { container_id } => {

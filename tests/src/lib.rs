@@ -29,6 +29,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use dataplane_common::api::{self, EndpointSpec, Request, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub mod cni;
 
 /// Where lab state, agent logs and API sockets live.
 pub const RUN_ROOT: &str = "/run/dataplane-lab";
@@ -47,16 +50,37 @@ pub struct LabSpec {
     pub bpf_log_level: String,
     /// The `dataplane` binary; see [`dataplane_bin`].
     pub dataplane_bin: PathBuf,
+    /// The `dataplane-cni` binary (next to `dataplane` unless
+    /// `$DATAPLANE_CNI_BIN` says otherwise).
+    pub cni_bin: PathBuf,
+    /// Plugins chained after ours in each node's conflist (e.g. `portmap`).
+    pub chain: Vec<String>,
+    /// cniVersion of the conflists.
+    pub cni_version: String,
 }
 
 impl LabSpec {
     pub fn new(nodes: usize, pods_per_node: usize) -> Result<Self> {
+        let dataplane_bin = dataplane_bin()?;
+        let cni_bin = match std::env::var_os("DATAPLANE_CNI_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => dataplane_bin.with_file_name("dataplane-cni"),
+        };
+        if !cni_bin.is_file() {
+            bail!(
+                "dataplane-cni not found at {}: run `cargo xtask build`",
+                cni_bin.display()
+            );
+        }
         Ok(Self {
             nodes,
             pods_per_node,
             attach_mode: "auto".into(),
             bpf_log_level: "info".into(),
-            dataplane_bin: dataplane_bin()?,
+            dataplane_bin,
+            cni_bin,
+            chain: Vec::new(),
+            cni_version: "1.1.0".into(),
         })
     }
 }
@@ -89,6 +113,10 @@ pub struct NodeState {
     pub api_socket: PathBuf,
     pub log: PathBuf,
     pub agent_pid: Option<u32>,
+    /// The conflist `dataplane-cni install` wrote for this node.
+    pub conflist: PathBuf,
+    /// The CNI plugin's IPAM state for this node.
+    pub ipam_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,6 +130,10 @@ pub struct PodState {
     pub mac: String,
     pub host_ifname: String,
     pub container_id: String,
+    /// Interface name inside the pod.
+    pub ifname: String,
+    /// The CNI ADD result, as a runtime caches it for DEL and CHECK.
+    pub result: Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,6 +147,8 @@ pub struct LabState {
     pub id: String,
     pub run_dir: PathBuf,
     pub dataplane_bin: PathBuf,
+    /// Where the lab's CNI plugins are installed (first on CNI_PATH).
+    pub cni_bin_dir: PathBuf,
     pub underlay_netns: String,
     pub external: Option<HostState>,
     pub nodes: Vec<NodeState>,
@@ -188,15 +222,6 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     run(in_netns(netns, "sh").args(["-c", &format!("echo {value} > {path}")])).map(drop)
 }
 
-fn link_mac(netns: &str, ifname: &str) -> Result<String> {
-    let out = run(Command::new("ip").args(["-n", netns, "-j", "link", "show", ifname]))?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v[0]["address"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("no MAC for {ifname} in {netns}"))
-}
-
 impl Lab {
     /// Builds the lab and starts one agent per node. On any failure what was
     /// built so far is torn down before the error is returned.
@@ -208,8 +233,9 @@ impl Lab {
         let mut lab = Lab {
             state: LabState {
                 id: id.clone(),
-                run_dir,
+                run_dir: run_dir.clone(),
                 dataplane_bin: spec.dataplane_bin.clone(),
+                cni_bin_dir: run_dir.join("cni-bin"),
                 underlay_netns: format!("{id}-ul"),
                 owner_pid: Some(std::process::id()),
                 ..LabState::default()
@@ -260,6 +286,11 @@ impl Lab {
                 pin_dir: Path::new(PIN_ROOT).join(&name),
                 api_socket: self.state.run_dir.join(format!("{name}.sock")),
                 log: self.state.run_dir.join(format!("{name}.log")),
+                conflist: self
+                    .state
+                    .run_dir
+                    .join(format!("{name}-net.d/05-dataplane.conflist")),
+                ipam_dir: self.state.run_dir.join(format!("{name}-ipam")),
                 netns: name.clone(),
                 name,
                 ip: node_ip,
@@ -282,6 +313,7 @@ impl Lab {
 
         for i in 0..spec.nodes {
             self.wait_agent_ready(i)?;
+            self.install_cni(i, spec)?;
             for j in 0..spec.pods_per_node {
                 self.add_pod(i, &format!("pod-{i}-{j}"))?;
             }
@@ -322,6 +354,8 @@ impl Lab {
                 &spec.attach_mode,
                 "--bpf-log-level",
                 &spec.bpf_log_level,
+                "--pod-cidr",
+                &node.pod_cidr,
             ])
             .env(
                 "RUST_LOG",
@@ -371,101 +405,131 @@ impl Lab {
         }
     }
 
-    /// Creates a pod namespace wired to node `i` and registers it with the
-    /// node's agent over the same API the CNI plugin uses.
+    /// `dataplane-cni install` for node `i`: the plugin into the lab's CNI
+    /// bin directory, a conflist pointing at this node's agent and IPAM dir.
+    fn install_cni(&mut self, i: usize, spec: &LabSpec) -> Result<()> {
+        let node = &self.state.nodes[i];
+        let conf_dir = node.conflist.parent().context("conflist path")?;
+        let mut cmd = Command::new(&spec.cni_bin);
+        cmd.arg("install")
+            .arg("--bin-dir")
+            .arg(&self.state.cni_bin_dir)
+            .arg("--conf-dir")
+            .arg(conf_dir)
+            .arg("--agent-socket")
+            .arg(&node.api_socket)
+            .arg("--ipam-dir")
+            .arg(&node.ipam_dir)
+            .args(["--cni-version", &spec.cni_version]);
+        for plugin in &spec.chain {
+            cmd.args(["--chain", plugin]);
+        }
+        run(&mut cmd).map(drop)
+    }
+
+    /// A runtime on node `i`: plugins from the lab's CNI directory first,
+    /// then the system's (for chained reference plugins).
+    pub fn runtime(&self, i: usize) -> cni::Runtime {
+        cni::Runtime {
+            cni_path: vec![
+                self.state.cni_bin_dir.clone(),
+                "/usr/lib/cni".into(),
+                "/opt/cni/bin".into(),
+            ],
+            netns: Some(self.state.nodes[i].netns.clone()),
+            env: Vec::new(),
+        }
+    }
+
+    /// Node `i`'s conflist, as the runtime would load it.
+    pub fn conflist(&self, i: usize) -> Result<Value> {
+        let path = &self.state.nodes[i].conflist;
+        Ok(serde_json::from_slice(
+            &fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        )?)
+    }
+
+    pub fn attachment(&self, pod: &PodState) -> cni::Attachment {
+        cni::Attachment {
+            container_id: pod.container_id.clone(),
+            netns: Path::new("/run/netns").join(&pod.netns),
+            ifname: pod.ifname.clone(),
+            args: vec![
+                ("K8S_POD_NAMESPACE".into(), pod.namespace.clone()),
+                ("K8S_POD_NAME".into(), pod.name.clone()),
+            ],
+            runtime_config: Value::Null,
+        }
+    }
+
+    /// Creates a pod namespace and runs the node's conflist ADD for it, as
+    /// the kubelet's runtime would. Returns the pod's index.
     pub fn add_pod(&mut self, i: usize, name: &str) -> Result<usize> {
-        let node = self.state.nodes[i].clone();
-        let j = self.state.pods.iter().filter(|p| p.node == i).count();
-        let pod_ip = Ipv4Addr::new(10, 244, u8::try_from(i)?, 10 + u8::try_from(j)?);
-        let netns = format!("{}-{name}", node.netns);
-        let host_ifname = format!("lxc{j}");
+        self.add_pod_with(i, name, Value::Null)
+    }
+
+    /// [`Lab::add_pod`] with a `runtimeConfig` (e.g. portMappings).
+    pub fn add_pod_with(&mut self, i: usize, name: &str, runtime_config: Value) -> Result<usize> {
+        let netns = format!("{}-{name}", self.state.nodes[i].netns);
         self.add_netns(&netns)?;
-        ip(&[
-            "-n",
-            &node.netns,
-            "link",
-            "add",
-            &host_ifname,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns,
-        ])?;
-        ip(&["-n", &node.netns, "link", "set", &host_ifname, "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            &GATEWAY.to_string(),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
-        ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &GATEWAY.to_string(),
-            "dev",
-            "eth0",
-        ])?;
-        // The gateway is answered by a static neighbour entry until the
-        // datapath's own ARP responder takes over.
-        let host_mac = link_mac(&node.netns, &host_ifname)?;
-        ip(&[
-            "-n",
-            &netns,
-            "neigh",
-            "add",
-            &GATEWAY.to_string(),
-            "lladdr",
-            &host_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
-        ip(&[
-            "-n",
-            &node.netns,
-            "route",
-            "add",
-            &format!("{pod_ip}/32"),
-            "dev",
-            &host_ifname,
-        ])?;
-        let pod = PodState {
+        let mut pod = PodState {
             name: name.to_owned(),
             namespace: "default".into(),
-            mac: link_mac(&netns, "eth0")?,
             netns,
             node: i,
-            ip: pod_ip,
-            host_ifname,
+            ip: Ipv4Addr::UNSPECIFIED,
+            mac: String::new(),
+            host_ifname: String::new(),
             container_id: format!("{}-{name}", self.state.id),
+            ifname: "eth0".into(),
+            result: Value::Null,
         };
-        self.register(&pod)?;
+        let mut at = self.attachment(&pod);
+        at.runtime_config = runtime_config;
+        let result = self
+            .runtime(i)
+            .add(&self.conflist(i)?, &at)?
+            .map_err(|f| anyhow::anyhow!("CNI ADD for {name}: {f}"))?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok());
+        pod.ip = ip.with_context(|| format!("no IPv4 address in the ADD result {result}"))?;
+        let ifaces = result["interfaces"].as_array().cloned().unwrap_or_default();
+        let host = ifaces
+            .iter()
+            .find(|i| i["sandbox"].is_null())
+            .context("no host interface in the result")?;
+        let inner = ifaces
+            .iter()
+            .find(|i| i["sandbox"].is_string())
+            .context("no pod interface in the result")?;
+        pod.host_ifname = host["name"].as_str().unwrap_or_default().to_owned();
+        pod.mac = inner["mac"].as_str().unwrap_or_default().to_owned();
+        pod.result = result;
         self.state.pods.push(pod);
         self.save()?;
         Ok(self.state.pods.len() - 1)
+    }
+
+    /// CNI DEL for a pod (the pod's namespace stays until teardown).
+    pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let idx = self
+            .state
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let pod = self.state.pods[idx].clone();
+        self.runtime(pod.node)
+            .del(
+                &self.conflist(pod.node)?,
+                &self.attachment(&pod),
+                Some(&pod.result),
+            )?
+            .map_err(|f| anyhow::anyhow!("CNI DEL for {name}: {f}"))?;
+        self.state.pods.remove(idx);
+        self.save()
     }
 
     pub fn register(&self, pod: &PodState) -> Result<()> {

@@ -332,7 +332,10 @@ fn test(args: &[String]) -> Result<()> {
         ensure_test_tools()?;
     }
     let mut cmd = cargo_with_linker(&bin)?;
-    cmd.arg("test").env("DATAPLANE_BIN", &dataplane);
+    cmd.arg("test").env("DATAPLANE_BIN", &dataplane).env(
+        "DATAPLANE_CNI_BIN",
+        dataplane.with_file_name("dataplane-cni"),
+    );
     if !root {
         // Unit tests still run; the lab tests cannot.
         cmd.args(["--lib", "--bins"]);
@@ -347,13 +350,23 @@ fn test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn prepare_lab() -> Result<PathBuf> {
+/// Builds, installs the lab's tools and points the lab library at the
+/// fresh binaries.
+fn prepare_lab() -> Result<()> {
     if !is_root() {
         bail!("the lab needs root (network namespaces, BPF programs, bpffs): run with sudo -E");
     }
     let dataplane = build(false)?;
     ensure_test_tools()?;
-    Ok(dataplane)
+    // SAFETY: single-threaded at this point; the lab library reads these.
+    unsafe {
+        env::set_var("DATAPLANE_BIN", &dataplane);
+        env::set_var(
+            "DATAPLANE_CNI_BIN",
+            dataplane.with_file_name("dataplane-cni"),
+        );
+    }
+    Ok(())
 }
 
 fn lab_cmd(cmd: LabCmd) -> Result<()> {
@@ -363,13 +376,10 @@ fn lab_cmd(cmd: LabCmd) -> Result<()> {
             pods_per_node,
             attach_mode,
         } => {
-            let dataplane_bin = prepare_lab()?;
+            prepare_lab()?;
             let spec = LabSpec {
-                nodes,
-                pods_per_node,
                 attach_mode,
-                bpf_log_level: "info".into(),
-                dataplane_bin,
+                ..LabSpec::new(nodes, pods_per_node)?
             };
             let state = Lab::up(&spec)?.persist()?;
             print_lab(&state);
@@ -457,14 +467,8 @@ fn print_lab(state: &lab::LabState) {
 }
 
 fn demo(keep: bool) -> Result<()> {
-    let dataplane = prepare_lab()?;
-    let spec = LabSpec {
-        nodes: 2,
-        pods_per_node: 2,
-        attach_mode: "auto".into(),
-        bpf_log_level: "info".into(),
-        dataplane_bin: dataplane.clone(),
-    };
+    prepare_lab()?;
+    let spec = LabSpec::new(2, 2)?;
     println!("== building a 2-node lab (network namespaces, one agent per node)");
     let lab = Lab::up(&spec)?;
     print_lab(&lab.state);
