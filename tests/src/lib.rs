@@ -256,7 +256,8 @@ impl Lab {
         Ok(())
     }
 
-    fn add_netns(&mut self, name: &str) -> Result<()> {
+    /// A new namespace owned by the lab (removed on teardown), lo up, IPv6 off.
+    pub fn add_netns(&mut self, name: &str) -> Result<()> {
         // Recorded before creation: a failure in between still gets cleaned.
         self.state.namespaces.push(name.to_owned());
         self.save()?;
@@ -570,6 +571,56 @@ impl Lab {
             .unwrap_or_else(|| panic!("no pod {name} in lab {}", self.state.id))
     }
 
+    /// Stops node `i`'s agent (SIGTERM, then SIGKILL after a grace period).
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(child) = self.agents.get_mut(i) {
+            stop_process(child.id(), None);
+            let _ = child.wait();
+        }
+        self.state.nodes[i].agent_pid = None;
+        let _ = self.save();
+    }
+
+    /// What a CNI operation may leave behind on node `i`: its links, its
+    /// IPAM reservations, and the endpoints its agent knows (when running).
+    pub fn host_snapshot(&self, i: usize) -> Result<HostSnapshot> {
+        let node = &self.state.nodes[i];
+        let out = run(Command::new("ip").args(["-n", &node.netns, "-o", "link", "show"]))?;
+        let mut links: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or_default().to_owned())
+            .collect();
+        links.sort();
+        let mut reservations = Vec::new();
+        if let Ok(networks) = fs::read_dir(&node.ipam_dir) {
+            for net in networks.flatten() {
+                for f in fs::read_dir(net.path())?.flatten() {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    if name.parse::<std::net::IpAddr>().is_ok() || name.starts_with('.') {
+                        reservations.push(name);
+                    }
+                }
+            }
+        }
+        reservations.sort();
+        let endpoints = match api::call(
+            &node.api_socket,
+            &Request::EndpointList,
+            Duration::from_secs(5),
+        ) {
+            Ok(Response::Endpoints { endpoints }) => {
+                endpoints.into_iter().map(|e| e.spec.container_id).collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(HostSnapshot {
+            links,
+            reservations,
+            endpoints,
+        })
+    }
+
     pub fn agent_log(&self, node: usize) -> String {
         fs::read_to_string(&self.state.nodes[node].log).unwrap_or_default()
     }
@@ -712,6 +763,35 @@ pub fn teardown_unowned() -> Result<Vec<String>> {
         teardown(lab);
     }
     Ok(labs.into_iter().map(|l| l.id).collect())
+}
+
+/// See [`Lab::host_snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostSnapshot {
+    pub links: Vec<String>,
+    /// Reserved addresses (and any temporary files) in the IPAM directory.
+    pub reservations: Vec<String>,
+    /// Container ids the agent has endpoints for.
+    pub endpoints: Vec<String>,
+}
+
+/// Runs `f` on a thread inside network namespace `netns` (by `ip netns`
+/// name): sockets it opens belong to that namespace.
+pub fn in_netns_thread<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    use std::os::fd::AsRawFd as _;
+    let file =
+        fs::File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on an fd we own; only this thread moves.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {netns}: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+    })
 }
 
 /// Result of a ping run.

@@ -25,6 +25,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
+    ("iptables", "iptables"),
+    ("/usr/lib/cni/portmap", "containernetworking-plugins"),
 ];
 
 #[derive(Parser)]
@@ -292,6 +294,9 @@ fn is_root() -> bool {
 }
 
 fn have(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return Path::new(tool).is_file();
+    }
     env::split_paths(&env::var_os("PATH").unwrap_or_default())
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .any(|d| d.join(tool).is_file())
