@@ -14,7 +14,7 @@ use crate::{
     config::{Attachment, Env, NetConf, parse_subnet},
     error::{CniError, Result, code},
     ipam::{Range, Reservation, Store},
-    netlink::{self, Nl, with_netns},
+    netlink::{Nl, link_mac, link_name, with_netns},
 };
 
 /// The pod's default gateway: link-local, the same on every node, answered
@@ -166,8 +166,7 @@ fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<(
             CniError::new(code::NETLINK, format!("{host} vanished after creation"))
         })?;
         nl.set_up(link.header.index).await?;
-        netlink::link_mac(&link)
-            .ok_or_else(|| CniError::new(code::NETLINK, format!("{host} has no MAC")))
+        link_mac(&link).ok_or_else(|| CniError::new(code::NETLINK, format!("{host} has no MAC")))
     })?;
     let netns_path = Path::new(&env.netns);
     let pod_mac = with_netns(Some(netns_path), async |nl: Nl| {
@@ -187,8 +186,7 @@ fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<(
         nl.add_default_route(index, GATEWAY).await?;
         nl.add_permanent_neigh(index, GATEWAY.into(), &host_mac)
             .await?;
-        netlink::link_mac(&link)
-            .ok_or_else(|| CniError::new(code::NETLINK, format!("{ifname} has no MAC")))
+        link_mac(&link).ok_or_else(|| CniError::new(code::NETLINK, format!("{ifname} has no MAC")))
     })?;
     with_netns(None, async |nl: Nl| {
         let link = nl
@@ -196,7 +194,7 @@ fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<(
             .await?
             .ok_or_else(|| CniError::new(code::NETLINK, format!("{host} vanished")))?;
         // The node reaches the pod (kubelet probes, replies) through this route.
-        nl.add_link_route(link.header.index, ip).await
+        Ok(nl.add_link_route(link.header.index, ip).await?)
     })?;
     Ok((host_mac, pod_mac))
 }
@@ -365,7 +363,7 @@ pub fn gc(conf: &NetConf) -> Result<()> {
         .collect();
     with_netns(None, async |nl: Nl| {
         for link in nl.links().await? {
-            if let Some(name) = netlink::link_name(&link)
+            if let Some(name) = link_name(&link)
                 && is_host_ifname(name)
                 && !keep.iter().any(|k| k == name)
             {

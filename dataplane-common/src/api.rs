@@ -51,6 +51,14 @@ pub struct AgentStatus {
     pub pod_cidr: Option<String>,
     /// MTU for pod interfaces (underlay MTU minus encapsulation overhead).
     pub pod_mtu: u32,
+    /// `vxlan` or `native`.
+    #[serde(default)]
+    pub mode: String,
+    #[serde(default)]
+    pub node_ip: String,
+    /// Remote nodes installed.
+    #[serde(default)]
+    pub nodes: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

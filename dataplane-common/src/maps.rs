@@ -15,15 +15,32 @@ pub const MAP_ENDPOINTS: &str = "dp_endpoints";
 pub const MAP_EP_METRICS: &str = "dp_ep_metrics";
 /// Verdict counters by (direction, reason), per CPU: index from [`metrics_index`] -> [`Counter`].
 pub const MAP_METRICS: &str = "dp_metrics";
+/// What an address belongs to, by longest prefix: [`IpcacheKey`] -> [`IpcacheEntry`].
+pub const MAP_IPCACHE: &str = "dp_ipcache";
+/// Datapath settings, one slot: index 0 -> [`DatapathConfig`].
+pub const MAP_CONFIG: &str = "dp_config";
 
 /// Programs, by attach point. Kernel names are capped at 15 characters.
 pub const PROG_LXC_FROM_CTR: &str = "lxc_from_ctr";
 pub const PROG_LXC_TO_CTR: &str = "lxc_to_ctr";
-pub const PROGRAMS: &[&str] = &[PROG_LXC_FROM_CTR, PROG_LXC_TO_CTR];
+/// tc ingress of the VXLAN device: decapsulated packets.
+pub const PROG_OVERLAY_IN: &str = "overlay_in";
+/// tc egress of the VXLAN device: picks the tunnel endpoint.
+pub const PROG_OVERLAY_OUT: &str = "overlay_out";
+/// tc ingress of the node's uplink.
+pub const PROG_HOST_IN: &str = "host_in";
+pub const PROGRAMS: &[&str] = &[
+    PROG_LXC_FROM_CTR,
+    PROG_LXC_TO_CTR,
+    PROG_OVERLAY_IN,
+    PROG_OVERLAY_OUT,
+    PROG_HOST_IN,
+];
 
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const EP_METRICS_MAX: u32 = 16_384;
 pub const METRICS_MAX: u32 = 4 << 8;
+pub const IPCACHE_MAX: u32 = 16_384;
 
 /// Describes one map for the CLI (`dataplane map list`) and the agent's checks.
 #[derive(Clone, Copy, Debug)]
@@ -52,6 +69,18 @@ pub const MAPS: &[MapSpec] = &[
         kind: "percpu_array",
         max_entries: METRICS_MAX,
         description: "verdict counters by direction and reason",
+    },
+    MapSpec {
+        name: MAP_IPCACHE,
+        kind: "lpm_trie",
+        max_entries: IPCACHE_MAX,
+        description: "prefixes: cluster range, pod CIDRs per node, node addresses",
+    },
+    MapSpec {
+        name: MAP_CONFIG,
+        kind: "array",
+        max_entries: 1,
+        description: "datapath settings (mode, VNI, devices)",
     },
 ];
 
@@ -93,6 +122,76 @@ impl EndpointKey {
         }
     }
 }
+
+/// The address part of an [`MAP_IPCACHE`] key. The LPM prefix length counts
+/// from `family`: [`IPCACHE_STATIC_PREFIX`] bits cover `family` and `_pad`,
+/// so a v4 /24 is stored with prefix length 32 + 24 and never matches v6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
+
+pub const IPCACHE_STATIC_PREFIX: u32 = 32;
+
+impl IpcacheKey {
+    #[inline(always)]
+    pub const fn v4(addr: [u8; 4]) -> Self {
+        Self {
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+            addr: [
+                addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        }
+    }
+}
+
+/// Inside the cluster's pod range but in no node's CIDR: drop.
+pub const IPCACHE_KIND_CLUSTER: u8 = 1;
+/// This node's pod CIDR: only its endpoints exist; the rest is dropped.
+pub const IPCACHE_KIND_LOCAL_PODS: u8 = 2;
+/// Another node's pod CIDR: forward to `tunnel_endpoint`.
+pub const IPCACHE_KIND_REMOTE_PODS: u8 = 3;
+/// A node's own address: hand to the host stack.
+pub const IPCACHE_KIND_HOST: u8 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheEntry {
+    /// An `IPCACHE_KIND_*`.
+    pub kind: u8,
+    /// Family of `tunnel_endpoint` ([`FAMILY_IPV4`] / [`FAMILY_IPV6`]), 0 when none.
+    pub tunnel_family: u8,
+    pub _pad: [u8; 2],
+    /// Security identity of the prefix (policy); 0 until assigned.
+    pub identity: u32,
+    /// Underlay address of the node owning the prefix, network byte order.
+    pub tunnel_endpoint: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IpcacheEntry>() == 24);
+
+pub const MODE_VXLAN: u8 = 1;
+pub const MODE_NATIVE: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// [`MODE_VXLAN`] or [`MODE_NATIVE`]; 0 = not configured yet.
+    pub mode: u8,
+    pub _pad: [u8; 3],
+    /// VXLAN network identifier (host byte order).
+    pub vni: u32,
+    /// The VXLAN device (external/collect_md), in VXLAN mode.
+    pub vxlan_ifindex: u32,
+    /// The node's uplink.
+    pub uplink_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
 
 /// The endpoint runs on this node (its `ifindex` is valid here).
 pub const EP_F_LOCAL: u32 = 1 << 0;
@@ -176,6 +275,55 @@ mod user {
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for EpMetricsKey {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheEntry {}
+    unsafe impl aya::Pod for DatapathConfig {}
+
+    impl IpcacheKey {
+        /// The key and LPM prefix length for `net` (address bits plus
+        /// [`IPCACHE_STATIC_PREFIX`]).
+        pub fn prefix(ip: IpAddr, len: u8) -> (u32, IpcacheKey) {
+            let key = match ip {
+                IpAddr::V4(v4) => IpcacheKey::v4(v4.octets()),
+                IpAddr::V6(v6) => IpcacheKey {
+                    family: FAMILY_IPV6,
+                    _pad: [0; 3],
+                    addr: v6.octets(),
+                },
+            };
+            (IPCACHE_STATIC_PREFIX + u32::from(len), key)
+        }
+
+        pub fn ip(&self) -> Option<IpAddr> {
+            EndpointKey {
+                addr: self.addr,
+                family: self.family,
+                _pad: [0; 3],
+            }
+            .ip()
+        }
+    }
+
+    impl IpcacheEntry {
+        pub fn tunnel_endpoint(&self) -> Option<IpAddr> {
+            EndpointKey {
+                addr: self.tunnel_endpoint,
+                family: self.tunnel_family,
+                _pad: [0; 3],
+            }
+            .ip()
+        }
+
+        pub fn kind_name(&self) -> &'static str {
+            match self.kind {
+                IPCACHE_KIND_CLUSTER => "cluster-unassigned",
+                IPCACHE_KIND_LOCAL_PODS => "local-pods",
+                IPCACHE_KIND_REMOTE_PODS => "remote-pods",
+                IPCACHE_KIND_HOST => "host",
+                _ => "unknown",
+            }
+        }
+    }
 
     impl From<IpAddr> for EndpointKey {
         fn from(ip: IpAddr) -> Self {

@@ -56,6 +56,10 @@ reasons! {
     HelperFailed = 6, "helper_failed", "kernel helper call failed";
     /// The packet does not fit the path MTU and may not be fragmented.
     FragNeeded = 7, "frag_needed", "packet larger than path MTU with DF set";
+    /// Forwarding would take the TTL to zero.
+    TtlExceeded = 8, "ttl_exceeded", "TTL expired while forwarding";
+    /// The datapath has no configuration yet (agent still starting).
+    NotConfigured = 9, "not_configured", "datapath configuration missing";
 }
 
 impl Reason {

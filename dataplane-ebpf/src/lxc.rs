@@ -1,15 +1,26 @@
 //! Programs on a pod's host-side veth: tc ingress sees what the pod sends
-//! (`lxc_from_ctr`), tc egress what is delivered to it (`lxc_to_ctr`).
+//! (`lxc_from_ctr`), tc egress what the host stack delivers to it
+//! (`lxc_to_ctr`; packets redirected between pods skip that hook and are
+//! counted by the sender's program instead).
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, EndpointKey, Reason};
 
-use crate::{drop::drop_packet, endpoints, metrics, parse};
+use crate::{
+    deliver,
+    drop::drop_packet,
+    encap, endpoints, metrics, parse,
+    route::{self, Route},
+};
 
 #[classifier]
-pub fn lxc_from_ctr(ctx: TcContext) -> i32 {
-    match from_ctr(&ctx) {
-        Ok(()) => forward(&ctx, Direction::FromEndpoint),
+pub fn lxc_from_ctr(mut ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    match from_ctr(&mut ctx) {
+        Ok(action) => {
+            metrics::count_verdict(Direction::FromEndpoint, Reason::Forwarded, len);
+            action
+        }
         Err(reason) => drop_packet(&ctx, Direction::FromEndpoint, reason),
     }
 }
@@ -19,7 +30,8 @@ pub fn lxc_to_ctr(ctx: TcContext) -> i32 {
     if let Some(parse::ETH_P_IP | parse::ETH_P_IPV6) = parse::ethertype(&ctx) {
         metrics::count_endpoint(&ctx, ifindex(&ctx), Direction::ToEndpoint, ctx.len());
     }
-    forward(&ctx, Direction::ToEndpoint)
+    metrics::count_verdict(Direction::ToEndpoint, Reason::Forwarded, ctx.len());
+    TC_ACT_OK
 }
 
 #[inline(always)]
@@ -28,32 +40,36 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-#[inline(always)]
-fn forward(ctx: &TcContext, direction: Direction) -> i32 {
-    metrics::count_verdict(direction, Reason::Forwarded, ctx.len());
-    TC_ACT_OK
-}
-
 /// What a pod sends: IPv4 must carry an address the agent assigned to this
-/// very endpoint. Endpoint counters cover IP traffic only: ARP and other
-/// link-local frames would make them disagree with what applications sent.
+/// very endpoint, then goes where [`route::v4`] says. Endpoint counters
+/// cover IP traffic only: ARP and other link-local frames would make them
+/// disagree with what applications sent.
 #[inline(always)]
-fn from_ctr(ctx: &TcContext) -> Result<(), Reason> {
+fn from_ctr(ctx: &mut TcContext) -> Result<i32, Reason> {
     let ifindex = ifindex(ctx);
     match parse::ethertype(ctx) {
-        Some(parse::ETH_P_IP) => {
-            let saddr = parse::ipv4_saddr(ctx).ok_or(Reason::Malformed)?;
-            match endpoints::lookup(&EndpointKey::v4(saddr)) {
-                Some(ep) if ep.ifindex == ifindex => {}
-                _ => return Err(Reason::SourceSpoofed),
-            }
+        Some(parse::ETH_P_IP) => {}
+        // IPv6 routing comes with IPv6 support: until then the host decides.
+        Some(parse::ETH_P_IPV6) => {
+            metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, ctx.len());
+            return Ok(TC_ACT_OK);
         }
-        // Source validation for IPv6 comes with IPv6 support: link-local
-        // neighbour discovery needs its own rule.
-        Some(parse::ETH_P_IPV6) => {}
-        Some(_) => return Ok(()),
+        Some(_) => return Ok(TC_ACT_OK),
         None => return Err(Reason::Malformed),
     }
+    let saddr = parse::ipv4_saddr(ctx)?;
+    match endpoints::lookup(&EndpointKey::v4(saddr)) {
+        Some(ep) if ep.ifindex == ifindex => {}
+        _ => return Err(Reason::SourceSpoofed),
+    }
+    let route = route::v4(parse::ipv4_daddr(ctx)?)?;
     metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, ctx.len());
-    Ok(())
+    match route {
+        Route::Local(ep) => deliver::to_local(ctx, ep),
+        Route::Tunnel(node, cfg) => {
+            parse::ipv4_dec_ttl(ctx)?;
+            encap::redirect(ctx, node, cfg)
+        }
+        Route::Stack => Ok(TC_ACT_OK),
+    }
 }

@@ -1,15 +1,22 @@
 //! Kernel programs, one module per attach point, features as modules.
 //!
-//! Attach points: `lxc` (a pod's host-side veth). Later: `host` (node
-//! devices), `overlay` (the VXLAN device), `xdp`, `sock`.
+//! Attach points: `lxc` (a pod's host-side veth), `host` (the node's
+//! uplink), `overlay` (the VXLAN device). Later: `xdp`, `sock`.
 #![no_std]
 #![no_main]
 
+mod config;
+mod deliver;
 mod drop;
+mod encap;
 mod endpoints;
+mod host;
+mod ipcache;
 mod lxc;
 mod metrics;
+mod overlay;
 mod parse;
+mod route;
 
 #[cfg(not(test))]
 #[panic_handler]

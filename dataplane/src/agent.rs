@@ -28,7 +28,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{AttachMode, Datapath},
+    nodes::{self, RemoteNode},
     sys,
+};
+use dataplane_common::{
+    DatapathConfig, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
+    IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, IpcacheKey, MAP_CONFIG, MAP_IPCACHE, MODE_NATIVE,
+    MODE_VXLAN, PROG_HOST_IN, PROG_OVERLAY_IN, PROG_OVERLAY_OUT, netlink::Nl,
 };
 
 #[derive(Debug, clap::Args)]
@@ -48,14 +54,50 @@ pub struct AgentArgs {
     /// This node's pod CIDR (until Node objects are synced it comes from here).
     #[arg(long)]
     pub pod_cidr: Option<String>,
-    /// MTU for pod interfaces: 1450 leaves room for VXLAN's 50 bytes on a
-    /// 1500-byte underlay.
-    #[arg(long, default_value_t = 1450)]
-    pub pod_mtu: u32,
+    /// The whole cluster's pod range: addresses in it that belong to no pod
+    /// and no node are dropped (`unknown_destination`), never routed out.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// How pods on different nodes reach each other.
+    #[arg(long, value_enum, default_value = "vxlan")]
+    pub mode: Mode,
+    /// The node's uplink (underlay interface).
+    #[arg(long, default_value = "eth0")]
+    pub uplink: String,
+    /// This node's underlay address; the uplink's first IPv4 address if unset.
+    #[arg(long)]
+    pub node_ip: Option<std::net::Ipv4Addr>,
+    /// VXLAN network identifier (Flannel's default).
+    #[arg(long, default_value_t = 1)]
+    pub vni: u32,
+    /// VXLAN UDP port (Flannel's default; IANA's is 4789).
+    #[arg(long, default_value_t = 8472)]
+    pub vxlan_port: u16,
+    /// Name of the VXLAN device the agent creates (external mode).
+    #[arg(long, default_value = "dp_vxlan")]
+    pub vxlan_device: String,
+    /// The other nodes (JSON, watched for changes) until Kubernetes sync.
+    #[arg(long)]
+    pub nodes_file: Option<PathBuf>,
+    /// MTU for pod interfaces; default: the uplink's MTU, minus VXLAN's 50
+    /// bytes in VXLAN mode.
+    #[arg(long)]
+    pub pod_mtu: Option<u32>,
     /// Most verbose kernel log level that reaches the agent's log.
     #[arg(long, value_enum, default_value = "info")]
     pub bpf_log_level: BpfLogLevel,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Encapsulate in VXLAN between nodes (Flannel's default).
+    Vxlan,
+    /// Plain routing via each node's underlay address (nodes on one L2).
+    Native,
+}
+
+/// Bytes VXLAN adds: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
+const VXLAN_OVERHEAD: u32 = 50;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum BpfLogLevel {
@@ -81,10 +123,24 @@ struct LiveEndpoint {
     keys: Vec<EndpointKey>,
 }
 
+/// The node's network facts, fixed at start.
+struct Net {
+    mode: Mode,
+    uplink: String,
+    uplink_ifindex: u32,
+    vxlan_ifindex: u32,
+    node_ip: std::net::Ipv4Addr,
+}
+
 struct State {
     node: String,
     pod_cidr: Option<String>,
     pod_mtu: u32,
+    net: Net,
+    /// Remote nodes as last applied.
+    nodes: std::collections::BTreeMap<String, RemoteNode>,
+    /// Links of the node-level programs; dropping them detaches.
+    _node_links: Vec<(&'static str, SchedClassifierLinkId)>,
     datapath: Datapath,
     endpoints: HashMap<String, LiveEndpoint>,
 }
@@ -115,16 +171,39 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     });
 
-    if let Some(cidr) = &args.pod_cidr {
-        dataplane_common::api::parse_cidr(cidr).map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
-    }
+    let pod_cidr = match &args.pod_cidr {
+        Some(c) => Some(
+            dataplane_common::api::parse_cidr(c).map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?,
+        ),
+        None => None,
+    };
+    let cluster_cidr = dataplane_common::api::parse_cidr(&args.cluster_cidr)
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+    let nl = Nl::new()?;
+    let (mut datapath, net, uplink_mtu) = setup_node(datapath, &args, &nl).await?;
+    let pod_mtu = args.pod_mtu.unwrap_or(match net.mode {
+        Mode::Vxlan => uplink_mtu - VXLAN_OVERHEAD,
+        Mode::Native => uplink_mtu,
+    });
+    let node_links = attach_node_programs(&mut datapath, &net, &args)?;
+    init_maps(&mut datapath, &net, &args, cluster_cidr, pod_cidr)?;
+    info!(mode = ?net.mode, uplink = %net.uplink, node_ip = %net.node_ip, pod_mtu, "node datapath ready");
+
     let state = Arc::new(Mutex::new(State {
         node: args.node.clone(),
         pod_cidr: args.pod_cidr.clone(),
-        pod_mtu: args.pod_mtu,
+        pod_mtu,
+        net,
+        nodes: Default::default(),
+        _node_links: node_links,
         datapath,
         endpoints: HashMap::new(),
     }));
+
+    if let Some(path) = args.nodes_file.clone() {
+        let (state, own) = (state.clone(), args.node.clone());
+        tokio::spawn(async move { watch_nodes(path, own, state, nl).await });
+    }
 
     if let Some(dir) = args.api_socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -195,6 +274,9 @@ fn handle(state: &mut State, request: Request) -> Response {
             endpoints: state.endpoints.len(),
             pod_cidr: state.pod_cidr.clone(),
             pod_mtu: state.pod_mtu,
+            mode: format!("{:?}", state.net.mode).to_lowercase(),
+            node_ip: state.net.node_ip.to_string(),
+            nodes: state.nodes.len(),
         })),
         Request::EndpointAdd(spec) => endpoint_add(state, spec).map(|()| Response::Ok),
         Request::EndpointDel { container_id } => {
@@ -341,4 +423,257 @@ fn endpoint_del(state: &mut State, container_id: &str) -> Result<()> {
         info!(endpoint = %container_id, "endpoint removed");
     }
     Ok(())
+}
+
+/// Uplink facts, forwarding, and in VXLAN mode the external-mode device.
+async fn setup_node(datapath: Datapath, args: &AgentArgs, nl: &Nl) -> Result<(Datapath, Net, u32)> {
+    sys::write_sysctl("net/ipv4/ip_forward", "1")?;
+    let uplink = nl
+        .link(&args.uplink)
+        .await?
+        .with_context(|| format!("--uplink {}: no such interface", args.uplink))?;
+    let uplink_mtu = dataplane_common::netlink::link_mtu(&uplink).unwrap_or(1500);
+    let node_ip = match args.node_ip {
+        Some(ip) => ip,
+        None => nl
+            .addrs(uplink.header.index)
+            .await?
+            .into_iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .with_context(|| {
+                format!(
+                    "--uplink {} has no IPv4 address; pass --node-ip",
+                    args.uplink
+                )
+            })?,
+    };
+    let mut vxlan_ifindex = 0;
+    if args.mode == Mode::Vxlan {
+        let dev = &args.vxlan_device;
+        if nl.link(dev).await?.is_none() {
+            nl.add_vxlan_external(dev, args.vxlan_port, uplink_mtu - VXLAN_OVERHEAD)
+                .await?;
+        }
+        let link = nl
+            .link(dev)
+            .await?
+            .with_context(|| format!("{dev} vanished after creation"))?;
+        nl.set_up_noarp(link.header.index).await?;
+        vxlan_ifindex = link.header.index;
+        // Replies from remote pods to this node come back on the uplink,
+        // not the device the request left by.
+        sys::write_sysctl(&format!("net/ipv4/conf/{dev}/rp_filter"), "0")?;
+    }
+    let net = Net {
+        mode: args.mode,
+        uplink: args.uplink.clone(),
+        uplink_ifindex: uplink.header.index,
+        vxlan_ifindex,
+        node_ip,
+    };
+    Ok((datapath, net, uplink_mtu))
+}
+
+fn attach_node_programs(
+    datapath: &mut Datapath,
+    net: &Net,
+    args: &AgentArgs,
+) -> Result<Vec<(&'static str, SchedClassifierLinkId)>> {
+    let mut links = vec![(
+        PROG_HOST_IN,
+        datapath.attach(PROG_HOST_IN, &net.uplink, TcAttachType::Ingress)?,
+    )];
+    if net.mode == Mode::Vxlan {
+        let dev = &args.vxlan_device;
+        links.push((
+            PROG_OVERLAY_IN,
+            datapath.attach(PROG_OVERLAY_IN, dev, TcAttachType::Ingress)?,
+        ));
+        links.push((
+            PROG_OVERLAY_OUT,
+            datapath.attach(PROG_OVERLAY_OUT, dev, TcAttachType::Egress)?,
+        ));
+    }
+    Ok(links)
+}
+
+fn ipcache(
+    datapath: &mut Datapath,
+) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, IpcacheKey, IpcacheEntry>> {
+    Ok(aya::maps::lpm_trie::LpmTrie::try_from(
+        datapath.map_mut(MAP_IPCACHE)?,
+    )?)
+}
+
+fn ipcache_put(
+    datapath: &mut Datapath,
+    net: ipnetwork::IpNetwork,
+    entry: IpcacheEntry,
+) -> Result<()> {
+    let (len, key) = IpcacheKey::prefix(net.network(), net.prefix());
+    ipcache(datapath)?
+        .insert(&aya::maps::lpm_trie::Key::new(len, key), entry, 0)
+        .with_context(|| format!("{MAP_IPCACHE}: inserting {net}"))
+}
+
+fn ipcache_del(datapath: &mut Datapath, net: ipnetwork::IpNetwork) -> Result<()> {
+    let (len, key) = IpcacheKey::prefix(net.network(), net.prefix());
+    match ipcache(datapath)?.remove(&aya::maps::lpm_trie::Key::new(len, key)) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("{MAP_IPCACHE}: removing {net}")),
+    }
+}
+
+fn entry(kind: u8, tunnel: Option<std::net::Ipv4Addr>) -> IpcacheEntry {
+    let mut e = IpcacheEntry {
+        kind,
+        ..Default::default()
+    };
+    if let Some(ip) = tunnel {
+        e.tunnel_family = dataplane_common::FAMILY_IPV4;
+        e.tunnel_endpoint[..4].copy_from_slice(&ip.octets());
+    }
+    e
+}
+
+fn host_net(ip: std::net::Ipv4Addr) -> ipnetwork::IpNetwork {
+    ipnetwork::IpNetwork::V4(ipnetwork::Ipv4Network::from(ip))
+}
+
+/// Settings, the cluster range, this node's CIDR and address.
+fn init_maps(
+    datapath: &mut Datapath,
+    net: &Net,
+    args: &AgentArgs,
+    cluster_cidr: ipnetwork::IpNetwork,
+    pod_cidr: Option<ipnetwork::IpNetwork>,
+) -> Result<()> {
+    let cfg = DatapathConfig {
+        mode: match net.mode {
+            Mode::Vxlan => MODE_VXLAN,
+            Mode::Native => MODE_NATIVE,
+        },
+        _pad: [0; 3],
+        vni: args.vni,
+        vxlan_ifindex: net.vxlan_ifindex,
+        uplink_ifindex: net.uplink_ifindex,
+    };
+    let mut config: aya::maps::Array<&mut MapData, DatapathConfig> =
+        aya::maps::Array::try_from(datapath.map_mut(MAP_CONFIG)?)?;
+    config.set(0, cfg, 0).context("writing dp_config")?;
+    ipcache_put(datapath, cluster_cidr, entry(IPCACHE_KIND_CLUSTER, None))?;
+    if let Some(cidr) = pod_cidr {
+        ipcache_put(datapath, cidr, entry(IPCACHE_KIND_LOCAL_PODS, None))?;
+    }
+    ipcache_put(
+        datapath,
+        host_net(net.node_ip),
+        entry(IPCACHE_KIND_HOST, None),
+    )
+}
+
+fn route_for(net: &Net, node: &RemoteNode) -> rtnetlink::packet_route::route::RouteMessage {
+    let cidr = node.pod_cidr;
+    match net.mode {
+        Mode::Vxlan => {
+            Nl::pod_cidr_route(cidr.network(), cidr.prefix(), net.vxlan_ifindex, None, None)
+        }
+        Mode::Native => Nl::pod_cidr_route(
+            cidr.network(),
+            cidr.prefix(),
+            net.uplink_ifindex,
+            Some(node.ip),
+            None,
+        ),
+    }
+}
+
+/// Moves the datapath from the applied node list to `new`, touching only
+/// nodes that changed: new entries go in before stale ones come out.
+async fn apply_nodes(
+    state: &Arc<Mutex<State>>,
+    nl: &Nl,
+    new: std::collections::BTreeMap<String, RemoteNode>,
+) -> Result<()> {
+    let lock = || {
+        state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
+    };
+    let (remove, routes_up, own_ip) = {
+        let mut st = lock()?;
+        let (upsert, remove) = nodes::diff(&st.nodes, &new);
+        let routes: Vec<_> = upsert.iter().map(|(_, n)| route_for(&st.net, n)).collect();
+        for (name, n) in &upsert {
+            ipcache_put(
+                &mut st.datapath,
+                ipnetwork::IpNetwork::V4(n.pod_cidr),
+                entry(IPCACHE_KIND_REMOTE_PODS, Some(n.ip)),
+            )?;
+            ipcache_put(
+                &mut st.datapath,
+                host_net(n.ip),
+                entry(IPCACHE_KIND_HOST, None),
+            )?;
+            info!(node = %name, ip = %n.ip, pod_cidr = %n.pod_cidr, "node installed");
+        }
+        (remove, routes, st.net.node_ip)
+    };
+    for route in routes_up {
+        nl.replace_route(route).await?;
+    }
+    let still_used_cidr = |n: &RemoteNode| new.values().any(|m| m.pod_cidr == n.pod_cidr);
+    let still_used_ip = |n: &RemoteNode| n.ip == own_ip || new.values().any(|m| m.ip == n.ip);
+    for (_, n) in &remove {
+        if !still_used_cidr(n) {
+            let route = route_for(&lock()?.net, n);
+            nl.del_route(route).await?;
+        }
+    }
+    let mut st = lock()?;
+    for (name, n) in &remove {
+        if !still_used_cidr(n) {
+            ipcache_del(&mut st.datapath, ipnetwork::IpNetwork::V4(n.pod_cidr))?;
+        }
+        if !still_used_ip(n) {
+            ipcache_del(&mut st.datapath, host_net(n.ip))?;
+        }
+        if !new.contains_key(name) {
+            info!(node = %name, ip = %n.ip, pod_cidr = %n.pod_cidr, "node removed");
+        }
+    }
+    st.nodes = new;
+    Ok(())
+}
+
+/// Applies the node file now and whenever its content changes. A file that
+/// does not parse leaves the last good state in place.
+async fn watch_nodes(path: PathBuf, own: String, state: Arc<Mutex<State>>, nl: Nl) {
+    let mut last: Option<String> = None;
+    loop {
+        let text = std::fs::read_to_string(&path);
+        match text {
+            Ok(text) if last.as_deref() != Some(text.as_str()) => {
+                match nodes::parse(&text, &own) {
+                    Ok(new) => {
+                        if let Err(e) = apply_nodes(&state, &nl, new).await {
+                            warn!("applying {}: {e:#}", path.display());
+                        }
+                    }
+                    Err(e) => warn!("{}: {e:#}; keeping the last good node list", path.display()),
+                }
+                last = Some(text);
+            }
+            Ok(_) => {}
+            Err(e) if last.is_some() => {
+                warn!("{}: {e}; keeping the last good node list", path.display());
+                last = None;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

@@ -3,6 +3,7 @@
 mod agent;
 mod bpf;
 mod maps;
+mod nodes;
 mod sys;
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
@@ -172,10 +173,24 @@ fn run(cli: Cli) -> Result<()> {
                     print!(
                         "{}",
                         maps::table(
-                            &["NODE", "VERSION", "ATTACH", "ENDPOINTS", "PIN-DIR"],
+                            &[
+                                "NODE",
+                                "VERSION",
+                                "MODE",
+                                "NODE-IP",
+                                "POD-CIDR",
+                                "PEERS",
+                                "ATTACH",
+                                "ENDPOINTS",
+                                "PIN-DIR"
+                            ],
                             vec![vec![
                                 st.node,
                                 st.version,
+                                st.mode,
+                                st.node_ip,
+                                st.pod_cidr.unwrap_or_else(|| "-".into()),
+                                st.nodes.to_string(),
                                 st.attach_mode,
                                 st.endpoints.to_string(),
                                 st.pin_dir

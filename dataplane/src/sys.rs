@@ -66,6 +66,12 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `/proc/sys/<key>` (per network namespace for `net/...`).
+pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{key}");
+    std::fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))
+}
+
 /// Interface index in the current network namespace.
 pub fn ifindex(ifname: &str) -> Result<u32> {
     let c = CString::new(ifname).with_context(|| format!("interface name {ifname:?}"))?;

@@ -57,6 +57,8 @@ pub struct LabSpec {
     pub chain: Vec<String>,
     /// cniVersion of the conflists.
     pub cni_version: String,
+    /// `vxlan` or `native`.
+    pub mode: String,
 }
 
 impl LabSpec {
@@ -81,6 +83,7 @@ impl LabSpec {
             cni_bin,
             chain: Vec::new(),
             cni_version: "1.1.0".into(),
+            mode: "vxlan".into(),
         })
     }
 }
@@ -155,6 +158,8 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     /// Every netns created, in creation order (teardown removes them all).
     pub namespaces: Vec<String>,
+    /// The node list every agent watches (`--nodes-file`).
+    pub nodes_file: PathBuf,
     /// The process whose `Lab` value owns this lab and removes it on drop;
     /// `None` once persisted (`xtask lab up`).
     pub owner_pid: Option<u32>,
@@ -236,6 +241,7 @@ impl Lab {
                 run_dir: run_dir.clone(),
                 dataplane_bin: spec.dataplane_bin.clone(),
                 cni_bin_dir: run_dir.join("cni-bin"),
+                nodes_file: run_dir.join("nodes.json"),
                 underlay_netns: format!("{id}-ul"),
                 owner_pid: Some(std::process::id()),
                 ..LabState::default()
@@ -277,6 +283,8 @@ impl Lab {
         ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
 
+        let all: Vec<usize> = (0..spec.nodes).collect();
+        self.write_nodes_file(spec.nodes, &all)?;
         for i in 0..spec.nodes {
             let name = format!("{id}-n{i}");
             let node_ip =
@@ -314,6 +322,7 @@ impl Lab {
 
         for i in 0..spec.nodes {
             self.wait_agent_ready(i)?;
+            self.wait_peers(i, spec.nodes.saturating_sub(1))?;
             self.install_cni(i, spec)?;
             for j in 0..spec.pods_per_node {
                 self.add_pod(i, &format!("pod-{i}-{j}"))?;
@@ -357,7 +366,11 @@ impl Lab {
                 &spec.bpf_log_level,
                 "--pod-cidr",
                 &node.pod_cidr,
+                "--mode",
+                &spec.mode,
             ])
+            .arg("--nodes-file")
+            .arg(&self.state.nodes_file)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -403,6 +416,66 @@ impl Lab {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn node_ip(i: usize) -> Result<Ipv4Addr> {
+        Ok(Ipv4Addr::new(
+            172,
+            20,
+            0,
+            11 + u8::try_from(i).context("too many nodes")?,
+        ))
+    }
+
+    /// Writes the node list the agents watch, with the nodes `listed` (of
+    /// `total`): leaving one out is how a test removes a node.
+    fn write_nodes_file(&self, total: usize, listed: &[usize]) -> Result<()> {
+        let nodes: Vec<Value> = (0..total)
+            .filter(|i| listed.contains(i))
+            .map(|i| {
+                Ok(serde_json::json!({
+                    "name": format!("{}-n{i}", self.state.id),
+                    "internalIP": Self::node_ip(i)?.to_string(),
+                    "podCIDR": format!("10.244.{i}.0/24"),
+                }))
+            })
+            .collect::<Result<_>>()?;
+        let tmp = self.state.nodes_file.with_extension("tmp");
+        fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&serde_json::json!({ "nodes": nodes }))?,
+        )?;
+        fs::rename(&tmp, &self.state.nodes_file)?;
+        Ok(())
+    }
+
+    /// Lists only the nodes `listed` in the agents' node file and waits until
+    /// every agent has applied it.
+    pub fn set_nodes(&self, listed: &[usize]) -> Result<()> {
+        self.write_nodes_file(self.state.nodes.len(), listed)?;
+        for i in 0..self.state.nodes.len() {
+            let peers = listed.iter().filter(|j| **j != i).count();
+            self.wait_peers(i, peers)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until node `i`'s agent has `peers` remote nodes installed.
+    pub fn wait_peers(&self, i: usize, peers: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.agent_call(i, &Request::Status) {
+                Ok(Response::Status(s)) if s.nodes == peers => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    bail!(
+                        "agent on {} did not install {peers} peer node(s):\n{}",
+                        self.state.nodes[i].name,
+                        self.agent_log(i)
+                    )
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
         }
     }
 
@@ -839,4 +912,252 @@ pub fn ping(netns: &str, dst: &str, count: u32, extra: &[&str]) -> Result<Ping> 
         }),
         _ => bail!("cannot parse ping summary {line:?}"),
     }
+}
+
+/// TCP and UDP echo on `port` inside `netns`, until `stop` is set. Run it on
+/// a thread of its own (it blocks).
+pub fn echo_server(netns: &str, port: u16, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::Ordering;
+    in_netns_thread(netns, || -> Result<()> {
+        let tcp = std::net::TcpListener::bind(("0.0.0.0", port))?;
+        tcp.set_nonblocking(true)?;
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+        udp.set_nonblocking(true)?;
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::Relaxed) {
+            let mut idle = true;
+            if let Ok((mut s, _)) = tcp.accept() {
+                idle = false;
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                // Echo until the peer closes: also serves bulk transfers,
+                // answered with the byte count instead of the bytes.
+                let mut total: u64 = 0;
+                let mut first = Vec::new();
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if total == 0 && n <= 1024 && first.is_empty() {
+                                first.extend_from_slice(&buf[..n]);
+                                if first.ends_with(b"\n") {
+                                    let _ = s.write_all(&first);
+                                    break;
+                                }
+                            }
+                            total += n as u64;
+                        }
+                    }
+                }
+                if !first.ends_with(b"\n") {
+                    let _ = s.write_all(format!("{total}\n").as_bytes());
+                }
+            }
+            if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                idle = false;
+                let _ = udp.send_to(&buf[..n], from);
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    })?
+}
+
+/// Connects, retrying while the server is still coming up (refused).
+fn connect(to: std::net::SocketAddr) -> Result<std::net::TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r.with_context(|| format!("connecting to {to}")),
+        }
+    }
+}
+
+/// One TCP round trip from `netns` to an [`echo_server`]: the line back.
+pub fn tcp_echo(netns: &str, to: std::net::SocketAddr, line: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    in_netns_thread(netns, || -> Result<String> {
+        let mut s = connect(to)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("{line}\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.trim_end().to_owned())
+    })?
+}
+
+/// One UDP round trip from `netns` to an [`echo_server`].
+pub fn udp_echo(netns: &str, to: std::net::SocketAddr, payload: &str) -> Result<String> {
+    in_netns_thread(netns, || -> Result<String> {
+        let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 2048];
+        // UDP may lose the first datagram while a neighbour resolves.
+        for _ in 0..4 {
+            s.send_to(payload.as_bytes(), to)?;
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        bail!("no UDP answer from {to}")
+    })?
+}
+
+/// Sends `bytes` over TCP with the DF bit forced on (path MTU discovery
+/// "do"), returns what the [`echo_server`] says it received.
+pub fn tcp_bulk(netns: &str, to: std::net::SocketAddr, bytes: usize) -> Result<u64> {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    in_netns_thread(netns, || -> Result<u64> {
+        let mut s = connect(to)?;
+        let val: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: setsockopt with a valid int option on our socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!("IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+        }
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.trim().parse()?)
+    })?
+}
+
+/// A packet capture on the lab's underlay.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    // Kept open so tcpdump's closing statistics do not hit a closed pipe.
+    _stderr: std::io::BufReader<std::process::ChildStderr>,
+}
+
+impl Lab {
+    /// Starts capturing node `node`'s traffic on the underlay (its bridge
+    /// port: the bridge device itself sees only frames for the bridge) with a
+    /// tcpdump `filter`; returns once tcpdump listens.
+    pub fn capture_underlay(&self, node: usize, filter: &str) -> Result<Capture> {
+        use std::io::BufRead as _;
+        let file = self
+            .state
+            .run_dir
+            .join(format!("capture-{}.pcap", random_id()?));
+        let mut child = in_netns(&self.state.underlay_netns, "tcpdump")
+            // -Z root: Debian's tcpdump otherwise drops to a user that cannot
+            // write into the lab's run directory.
+            // --immediate-mode: packets reach tcpdump as they arrive, not
+            // per ring block, so a capture stopped early still has them.
+            .args([
+                "-i",
+                &format!("n{node}"),
+                "-Z",
+                "root",
+                "--immediate-mode",
+                "-nn",
+                "-U",
+                "-s",
+                "256",
+                "-w",
+            ])
+            .arg(&file)
+            .args(filter.split_whitespace())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let mut line = String::new();
+        let mut stderr = std::io::BufReader::new(stderr);
+        stderr.read_line(&mut line)?;
+        if !line.contains("listening") {
+            let _ = child.kill();
+            bail!("tcpdump did not start: {line}");
+        }
+        Ok(Capture {
+            child,
+            file,
+            _stderr: stderr,
+        })
+    }
+}
+
+impl Capture {
+    /// Stops the capture and returns the Ethernet frames it saw.
+    pub fn finish(mut self) -> Result<Vec<Vec<u8>>> {
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(i32::try_from(self.child.id())?, libc::SIGINT) };
+        let _ = self.child.wait();
+        let data = fs::read(&self.file)?;
+        let _ = fs::remove_file(&self.file);
+        parse_pcap(&data)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+/// Frames of a classic little-endian pcap file.
+pub fn parse_pcap(data: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let u32le = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if data.len() < 24 || u32le(&data[..4]) != 0xa1b2_c3d4 {
+        bail!("not a little-endian pcap file ({} bytes)", data.len());
+    }
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let len = u32le(&data[at + 8..at + 12]) as usize;
+        let start = at + 16;
+        let end = (start + len).min(data.len());
+        frames.push(data[start..end].to_vec());
+        at = start + len;
+    }
+    Ok(frames)
+}
+
+/// IPv4 header fields of an Ethernet frame: (source, destination, protocol,
+/// header length), or `None` for anything else.
+pub fn ipv4_of(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, usize)> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    Some((
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        ip[9],
+        ihl,
+    ))
 }

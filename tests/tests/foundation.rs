@@ -220,7 +220,8 @@ fn endpoint_removal_detaches_and_clears_its_entries() {
         "counters of a removed endpoint remain: {rows:?}"
     );
     // No program on a's veth any more (its traffic is not counted), while
-    // b's programs still see the same packets arrive.
+    // b's programs still see the requests arrive; a's address is in no map
+    // now, so b's replies are dropped as unknown_destination.
     let ib = ifindex_of(&lab, "pod-0-1");
     let b_before = ep_counter(
         &lab.dump(0, "dp_ep_metrics").expect("dump"),
@@ -228,12 +229,23 @@ fn endpoint_removal_detaches_and_clears_its_entries() {
         "to-endpoint",
     )
     .0;
+    let drops_before = metric(
+        &lab.dump(0, "dp_metrics").expect("dump"),
+        "from-endpoint",
+        "unknown_destination",
+    );
     assert_eq!(
         ping(&a.netns, &b.ip.to_string(), 3, &[])
             .expect("ping")
             .received,
-        3
+        0
     );
+    let drops = metric(
+        &lab.dump(0, "dp_metrics").expect("dump"),
+        "from-endpoint",
+        "unknown_destination",
+    );
+    assert_eq!(drops - drops_before, 3);
     let rows = lab.dump(0, "dp_ep_metrics").expect("dump");
     assert_eq!(ep_counter(&rows, ia, "from-endpoint").0, 0, "{rows:?}");
     assert_eq!(

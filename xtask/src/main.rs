@@ -26,6 +26,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
+    ("tcpdump", "tcpdump"),
+    ("nft", "nftables"),
     ("/usr/lib/cni/portmap", "containernetworking-plugins"),
 ];
 

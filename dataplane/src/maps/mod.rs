@@ -1,8 +1,10 @@
 //! One module per map: open it from its pin, decode it with the type from
 //! `dataplane-common`, render rows for people (table) or programs (JSON).
 
+pub mod config;
 pub mod endpoints;
 pub mod ep_metrics;
+pub mod ipcache;
 pub mod metrics;
 
 use std::path::Path;
@@ -67,6 +69,8 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_ENDPOINTS => render(&endpoints::rows(pin_dir)?, format),
         dataplane_common::MAP_EP_METRICS => render(&ep_metrics::rows(pin_dir)?, format),
         dataplane_common::MAP_METRICS => render(&metrics::rows(pin_dir)?, format),
+        dataplane_common::MAP_IPCACHE => render(&ipcache::rows(pin_dir)?, format),
+        dataplane_common::MAP_CONFIG => render(&config::rows(pin_dir)?, format),
         _ => bail!(
             "no map named {name:?}; maps: {}",
             dataplane_common::MAPS
@@ -84,6 +88,8 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         dataplane_common::MAP_ENDPOINTS => endpoints::entries(pin_dir)?.len(),
         dataplane_common::MAP_EP_METRICS => ep_metrics::rows(pin_dir)?.len(),
         dataplane_common::MAP_METRICS => metrics::rows(pin_dir)?.len(),
+        dataplane_common::MAP_IPCACHE => ipcache::rows(pin_dir)?.len(),
+        dataplane_common::MAP_CONFIG => config::rows(pin_dir)?.len(),
         _ => bail!("no map named {name:?}"),
     })
 }

@@ -1,0 +1,298 @@
+//! The rtnetlink operations the agent and the CNI plugin share. A handle
+//! works in the network namespace its socket was opened in.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+};
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
+        neighbour::NeighbourState,
+        route::{RouteMessage, RouteScope},
+    },
+};
+
+/// What failed, and the kernel's answer.
+#[derive(Debug)]
+pub struct NlError {
+    pub what: String,
+    pub cause: String,
+}
+
+impl std::fmt::Display for NlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.cause)
+    }
+}
+
+impl std::error::Error for NlError {}
+
+pub type Result<T> = std::result::Result<T, NlError>;
+
+fn err(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> NlError {
+    move |e| NlError {
+        what: what.to_string(),
+        cause: e.to_string(),
+    }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+pub struct Nl {
+    pub handle: Handle,
+}
+
+pub fn link_mac(msg: &LinkMessage) -> Option<[u8; 6]> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) => b.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
+pub fn link_name(msg: &LinkMessage) -> Option<&str> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+pub fn link_mtu(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+impl Nl {
+    /// Opens a socket in the calling thread's network namespace; must run
+    /// inside a tokio runtime (the connection task is spawned on it).
+    pub fn new() -> Result<Nl> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NlError {
+            what: "opening a netlink socket".into(),
+            cause: e.to_string(),
+        })?;
+        tokio::spawn(conn);
+        Ok(Nl { handle })
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>> {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(l) => Ok(l),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(err(format!("looking up {name}"))(e)),
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<LinkMessage>> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(err("listing links"))
+    }
+
+    /// A veth pair: `host` here, `peer` created directly inside `peer_netns`.
+    pub async fn add_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_netns: &File,
+        mtu: u32,
+    ) -> Result<()> {
+        let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_owned())
+            .mtu(mtu)
+            .setns_by_fd(peer_netns.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(host, peer)
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(err(format!("creating veth {host}/{peer}")))
+    }
+
+    /// A VXLAN device in external (collect_md) mode: the tunnel key of each
+    /// packet, set by a program, picks the remote end.
+    pub async fn add_vxlan_external(&self, name: &str, port: u16, mtu: u32) -> Result<()> {
+        let msg = LinkVxlan::new(name, 0)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(err(format!("creating vxlan device {name}")))
+    }
+
+    /// Up, and with ARP off: the programs set MAC addresses themselves.
+    pub async fn set_up_noarp(&self, index: u32) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(index).up().build();
+        msg.header.flags |= LinkFlags::Noarp;
+        msg.header.change_mask |= LinkFlags::Noarp;
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(err(format!("setting link {index} up")))
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(err(format!("setting link {index} up")))
+    }
+
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(err(format!("deleting link {index}")))
+    }
+
+    pub async fn add_addr(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, ip, prefix)
+            .execute()
+            .await
+            .map_err(err(format!("adding {ip}/{prefix}")))
+    }
+
+    pub async fn addrs(&self, index: u32) -> Result<Vec<IpAddr>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(err("listing addresses"))?;
+        Ok(msgs
+            .iter()
+            .flat_map(|m| m.attributes.iter())
+            .filter_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// `dst/32 dev <index> scope link`.
+    pub async fn add_link_route(&self, index: u32, dst: Ipv4Addr) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(err(format!("adding route {dst}/32")))
+    }
+
+    /// `default via <gw> dev <index>`.
+    pub async fn add_default_route(&self, index: u32, gw: Ipv4Addr) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(err(format!("adding default route via {gw}")))
+    }
+
+    /// A route to a remote node's pod CIDR: through `dev` (VXLAN mode), or via
+    /// the node's address (native routing). Replaces what is there.
+    pub fn pod_cidr_route(
+        dst: Ipv4Addr,
+        prefix: u8,
+        index: u32,
+        via: Option<Ipv4Addr>,
+        mtu: Option<u32>,
+    ) -> RouteMessage {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix)
+            .output_interface(index);
+        b = match via {
+            Some(gw) => b.gateway(gw),
+            None => b.scope(RouteScope::Link),
+        };
+        let mut msg = b.build();
+        if let Some(mtu) = mtu {
+            use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
+            msg.attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        }
+        msg
+    }
+
+    pub async fn replace_route(&self, route: RouteMessage) -> Result<()> {
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(err("replacing route"))
+    }
+
+    /// Deleting a route that is not there is not an error.
+    pub async fn del_route(&self, route: RouteMessage) -> Result<()> {
+        match self.handle.route().del(route).execute().await {
+            Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+            r => r.map_err(err("deleting route")),
+        }
+    }
+
+    pub async fn add_permanent_neigh(&self, index: u32, ip: IpAddr, mac: &[u8; 6]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(err(format!("adding neighbour {ip}")))
+    }
+}
