@@ -76,6 +76,9 @@ enum LabCmd {
         /// auto, tcx or clsact.
         #[arg(long, default_value = "auto")]
         attach_mode: String,
+        /// vxlan or native.
+        #[arg(long, default_value = "vxlan")]
+        mode: String,
     },
     /// Show the labs on this machine.
     Status,
@@ -382,10 +385,15 @@ fn lab_cmd(cmd: LabCmd) -> Result<()> {
             nodes,
             pods_per_node,
             attach_mode,
+            mode,
         } => {
             prepare_lab()?;
+            if !["vxlan", "native"].contains(&mode.as_str()) {
+                bail!("--mode {mode}: expected vxlan or native");
+            }
             let spec = LabSpec {
                 attach_mode,
+                mode,
                 ..LabSpec::new(nodes, pods_per_node)?
             };
             let state = Lab::up(&spec)?.persist()?;
@@ -475,37 +483,75 @@ fn print_lab(state: &lab::LabState) {
 
 fn demo(keep: bool) -> Result<()> {
     prepare_lab()?;
-    let spec = LabSpec::new(2, 2)?;
-    println!("== building a 2-node lab (network namespaces, one agent per node)");
+    for mode in ["vxlan", "native"] {
+        demo_mode(mode, keep)?;
+    }
+    Ok(())
+}
+
+/// One lab in `mode`: traffic of every kind, what the underlay carried, and
+/// what the datapath saw of it.
+fn demo_mode(mode: &str, keep: bool) -> Result<()> {
+    let spec = LabSpec {
+        mode: mode.into(),
+        ..LabSpec::new(2, 2)?
+    };
+    println!("\n==================== {mode} mode ====================");
+    println!(
+        "== a 2-node lab: network namespaces, one agent per node, pods created by dataplane-cni"
+    );
     let lab = Lab::up(&spec)?;
     print_lab(&lab.state);
 
     let show = |title: &str, node: usize, args: &[&str]| -> Result<()> {
-        println!("\n$ dataplane {}    # {}", args.join(" "), title);
+        println!("\n$ dataplane {}    # {title}", args.join(" "));
         print!("{}", lab.cli(node, args)?);
         Ok(())
     };
     let ping = |from: &str, to: &str, label: &str, extra: &[&str]| -> Result<()> {
-        let p = lab.pod(from);
-        let r = lab::ping(&p.netns, to, 10, extra)?;
+        let r = lab::ping(&lab.pod(from).netns, to, 10, extra)?;
         println!("  {label}: {} sent, {} received", r.transmitted, r.received);
         Ok(())
     };
+    let (a, b, c) = (
+        lab.pod("pod-0-0").clone(),
+        lab.pod("pod-0-1").clone(),
+        lab.pod("pod-1-0").clone(),
+    );
 
-    println!("\n== traffic");
-    let (a, b) = (lab.pod("pod-0-0").clone(), lab.pod("pod-0-1").clone());
+    println!("\n== traffic (10 pings each)");
     ping(
         "pod-0-0",
         &b.ip.to_string(),
-        &format!("pod-0-0 {} -> pod-0-1 {} (through node 0)", a.ip, b.ip),
+        &format!("pod-0-0 {} -> pod-0-1 {} (same node)", a.ip, b.ip),
         &[],
     )?;
+    let cap = lab.capture_underlay(0, "ip")?;
     ping(
-        "pod-1-0",
-        &lab.state.nodes[1].ip.to_string(),
-        "pod-1-0 -> its node",
+        "pod-0-0",
+        &c.ip.to_string(),
+        &format!("pod-0-0 {} -> pod-1-0 {} (across nodes)", a.ip, c.ip),
         &[],
     )?;
+    let frames = cap.finish()?;
+    let r = lab::ping(&lab.state.nodes[1].netns, &a.ip.to_string(), 10, &[])?;
+    println!(
+        "  node 1 -> pod-0-0: {} sent, {} received",
+        r.transmitted, r.received
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| lab::echo_server(&c.netns, 9000, &stop));
+        let to = std::net::SocketAddr::from((c.ip, 9000));
+        let sent = 10 * 1024 * 1024;
+        let got = lab::tcp_bulk(&a.netns, to, sent);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "  10 MB TCP (DF set) pod-0-0 -> pod-1-0: {} bytes arrived",
+            got?
+        );
+        Ok(())
+    })?;
     lab::ip(&[
         "-n",
         &a.netns,
@@ -518,28 +564,51 @@ fn demo(keep: bool) -> Result<()> {
     ping(
         "pod-0-0",
         &lab.state.nodes[0].ip.to_string(),
-        "pod-0-0 with a forged source 10.244.0.250 -> node",
+        "pod-0-0 with a forged source 10.244.0.250 -> node 0",
         &["-I", "10.244.0.250"],
     )?;
+    ping(
+        "pod-0-0",
+        "10.244.200.5",
+        "pod-0-0 -> 10.244.200.5 (in the cluster range, on no node)",
+        &[],
+    )?;
 
-    show("what the agent on node 0 runs", 0, &["status"])?;
-    show("pods registered on node 0", 0, &["endpoint", "list"])?;
+    println!("\n== what node 0's underlay port carried for the cross-node pings");
+    for f in frames.iter().take(2) {
+        if let Some((src, dst, proto, ihl)) = lab::ipv4_of(f) {
+            if proto == 17 && f.len() >= 14 + ihl + 16 {
+                let udp = &f[14 + ihl..];
+                let vni = u32::from_be_bytes([0, udp[12], udp[13], udp[14]]);
+                let inner = lab::ipv4_of(&udp[16..])
+                    .map(|(s, d, _, _)| format!("{s} -> {d}"))
+                    .unwrap_or_default();
+                println!(
+                    "  {src} -> {dst} UDP dport {} VXLAN VNI {vni}, inside: {inner}",
+                    u16::from_be_bytes([udp[2], udp[3]])
+                );
+            } else {
+                println!("  {src} -> {dst} protocol {proto} (no encapsulation)");
+            }
+        }
+    }
+
+    show("the agent on node 0", 0, &["status"])?;
     show(
-        "the endpoint map, decoded",
+        "where every address lives: the cluster range, pod CIDRs, node addresses",
         0,
-        &["map", "dump", "dp_endpoints"],
+        &["map", "dump", "dp_ipcache"],
     )?;
     show(
-        "per-endpoint counters: 10 requests and 10 replies each way",
+        "per-endpoint counters",
         0,
         &["map", "dump", "dp_ep_metrics"],
     )?;
     show(
-        "verdicts by reason: the forged packets dropped as source_spoofed",
+        "verdicts by reason: forged source and unknown destination, dropped and named",
         0,
         &["map", "dump", "dp_metrics"],
     )?;
-    show("node 1", 1, &["map", "dump", "dp_ep_metrics"])?;
 
     if keep {
         let state = lab.persist()?;
