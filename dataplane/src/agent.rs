@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::{TcAttachType, tc::SchedClassifierLinkId},
+    programs::TcAttachType,
 };
 use dataplane_common::{
     Counter, Direction, EP_F_LOCAL, EndpointInfo, EndpointKey, EpMetricsKey, MAP_ENDPOINTS,
@@ -27,7 +27,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    bpf::{AttachMode, Datapath},
+    bpf::{AttachMode, Attached, Datapath},
     nodes::{self, RemoteNode},
     sys,
 };
@@ -83,6 +83,13 @@ pub struct AgentArgs {
     /// bytes in VXLAN mode.
     #[arg(long)]
     pub pod_mtu: Option<u32>,
+    /// Where the agent keeps state it needs after a restart (the endpoints).
+    #[arg(long, default_value = "/var/run/dataplane")]
+    pub state_dir: PathBuf,
+    /// On SIGTERM/SIGINT remove the datapath (programs, pins, device,
+    /// routes). By default it keeps forwarding until the next agent adopts it.
+    #[arg(long)]
+    pub cleanup: bool,
     /// Most verbose kernel log level that reaches the agent's log.
     #[arg(long, value_enum, default_value = "info")]
     pub bpf_log_level: BpfLogLevel,
@@ -119,7 +126,7 @@ impl BpfLogLevel {
 struct LiveEndpoint {
     spec: EndpointSpec,
     ifindex: u32,
-    links: Vec<(&'static str, SchedClassifierLinkId)>,
+    links: Vec<Attached>,
     keys: Vec<EndpointKey>,
 }
 
@@ -140,7 +147,9 @@ struct State {
     /// Remote nodes as last applied.
     nodes: std::collections::BTreeMap<String, RemoteNode>,
     /// Links of the node-level programs; dropping them detaches.
-    _node_links: Vec<(&'static str, SchedClassifierLinkId)>,
+    node_links: Vec<Attached>,
+    /// Where registered endpoints are kept across restarts.
+    registry: PathBuf,
     datapath: Datapath,
     endpoints: HashMap<String, LiveEndpoint>,
 }
@@ -195,11 +204,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         pod_mtu,
         net,
         nodes: Default::default(),
-        _node_links: node_links,
+        node_links,
+        registry: args.state_dir.join("endpoints.json"),
         datapath,
         endpoints: HashMap::new(),
     }));
+    {
+        let mut st = state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+        restore(&mut st)?;
+    }
 
+    let nl_cleanup = Nl::new()?;
     if let Some(path) = args.nodes_file.clone() {
         let (state, own) = (state.clone(), args.node.clone());
         tokio::spawn(async move { watch_nodes(path, own, state, nl).await });
@@ -238,8 +255,49 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    info!("shutting down");
     let _ = std::fs::remove_file(&args.api_socket);
+    if args.cleanup {
+        info!("shutting down and removing the datapath (--cleanup)");
+        cleanup(&state, &nl_cleanup).await?;
+    } else {
+        info!(
+            "shutting down; the datapath keeps running (pinned under {})",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `--cleanup`: programs, pins, the VXLAN device, routes and the endpoint
+/// registry go; the pods lose connectivity until an agent runs again.
+async fn cleanup(state: &Arc<Mutex<State>>, nl: &Nl) -> Result<()> {
+    // Maps and pins under the lock; netlink after it is released.
+    let (routes, vxlan) = {
+        let mut st = state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+        let ids: Vec<String> = st.endpoints.keys().cloned().collect();
+        for id in ids {
+            endpoint_del(&mut st, &id)?;
+        }
+        for link in std::mem::take(&mut st.node_links) {
+            st.datapath.detach(link)?;
+        }
+        let _ = std::fs::remove_file(&st.registry);
+        std::fs::remove_dir_all(st.datapath.pin_dir())
+            .with_context(|| format!("removing {}", st.datapath.pin_dir().display()))?;
+        let routes: Vec<_> = st.nodes.values().map(|n| route_for(&st.net, n)).collect();
+        (
+            routes,
+            (st.net.mode == Mode::Vxlan).then_some(st.net.vxlan_ifindex),
+        )
+    };
+    for route in routes {
+        nl.del_route(route).await?;
+    }
+    if let Some(index) = vxlan {
+        nl.del_link(index).await?;
+    }
     Ok(())
 }
 
@@ -278,10 +336,12 @@ fn handle(state: &mut State, request: Request) -> Response {
             node_ip: state.net.node_ip.to_string(),
             nodes: state.nodes.len(),
         })),
-        Request::EndpointAdd(spec) => endpoint_add(state, spec).map(|()| Response::Ok),
-        Request::EndpointDel { container_id } => {
-            endpoint_del(state, &container_id).map(|()| Response::Ok)
-        }
+        Request::EndpointAdd(spec) => endpoint_add(state, spec, true)
+            .and_then(|()| save_registry(state))
+            .map(|()| Response::Ok),
+        Request::EndpointDel { container_id } => endpoint_del(state, &container_id)
+            .and_then(|()| save_registry(state))
+            .map(|()| Response::Ok),
         Request::EndpointList => {
             let mut endpoints: Vec<_> = state
                 .endpoints
@@ -305,7 +365,9 @@ const LXC_HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_LXC_TO_CTR, TcAttachType::Egress),
 ];
 
-fn endpoint_add(state: &mut State, spec: EndpointSpec) -> Result<()> {
+/// Registers an endpoint. `fresh` is false when re-adopting one after a
+/// restart: its counters then carry on.
+fn endpoint_add(state: &mut State, spec: EndpointSpec, fresh: bool) -> Result<()> {
     let id = spec.container_id.clone();
     if id.is_empty() {
         bail!("endpoint: container_id is empty");
@@ -340,7 +402,7 @@ fn endpoint_add(state: &mut State, spec: EndpointSpec) -> Result<()> {
         links: Vec::new(),
         keys: Vec::new(),
     };
-    if let Err(e) = install(state, &mut live, mac, host_mac) {
+    if let Err(e) = install(state, &mut live, mac, host_mac, fresh) {
         uninstall(state, &mut live);
         return Err(e.context(format!("endpoint {id}")));
     }
@@ -357,13 +419,16 @@ fn install(
     live: &mut LiveEndpoint,
     mac: [u8; 6],
     host_mac: [u8; 6],
+    fresh: bool,
 ) -> Result<()> {
     // Counters from an earlier endpoint that had the same ifindex must not
     // leak into this one.
-    remove_counters(state, live.ifindex);
+    if fresh {
+        remove_counters(state, live.ifindex);
+    }
     for (prog, hook) in LXC_HOOKS {
         let link = state.datapath.attach(prog, &live.spec.host_ifname, hook)?;
-        live.links.push((prog, link));
+        live.links.push(link);
     }
     let info = EndpointInfo {
         ifindex: live.ifindex,
@@ -394,10 +459,10 @@ fn uninstall(state: &mut State, live: &mut LiveEndpoint) {
             }
         }
     }
-    for (prog, link) in live.links.drain(..) {
+    for link in live.links.drain(..) {
         // Fails harmlessly when the veth is already gone (its links went with it).
-        if let Err(e) = state.datapath.detach(prog, link) {
-            debug!("detaching {prog} from {}: {e:#}", live.spec.host_ifname);
+        if let Err(e) = state.datapath.detach(link) {
+            debug!("detaching from {}: {e:#}", live.spec.host_ifname);
         }
     }
     remove_counters(state, live.ifindex);
@@ -481,23 +546,122 @@ fn attach_node_programs(
     datapath: &mut Datapath,
     net: &Net,
     args: &AgentArgs,
-) -> Result<Vec<(&'static str, SchedClassifierLinkId)>> {
-    let mut links = vec![(
-        PROG_HOST_IN,
-        datapath.attach(PROG_HOST_IN, &net.uplink, TcAttachType::Ingress)?,
-    )];
+) -> Result<Vec<Attached>> {
+    let mut links = vec![datapath.attach(PROG_HOST_IN, &net.uplink, TcAttachType::Ingress)?];
     if net.mode == Mode::Vxlan {
         let dev = &args.vxlan_device;
-        links.push((
-            PROG_OVERLAY_IN,
-            datapath.attach(PROG_OVERLAY_IN, dev, TcAttachType::Ingress)?,
-        ));
-        links.push((
-            PROG_OVERLAY_OUT,
-            datapath.attach(PROG_OVERLAY_OUT, dev, TcAttachType::Egress)?,
-        ));
+        links.push(datapath.attach(PROG_OVERLAY_IN, dev, TcAttachType::Ingress)?);
+        links.push(datapath.attach(PROG_OVERLAY_OUT, dev, TcAttachType::Egress)?);
     }
     Ok(links)
+}
+
+fn save_registry(state: &State) -> Result<()> {
+    let mut specs: Vec<&EndpointSpec> = state.endpoints.values().map(|e| &e.spec).collect();
+    specs.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    if let Some(dir) = state.registry.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = state.registry.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&specs)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &state.registry)
+        .with_context(|| format!("writing {}", state.registry.display()))
+}
+
+/// After a restart: adopt the endpoints an earlier agent registered (their
+/// pinned links get our programs, their map entries stay), forget those whose
+/// veth went away meanwhile, and remove pins and entries nobody claims.
+fn restore(state: &mut State) -> Result<()> {
+    let specs: Vec<EndpointSpec> = match std::fs::read(&state.registry) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(
+                "{}: {e}; starting with no endpoints",
+                state.registry.display()
+            );
+            Vec::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state.registry.display())),
+    };
+    for spec in specs {
+        let id = spec.container_id.clone();
+        if sys::ifindex(&spec.host_ifname).is_ok() {
+            match endpoint_add(state, spec, false) {
+                Ok(()) => info!(endpoint = %id, "endpoint adopted"),
+                Err(e) => warn!(endpoint = %id, "could not adopt: {e:#}"),
+            }
+        } else {
+            info!(endpoint = %id, ifname = %spec.host_ifname, "endpoint gone while the agent was away");
+        }
+    }
+    // Pins of links nobody claims (endpoints gone, programs renamed).
+    let claimed: Vec<PathBuf> = state
+        .endpoints
+        .values()
+        .flat_map(|e| e.links.iter())
+        .chain(state.node_links.iter())
+        .filter_map(|l| match l {
+            Attached::Pinned(p) => Some(p.clone()),
+            Attached::Owned(..) => None,
+        })
+        .collect();
+    if let Ok(dir) = std::fs::read_dir(state.datapath.pin_dir().join("links")) {
+        for pin in dir.flatten().map(|e| e.path()) {
+            if !claimed.contains(&pin) {
+                info!(pin = %pin.display(), "removing an unclaimed link");
+                state.datapath.detach(Attached::Pinned(pin))?;
+            }
+        }
+    }
+    // Remote nodes an earlier agent installed: the first node list applied
+    // updates them in place and removes those no longer listed.
+    let installed: Vec<(String, RemoteNode)> = ipcache(&mut state.datapath)?
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(_, v)| v.kind == IPCACHE_KIND_REMOTE_PODS)
+        .filter_map(|(k, v)| {
+            let (std::net::IpAddr::V4(net), Some(std::net::IpAddr::V4(ip))) =
+                (k.data().ip()?, v.tunnel_endpoint())
+            else {
+                return None;
+            };
+            let len = u8::try_from(
+                k.prefix_len()
+                    .checked_sub(dataplane_common::IPCACHE_STATIC_PREFIX)?,
+            )
+            .ok()?;
+            let pod_cidr = ipnetwork::Ipv4Network::new(net, len).ok()?;
+            Some((
+                format!("(installed before restart) {pod_cidr}"),
+                RemoteNode { ip, pod_cidr },
+            ))
+        })
+        .collect();
+    state.nodes.extend(installed);
+    // Local endpoint entries nobody claims.
+    let live: Vec<EndpointKey> = state
+        .endpoints
+        .values()
+        .flat_map(|e| e.keys.iter().copied())
+        .collect();
+    let stale: Vec<(EndpointKey, EndpointInfo)> = {
+        let map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
+            BpfHashMap::try_from(state.datapath.map_mut(MAP_ENDPOINTS)?)?;
+        map.iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, v)| v.flags & EP_F_LOCAL != 0 && !live.contains(k))
+            .collect()
+    };
+    for (key, info) in stale {
+        let mut map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
+            BpfHashMap::try_from(state.datapath.map_mut(MAP_ENDPOINTS)?)?;
+        map.remove(&key)
+            .with_context(|| format!("{MAP_ENDPOINTS}: removing {key}"))?;
+        remove_counters(state, info.ifindex);
+        info!(ip = %key, "removed the entry of an endpoint that is gone");
+    }
+    save_registry(state)
 }
 
 fn ipcache(

@@ -7,7 +7,8 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
     util::KernelVersion,
 };
@@ -46,6 +47,15 @@ impl AttachMode {
             AttachMode::Clsact => "clsact",
         }
     }
+}
+
+/// One program attached to one device, as [`Datapath::attach`] made it.
+#[derive(Debug)]
+pub enum Attached {
+    /// A tcx link pinned at this path.
+    Pinned(PathBuf),
+    /// A clsact filter owned by this process.
+    Owned(&'static str, SchedClassifierLinkId),
 }
 
 pub struct Datapath {
@@ -116,35 +126,108 @@ impl Datapath {
             .try_into()?)
     }
 
-    pub fn attach(
-        &mut self,
-        name: &str,
-        ifname: &str,
-        direction: TcAttachType,
-    ) -> Result<SchedClassifierLinkId> {
-        let mode = self.mode;
-        let options = match mode {
-            AttachMode::Clsact => {
-                match tc::qdisc_add_clsact(ifname) {
-                    Ok(()) => {}
-                    // Another endpoint's attach (or another tool) added it already.
-                    Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    }
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("adding clsact qdisc to {ifname}"));
-                    }
-                }
-                TcAttachOptions::Netlink(NlOptions::default())
-            }
-            _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
-        };
-        self.program(name)?
-            .attach_with_options(ifname, direction, options)
-            .with_context(|| format!("attaching {name} to {ifname} ({})", mode.name()))
+    /// Where the link of `prog` on `ifname` is pinned (tcx mode).
+    pub fn link_pin(&self, prog: &str, ifname: &str) -> PathBuf {
+        self.pin_dir.join("links").join(format!("{prog}@{ifname}"))
     }
 
-    pub fn detach(&mut self, name: &str, link: SchedClassifierLinkId) -> Result<()> {
-        Ok(self.program(name)?.detach(link)?)
+    /// Attaches `name` to `ifname`. In tcx mode the link is pinned, so it
+    /// outlives this process; a link an earlier agent pinned there is adopted
+    /// instead, its program swapped for ours atomically (no packet sees
+    /// neither). In clsact mode filters of the same name are replaced.
+    pub fn attach(
+        &mut self,
+        name: &'static str,
+        ifname: &str,
+        direction: TcAttachType,
+    ) -> Result<Attached> {
+        if self.mode == AttachMode::Clsact {
+            match tc::qdisc_add_clsact(ifname) {
+                Ok(()) => {}
+                // Another endpoint's attach (or another tool) added it already.
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("adding clsact qdisc to {ifname}"));
+                }
+            }
+            // Filters outlive the process that added them: drop an earlier
+            // agent's before adding ours, or both would run.
+            match tc::qdisc_detach_program(ifname, direction, name) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing stale {name} filters from {ifname}"));
+                }
+            }
+            let id = self
+                .program(name)?
+                .attach_with_options(
+                    ifname,
+                    direction,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .with_context(|| format!("attaching {name} to {ifname} (clsact)"))?;
+            return Ok(Attached::Owned(name, id));
+        }
+        let pin = self.link_pin(name, ifname);
+        let prog = self.program(name)?;
+        let id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .with_context(|| format!("{} is not a tc link", pin.display()))?;
+                prog.attach_to_link(link)
+                    .with_context(|| format!("swapping {name} on {ifname}"))?
+            }
+            Err(LinkError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        direction,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching {name} to {ifname} (tcx)"))?;
+                let fd: FdLink = prog.take_link(id)?.try_into()?;
+                if let Some(dir) = pin.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                fd.pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+                return Ok(Attached::Pinned(pin));
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
+        };
+        // The link stays pinned; our handle to it can go.
+        drop(prog.take_link(id)?);
+        Ok(Attached::Pinned(pin))
+    }
+
+    /// Undoes [`Datapath::attach`]. A link whose device is gone is already
+    /// detached; only its pin remains to remove.
+    pub fn detach(&mut self, attached: Attached) -> Result<()> {
+        match attached {
+            Attached::Owned(name, id) => Ok(self.program(name)?.detach(id)?),
+            Attached::Pinned(pin) => match PinnedLink::from_pin(&pin) {
+                Ok(link) => {
+                    let fd = link
+                        .unpin()
+                        .with_context(|| format!("unpinning {}", pin.display()))?;
+                    // Detach now, even if another process still holds the link.
+                    if let Ok(link) = SchedClassifierLink::try_from(fd) {
+                        aya::programs::links::Link::detach(link)?;
+                    }
+                    Ok(())
+                }
+                Err(LinkError::SyscallError(e))
+                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(e).with_context(|| format!("opening {}", pin.display())),
+            },
+        }
     }
 
     pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {

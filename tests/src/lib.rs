@@ -120,6 +120,9 @@ pub struct NodeState {
     pub conflist: PathBuf,
     /// The CNI plugin's IPAM state for this node.
     pub ipam_dir: PathBuf,
+    /// The agent's command line (restarts reuse it).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -300,6 +303,7 @@ impl Lab {
                     .run_dir
                     .join(format!("{name}-net.d/05-dataplane.conflist")),
                 ipam_dir: self.state.run_dir.join(format!("{name}-ipam")),
+                agent_args: Vec::new(),
                 netns: name.clone(),
                 name,
                 ip: node_ip,
@@ -354,23 +358,42 @@ impl Lab {
 
     fn start_agent(&mut self, i: usize, spec: &LabSpec) -> Result<()> {
         let node = &self.state.nodes[i];
-        let log = fs::File::create(&node.log)?;
-        let child = Command::new(&spec.dataplane_bin)
-            .args(["--netns", &node.netns, "agent", "--node", &node.name])
-            .arg("--api-socket")
-            .arg(&node.api_socket)
-            .args([
-                "--attach-mode",
-                &spec.attach_mode,
-                "--bpf-log-level",
-                &spec.bpf_log_level,
-                "--pod-cidr",
-                &node.pod_cidr,
-                "--mode",
-                &spec.mode,
-            ])
-            .arg("--nodes-file")
-            .arg(&self.state.nodes_file)
+        let mut args: Vec<String> = ["--netns", &node.netns, "agent", "--node", &node.name]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        for (flag, value) in [
+            ("--api-socket", node.api_socket.display().to_string()),
+            (
+                "--state-dir",
+                self.state
+                    .run_dir
+                    .join(format!("{}-state", node.name))
+                    .display()
+                    .to_string(),
+            ),
+            ("--attach-mode", spec.attach_mode.clone()),
+            ("--bpf-log-level", spec.bpf_log_level.clone()),
+            ("--pod-cidr", node.pod_cidr.clone()),
+            ("--mode", spec.mode.clone()),
+            ("--nodes-file", self.state.nodes_file.display().to_string()),
+        ] {
+            args.push(flag.into());
+            args.push(value);
+        }
+        self.state.nodes[i].agent_args = args;
+        self.spawn_agent(i)
+    }
+
+    /// Starts node `i`'s agent with its recorded arguments (log appended).
+    fn spawn_agent(&mut self, i: usize) -> Result<()> {
+        let node = &self.state.nodes[i];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let child = Command::new(&self.state.dataplane_bin)
+            .args(&node.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -382,10 +405,37 @@ impl Lab {
             // not take a persisted lab's agents with it.
             .process_group(0)
             .spawn()
-            .with_context(|| format!("starting {}", spec.dataplane_bin.display()))?;
+            .with_context(|| format!("starting {}", self.state.dataplane_bin.display()))?;
         self.state.nodes[i].agent_pid = Some(child.id());
-        self.agents.push(child);
+        if i < self.agents.len() {
+            self.agents[i] = child;
+        } else {
+            self.agents.push(child);
+        }
         self.save()
+    }
+
+    /// Stops node `i`'s agent with `signal` (SIGKILL: a crash; SIGTERM: a
+    /// graceful stop), optionally with extra arguments for the next start.
+    pub fn signal_agent(&mut self, i: usize, signal: i32) -> Result<()> {
+        let child = self.agents.get_mut(i).context("no such agent")?;
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(i32::try_from(child.id())?, signal) };
+        child.wait()?;
+        self.state.nodes[i].agent_pid = None;
+        self.save()
+    }
+
+    /// Starts node `i`'s agent again after [`Lab::signal_agent`] and waits
+    /// until it answers.
+    pub fn start_agent_again(&mut self, i: usize) -> Result<()> {
+        self.spawn_agent(i)?;
+        self.wait_agent_ready(i)
+    }
+
+    /// Adds an argument to node `i`'s agent command line (next start).
+    pub fn add_agent_arg(&mut self, i: usize, arg: &str) {
+        self.state.nodes[i].agent_args.push(arg.into());
     }
 
     fn wait_agent_ready(&mut self, i: usize) -> Result<()> {
@@ -448,6 +498,12 @@ impl Lab {
         )?;
         fs::rename(&tmp, &self.state.nodes_file)?;
         Ok(())
+    }
+
+    /// Lists only the nodes `listed` in the agents' node file, without waiting
+    /// for the agents (some may be down).
+    pub fn write_node_list(&self, listed: &[usize]) -> Result<()> {
+        self.write_nodes_file(self.state.nodes.len(), listed)
     }
 
     /// Lists only the nodes `listed` in the agents' node file and waits until
