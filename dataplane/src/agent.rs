@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::{
     bpf::{AttachMode, Attached, Datapath},
     nodes::{self, RemoteNode},
-    sys,
+    sys, telemetry,
 };
 use dataplane_common::{
     DatapathConfig, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
@@ -90,6 +90,9 @@ pub struct AgentArgs {
     /// routes). By default it keeps forwarding until the next agent adopts it.
     #[arg(long)]
     pub cleanup: bool,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = crate::telemetry::DEFAULT_ADDR)]
+    pub metrics_addr: String,
     /// Most verbose kernel log level that reaches the agent's log.
     #[arg(long, value_enum, default_value = "info")]
     pub bpf_log_level: BpfLogLevel,
@@ -150,6 +153,7 @@ struct State {
     node_links: Vec<Attached>,
     /// Where registered endpoints are kept across restarts.
     registry: PathBuf,
+    telemetry: telemetry::Shared,
     datapath: Datapath,
     endpoints: HashMap<String, LiveEndpoint>,
 }
@@ -198,6 +202,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     init_maps(&mut datapath, &net, &args, cluster_cidr, pod_cidr)?;
     info!(mode = ?net.mode, uplink = %net.uplink, node_ip = %net.node_ip, pod_mtu, "node datapath ready");
 
+    let telemetry = telemetry::Shared::default();
+    telemetry::serve(&args.metrics_addr, telemetry.clone(), pin_dir.clone()).await?;
     let state = Arc::new(Mutex::new(State {
         node: args.node.clone(),
         pod_cidr: args.pod_cidr.clone(),
@@ -206,6 +212,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         nodes: Default::default(),
         node_links,
         registry: args.state_dir.join("endpoints.json"),
+        telemetry: telemetry.clone(),
         datapath,
         endpoints: HashMap::new(),
     }));
@@ -217,9 +224,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
 
     let nl_cleanup = Nl::new()?;
-    if let Some(path) = args.nodes_file.clone() {
-        let (state, own) = (state.clone(), args.node.clone());
-        tokio::spawn(async move { watch_nodes(path, own, state, nl).await });
+    match args.nodes_file.clone() {
+        Some(path) => {
+            let (state, own, t) = (state.clone(), args.node.clone(), telemetry.clone());
+            tokio::spawn(async move { watch_nodes(path, own, state, nl, t).await });
+        }
+        None => telemetry::set_ready(&telemetry),
     }
 
     if let Some(dir) = args.api_socket.parent() {
@@ -323,6 +333,25 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
 }
 
 fn handle(state: &mut State, request: Request) -> Response {
+    let started = std::time::Instant::now();
+    let changes = matches!(
+        request,
+        Request::EndpointAdd(_) | Request::EndpointDel { .. }
+    );
+    let response = handle_request(state, request);
+    let t = &state.telemetry;
+    if changes {
+        telemetry::reconciled(t, "endpoint", started.elapsed());
+        telemetry::set_objects(t, "endpoint", state.endpoints.len());
+    }
+    if let Response::Error { message } = &response {
+        telemetry::error(t, "api_request");
+        warn!("API request refused: {message}");
+    }
+    response
+}
+
+fn handle_request(state: &mut State, request: Request) -> Response {
     let result = match request {
         Request::Status => Ok(Response::Status(AgentStatus {
             node: state.node.clone(),
@@ -639,6 +668,7 @@ fn restore(state: &mut State) -> Result<()> {
         })
         .collect();
     state.nodes.extend(installed);
+    telemetry::set_objects(&state.telemetry, "endpoint", state.endpoints.len());
     // Local endpoint entries nobody claims.
     let live: Vec<EndpointKey> = state
         .endpoints
@@ -815,7 +845,13 @@ async fn apply_nodes(
 
 /// Applies the node file now and whenever its content changes. A file that
 /// does not parse leaves the last good state in place.
-async fn watch_nodes(path: PathBuf, own: String, state: Arc<Mutex<State>>, nl: Nl) {
+async fn watch_nodes(
+    path: PathBuf,
+    own: String,
+    state: Arc<Mutex<State>>,
+    nl: Nl,
+    t: telemetry::Shared,
+) {
     let mut last: Option<String> = None;
     loop {
         let text = std::fs::read_to_string(&path);
@@ -823,11 +859,23 @@ async fn watch_nodes(path: PathBuf, own: String, state: Arc<Mutex<State>>, nl: N
             Ok(text) if last.as_deref() != Some(text.as_str()) => {
                 match nodes::parse(&text, &own) {
                     Ok(new) => {
-                        if let Err(e) = apply_nodes(&state, &nl, new).await {
-                            warn!("applying {}: {e:#}", path.display());
+                        let (started, count) = (std::time::Instant::now(), new.len());
+                        match apply_nodes(&state, &nl, new).await {
+                            Ok(()) => {
+                                telemetry::reconciled(&t, "nodes", started.elapsed());
+                                telemetry::set_objects(&t, "node", count);
+                                telemetry::set_ready(&t);
+                            }
+                            Err(e) => {
+                                telemetry::error(&t, "node_apply");
+                                warn!("applying {}: {e:#}", path.display());
+                            }
                         }
                     }
-                    Err(e) => warn!("{}: {e:#}; keeping the last good node list", path.display()),
+                    Err(e) => {
+                        telemetry::error(&t, "node_list_invalid");
+                        warn!("{}: {e:#}; keeping the last good node list", path.display());
+                    }
                 }
                 last = Some(text);
             }

@@ -5,6 +5,7 @@ mod bpf;
 mod maps;
 mod nodes;
 mod sys;
+mod telemetry;
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 

@@ -1217,3 +1217,25 @@ pub fn ipv4_of(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, usize)> {
         ihl,
     ))
 }
+
+/// `GET path` on `addr` from inside `netns`: (status code, body).
+pub fn http_get(netns: &str, addr: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    in_netns_thread(netns, || -> Result<(u16, String)> {
+        let mut s = connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let (head, body) = out.split_once("\r\n\r\n").context("no HTTP header end")?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?;
+        Ok((code, body.to_owned()))
+    })?
+}

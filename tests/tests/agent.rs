@@ -198,3 +198,90 @@ fn changes_made_while_the_agent_was_down_apply_on_restart() {
         3
     );
 }
+
+fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn health_readiness_and_metrics() {
+    let lab = Lab::up(&LabSpec::new(2, 2).expect("spec")).expect("lab");
+    let node = lab.state.nodes[0].clone();
+    let addr = SocketAddr::from(([127, 0, 0, 1], 9963));
+    assert_eq!(
+        lab::http_get(&node.netns, addr, "/healthz")
+            .expect("healthz")
+            .0,
+        200
+    );
+    assert_eq!(
+        lab::http_get(&node.netns, addr, "/readyz")
+            .expect("readyz")
+            .0,
+        200
+    );
+    assert_eq!(
+        lab::http_get(&node.netns, addr, "/nope").expect("404").0,
+        404
+    );
+
+    let a = lab.pod("pod-0-0").clone();
+    lab::ip(&[
+        "-n",
+        &a.netns,
+        "addr",
+        "add",
+        "10.244.0.250/32",
+        "dev",
+        "eth0",
+    ])
+    .expect("addr");
+    assert_eq!(
+        ping(&a.netns, &node.ip.to_string(), 5, &["-I", "10.244.0.250"])
+            .expect("ping")
+            .received,
+        0
+    );
+
+    let (code, body) = lab::http_get(&node.netns, addr, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    let m = |s: &str| metric_value(&body, s).unwrap_or_else(|| panic!("{s} missing:\n{body}"));
+    assert_eq!(m("dataplane_ready"), 1.0);
+    assert_eq!(m("dataplane_objects{kind=\"endpoint\"}"), 2.0);
+    assert_eq!(m("dataplane_objects{kind=\"node\"}"), 1.0);
+    assert_eq!(m("dataplane_map_entries{map=\"dp_endpoints\"}"), 2.0);
+    assert_eq!(m("dataplane_map_capacity{map=\"dp_endpoints\"}"), 65536.0);
+    assert_eq!(
+        m("dataplane_packets_total{direction=\"from-endpoint\",reason=\"source_spoofed\"}"),
+        5.0
+    );
+    assert!(m("dataplane_reconcile_duration_seconds_count{what=\"endpoint\"}") >= 2.0);
+    assert_eq!(
+        m("dataplane_reconcile_duration_seconds_count{what=\"nodes\"}"),
+        1.0
+    );
+
+    // A node list that does not parse: counted, logged, last good state kept.
+    std::fs::write(&lab.state.nodes_file, "{\"nodes\": [").expect("write");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = lab::http_get(&node.netns, addr, "/metrics").expect("metrics");
+        if metric_value(&body, "dataplane_errors_total{kind=\"node_list_invalid\"}") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "invalid node list not reported:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lab.agent_log(0).contains("keeping the last good node list"));
+    let c = lab.pod("pod-1-0").clone();
+    assert_eq!(
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+}
