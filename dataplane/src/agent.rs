@@ -28,8 +28,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{AttachMode, Attached, Datapath},
+    cluster::{self, Kind, Store},
     nodes::{self, RemoteNode},
-    sys, telemetry,
+    source_dir, sys, telemetry,
 };
 use dataplane_common::{
     DatapathConfig, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
@@ -76,9 +77,11 @@ pub struct AgentArgs {
     /// Name of the VXLAN device the agent creates (external mode).
     #[arg(long, default_value = "dp_vxlan")]
     pub vxlan_device: String,
-    /// The other nodes (JSON, watched for changes) until Kubernetes sync.
-    #[arg(long)]
-    pub nodes_file: Option<PathBuf>,
+    /// Where cluster state comes from: `dir:PATH`, a directory of Kubernetes
+    /// manifests (Node, Namespace, Pod, Service, EndpointSlice,
+    /// NetworkPolicy) watched for changes.
+    #[arg(long, default_value = "dir:/etc/dataplane/cluster", value_parser = parse_source)]
+    pub source: Source,
     /// MTU for pod interfaces; default: the uplink's MTU, minus VXLAN's 50
     /// bytes in VXLAN mode.
     #[arg(long)]
@@ -96,6 +99,18 @@ pub struct AgentArgs {
     /// Most verbose kernel log level that reaches the agent's log.
     #[arg(long, value_enum, default_value = "info")]
     pub bpf_log_level: BpfLogLevel,
+}
+
+#[derive(Clone, Debug)]
+pub enum Source {
+    Dir(PathBuf),
+}
+
+fn parse_source(s: &str) -> Result<Source, String> {
+    match s.split_once(':') {
+        Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(path.into())),
+        _ => Err(format!("{s:?}: expected dir:PATH")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -149,6 +164,11 @@ struct State {
     net: Net,
     /// Remote nodes as last applied.
     nodes: std::collections::BTreeMap<String, RemoteNode>,
+    /// Remote pods' addresses as last applied to the endpoint map.
+    remote_pods: std::collections::BTreeMap<std::net::IpAddr, String>,
+    /// This node's pod CIDR as applied; fixed when `--pod-cidr` is given.
+    own_cidr: Option<ipnetwork::Ipv4Network>,
+    own_cidr_fixed: bool,
     /// Links of the node-level programs; dropping them detaches.
     node_links: Vec<Attached>,
     /// Where registered endpoints are kept across restarts.
@@ -210,6 +230,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         pod_mtu,
         net,
         nodes: Default::default(),
+        remote_pods: Default::default(),
+        own_cidr: match pod_cidr {
+            Some(ipnetwork::IpNetwork::V4(v4)) => Some(v4),
+            _ => None,
+        },
+        own_cidr_fixed: pod_cidr.is_some(),
         node_links,
         registry: args.state_dir.join("endpoints.json"),
         telemetry: telemetry.clone(),
@@ -224,12 +250,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
 
     let nl_cleanup = Nl::new()?;
-    match args.nodes_file.clone() {
-        Some(path) => {
-            let (state, own, t) = (state.clone(), args.node.clone(), telemetry.clone());
-            tokio::spawn(async move { watch_nodes(path, own, state, nl, t).await });
+    // None until the source has read everything once: an empty store before
+    // that must not be applied (it would remove every node).
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    match args.source.clone() {
+        Source::Dir(dir) => {
+            let t = telemetry.clone();
+            tokio::spawn(async move { source_dir::run(dir, tx, t).await });
         }
-        None => telemetry::set_ready(&telemetry),
+    }
+    {
+        let (state, own, t) = (state.clone(), args.node.clone(), telemetry.clone());
+        tokio::spawn(async move { reconcile_loop(rx, own, state, nl, t).await });
     }
 
     if let Some(dir) = args.api_socket.parent() {
@@ -843,49 +875,105 @@ async fn apply_nodes(
     Ok(())
 }
 
-/// Applies the node file now and whenever its content changes. A file that
-/// does not parse leaves the last good state in place.
-async fn watch_nodes(
-    path: PathBuf,
+/// Applies every new store the source publishes; the first success makes
+/// the agent ready.
+async fn reconcile_loop(
+    mut rx: tokio::sync::watch::Receiver<Option<Store>>,
     own: String,
     state: Arc<Mutex<State>>,
     nl: Nl,
     t: telemetry::Shared,
 ) {
-    let mut last: Option<String> = None;
     loop {
-        let text = std::fs::read_to_string(&path);
-        match text {
-            Ok(text) if last.as_deref() != Some(text.as_str()) => {
-                match nodes::parse(&text, &own) {
-                    Ok(new) => {
-                        let (started, count) = (std::time::Instant::now(), new.len());
-                        match apply_nodes(&state, &nl, new).await {
-                            Ok(()) => {
-                                telemetry::reconciled(&t, "nodes", started.elapsed());
-                                telemetry::set_objects(&t, "node", count);
-                                telemetry::set_ready(&t);
-                            }
-                            Err(e) => {
-                                telemetry::error(&t, "node_apply");
-                                warn!("applying {}: {e:#}", path.display());
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        telemetry::error(&t, "node_list_invalid");
-                        warn!("{}: {e:#}; keeping the last good node list", path.display());
-                    }
-                }
-                last = Some(text);
+        let Some(store) = rx.borrow_and_update().clone() else {
+            if rx.changed().await.is_err() {
+                return;
             }
-            Ok(_) => {}
-            Err(e) if last.is_some() => {
-                warn!("{}: {e}; keeping the last good node list", path.display());
-                last = None;
-            }
-            Err(_) => {}
+            continue;
+        };
+        let started = std::time::Instant::now();
+        for kind in Kind::ALL {
+            telemetry::set_objects(&t, kind.name(), store.count(kind));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        match apply_desired(&state, &nl, cluster::desired(&store, &own)).await {
+            Ok(()) => {
+                telemetry::reconciled(&t, "cluster", started.elapsed());
+                telemetry::set_ready(&t);
+            }
+            Err(e) => {
+                telemetry::error(&t, "reconcile");
+                warn!("applying cluster state: {e:#}");
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
     }
+}
+
+/// Moves the datapath to `d`: this node's CIDR, remote nodes, remote pods.
+async fn apply_desired(state: &Arc<Mutex<State>>, nl: &Nl, d: cluster::Desired) -> Result<()> {
+    {
+        let mut st = state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+        if !st.own_cidr_fixed && d.own_pod_cidr.is_some() && st.own_cidr != d.own_pod_cidr {
+            let (old, new) = (st.own_cidr, d.own_pod_cidr);
+            if let Some(new) = new {
+                ipcache_put(
+                    &mut st.datapath,
+                    ipnetwork::IpNetwork::V4(new),
+                    entry(IPCACHE_KIND_LOCAL_PODS, None),
+                )?;
+                st.pod_cidr = Some(new.to_string());
+            }
+            if let Some(old) = old {
+                ipcache_del(&mut st.datapath, ipnetwork::IpNetwork::V4(old))?;
+            }
+            st.own_cidr = new;
+            info!(pod_cidr = ?new, "this node's pod CIDR, from its Node object");
+        }
+        apply_remote_pods(&mut st, &d.remote_pods)?;
+    }
+    apply_nodes(state, nl, d.nodes).await
+}
+
+/// Remote pods in the endpoint map (identity slot for policy), by
+/// difference; a local endpoint's entry is never overwritten.
+fn apply_remote_pods(
+    st: &mut State,
+    want: &std::collections::BTreeMap<std::net::IpAddr, String>,
+) -> Result<()> {
+    let local: Vec<std::net::IpAddr> = st
+        .endpoints
+        .values()
+        .flat_map(|e| e.spec.ips.iter().copied())
+        .collect();
+    let mut map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
+        BpfHashMap::try_from(st.datapath.map_mut(MAP_ENDPOINTS)?)?;
+    for (ip, pod) in want {
+        if st.remote_pods.get(ip) == Some(pod) {
+            continue;
+        }
+        if local.contains(ip) {
+            warn!(pod = %pod, "address {ip} belongs to a local endpoint; remote pod skipped");
+            continue;
+        }
+        map.insert(EndpointKey::from(*ip), EndpointInfo::default(), 0)
+            .with_context(|| format!("{MAP_ENDPOINTS}: inserting remote pod {pod} {ip}"))?;
+    }
+    for ip in st.remote_pods.keys() {
+        if !want.contains_key(ip) && !local.contains(ip) {
+            match map.remove(&EndpointKey::from(*ip)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).with_context(|| format!("{MAP_ENDPOINTS}: removing {ip}")),
+            }
+        }
+    }
+    st.remote_pods = want
+        .iter()
+        .filter(|(ip, _)| !local.contains(ip))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    Ok(())
 }

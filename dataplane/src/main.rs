@@ -2,8 +2,10 @@
 
 mod agent;
 mod bpf;
+mod cluster;
 mod maps;
 mod nodes;
+mod source_dir;
 mod sys;
 mod telemetry;
 

@@ -161,8 +161,9 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     /// Every netns created, in creation order (teardown removes them all).
     pub namespaces: Vec<String>,
-    /// The node list every agent watches (`--nodes-file`).
-    pub nodes_file: PathBuf,
+    /// The manifest directory every agent watches (`--source dir:...`):
+    /// `nodes.yaml` and `pods.yaml`, as the API server would have them.
+    pub manifests: PathBuf,
     /// The process whose `Lab` value owns this lab and removes it on drop;
     /// `None` once persisted (`xtask lab up`).
     pub owner_pid: Option<u32>,
@@ -244,7 +245,7 @@ impl Lab {
                 run_dir: run_dir.clone(),
                 dataplane_bin: spec.dataplane_bin.clone(),
                 cni_bin_dir: run_dir.join("cni-bin"),
-                nodes_file: run_dir.join("nodes.json"),
+                manifests: run_dir.join("manifests"),
                 underlay_netns: format!("{id}-ul"),
                 owner_pid: Some(std::process::id()),
                 ..LabState::default()
@@ -376,7 +377,10 @@ impl Lab {
             ("--bpf-log-level", spec.bpf_log_level.clone()),
             ("--pod-cidr", node.pod_cidr.clone()),
             ("--mode", spec.mode.clone()),
-            ("--nodes-file", self.state.nodes_file.display().to_string()),
+            (
+                "--source",
+                format!("dir:{}", self.state.manifests.display()),
+            ),
         ] {
             args.push(flag.into());
             args.push(value);
@@ -478,35 +482,54 @@ impl Lab {
         ))
     }
 
-    /// Writes the node list the agents watch, with the nodes `listed` (of
+    /// Writes `nodes.yaml` with the Node objects of the nodes `listed` (of
     /// `total`): leaving one out is how a test removes a node.
     fn write_nodes_file(&self, total: usize, listed: &[usize]) -> Result<()> {
-        let nodes: Vec<Value> = (0..total)
-            .filter(|i| listed.contains(i))
-            .map(|i| {
-                Ok(serde_json::json!({
-                    "name": format!("{}-n{i}", self.state.id),
-                    "internalIP": Self::node_ip(i)?.to_string(),
-                    "podCIDR": format!("10.244.{i}.0/24"),
-                }))
-            })
-            .collect::<Result<_>>()?;
-        let tmp = self.state.nodes_file.with_extension("tmp");
-        fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&serde_json::json!({ "nodes": nodes }))?,
-        )?;
-        fs::rename(&tmp, &self.state.nodes_file)?;
+        let mut docs = Vec::new();
+        for i in (0..total).filter(|i| listed.contains(i)) {
+            docs.push(format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}-n{i}\nspec:\n  podCIDR: 10.244.{i}.0/24\n  podCIDRs: [10.244.{i}.0/24]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n",
+                self.state.id,
+                Self::node_ip(i)?
+            ));
+        }
+        self.write_manifest("nodes.yaml", &docs.join("---\n"))
+    }
+
+    /// Writes one manifest file atomically (rename), as `kubectl`-style
+    /// tooling would.
+    pub fn write_manifest(&self, name: &str, text: &str) -> Result<()> {
+        fs::create_dir_all(&self.state.manifests)?;
+        let tmp = self.state.manifests.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.state.manifests.join(name))?;
         Ok(())
     }
 
-    /// Lists only the nodes `listed` in the agents' node file, without waiting
+    /// `pods.yaml`: every pod with its node and address, as the kubelet
+    /// reports them in `status.podIPs`.
+    fn write_pods_file(&self) -> Result<()> {
+        let docs: Vec<String> = self
+            .state
+            .pods
+            .iter()
+            .map(|p| {
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  nodeName: {}\n  containers: []\nstatus:\n  podIPs:\n  - ip: {}\n",
+                    p.name, p.namespace, self.state.nodes[p.node].name, p.ip
+                )
+            })
+            .collect();
+        self.write_manifest("pods.yaml", &docs.join("---\n"))
+    }
+
+    /// Lists only the nodes `listed` in the agents' manifests, without waiting
     /// for the agents (some may be down).
     pub fn write_node_list(&self, listed: &[usize]) -> Result<()> {
         self.write_nodes_file(self.state.nodes.len(), listed)
     }
 
-    /// Lists only the nodes `listed` in the agents' node file and waits until
+    /// Lists only the nodes `listed` in the agents' manifests and waits until
     /// every agent has applied it.
     pub fn set_nodes(&self, listed: &[usize]) -> Result<()> {
         self.write_nodes_file(self.state.nodes.len(), listed)?;
@@ -639,6 +662,7 @@ impl Lab {
         pod.result = result;
         self.state.pods.push(pod);
         self.save()?;
+        self.write_pods_file()?;
         Ok(self.state.pods.len() - 1)
     }
 
@@ -659,7 +683,8 @@ impl Lab {
             )?
             .map_err(|f| anyhow::anyhow!("CNI DEL for {name}: {f}"))?;
         self.state.pods.remove(idx);
-        self.save()
+        self.save()?;
+        self.write_pods_file()
     }
 
     pub fn register(&self, pod: &PodState) -> Result<()> {

@@ -249,25 +249,25 @@ fn health_readiness_and_metrics() {
     let m = |s: &str| metric_value(&body, s).unwrap_or_else(|| panic!("{s} missing:\n{body}"));
     assert_eq!(m("dataplane_ready"), 1.0);
     assert_eq!(m("dataplane_objects{kind=\"endpoint\"}"), 2.0);
-    assert_eq!(m("dataplane_objects{kind=\"node\"}"), 1.0);
-    assert_eq!(m("dataplane_map_entries{map=\"dp_endpoints\"}"), 2.0);
+    assert_eq!(m("dataplane_objects{kind=\"Node\"}"), 2.0);
+    assert_eq!(m("dataplane_objects{kind=\"Pod\"}"), 4.0);
+    // 2 local endpoints (CNI) + 2 pods of node 1 (from their Pod objects).
+    assert_eq!(m("dataplane_map_entries{map=\"dp_endpoints\"}"), 4.0);
     assert_eq!(m("dataplane_map_capacity{map=\"dp_endpoints\"}"), 65536.0);
     assert_eq!(
         m("dataplane_packets_total{direction=\"from-endpoint\",reason=\"source_spoofed\"}"),
         5.0
     );
     assert!(m("dataplane_reconcile_duration_seconds_count{what=\"endpoint\"}") >= 2.0);
-    assert_eq!(
-        m("dataplane_reconcile_duration_seconds_count{what=\"nodes\"}"),
-        1.0
-    );
+    assert!(m("dataplane_reconcile_duration_seconds_count{what=\"cluster\"}") >= 1.0);
 
-    // A node list that does not parse: counted, logged, last good state kept.
-    std::fs::write(&lab.state.nodes_file, "{\"nodes\": [").expect("write");
+    // A manifest that does not parse: counted, logged, last good state kept.
+    lab.write_manifest("nodes.yaml", "kind: [unclosed")
+        .expect("write");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, body) = lab::http_get(&node.netns, addr, "/metrics").expect("metrics");
-        if metric_value(&body, "dataplane_errors_total{kind=\"node_list_invalid\"}") == Some(1.0) {
+        if metric_value(&body, "dataplane_errors_total{kind=\"manifest_invalid\"}") == Some(1.0) {
             break;
         }
         assert!(
@@ -276,7 +276,12 @@ fn health_readiness_and_metrics() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(lab.agent_log(0).contains("keeping the last good node list"));
+    assert!(
+        lab.agent_log(0)
+            .contains("keeping the file's last good objects"),
+        "{}",
+        lab.agent_log(0)
+    );
     let c = lab.pod("pod-1-0").clone();
     assert_eq!(
         ping(&a.netns, &c.ip.to_string(), 3, &[])
