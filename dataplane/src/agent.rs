@@ -30,7 +30,7 @@ use crate::{
     bpf::{AttachMode, Attached, Datapath},
     cluster::{self, Kind, Store},
     nodes::{self, RemoteNode},
-    source_dir, sys, telemetry,
+    source_dir, source_kube, sys, telemetry,
 };
 use dataplane_common::{
     DatapathConfig, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
@@ -77,11 +77,15 @@ pub struct AgentArgs {
     /// Name of the VXLAN device the agent creates (external mode).
     #[arg(long, default_value = "dp_vxlan")]
     pub vxlan_device: String,
-    /// Where cluster state comes from: `dir:PATH`, a directory of Kubernetes
+    /// Where cluster state comes from: `kube` (the API server: in-cluster
+    /// config, or --kubeconfig), or `dir:PATH`, a directory of Kubernetes
     /// manifests (Node, Namespace, Pod, Service, EndpointSlice,
     /// NetworkPolicy) watched for changes.
     #[arg(long, default_value = "dir:/etc/dataplane/cluster", value_parser = parse_source)]
     pub source: Source,
+    /// Kubeconfig for `--source kube` outside a cluster.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// MTU for pod interfaces; default: the uplink's MTU, minus VXLAN's 50
     /// bytes in VXLAN mode.
     #[arg(long)]
@@ -104,12 +108,14 @@ pub struct AgentArgs {
 #[derive(Clone, Debug)]
 pub enum Source {
     Dir(PathBuf),
+    Kube,
 }
 
 fn parse_source(s: &str) -> Result<Source, String> {
     match s.split_once(':') {
         Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(path.into())),
-        _ => Err(format!("{s:?}: expected dir:PATH")),
+        None if s == "kube" => Ok(Source::Kube),
+        _ => Err(format!("{s:?}: expected kube or dir:PATH")),
     }
 }
 
@@ -257,6 +263,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         Source::Dir(dir) => {
             let t = telemetry.clone();
             tokio::spawn(async move { source_dir::run(dir, tx, t).await });
+        }
+        Source::Kube => {
+            let client = source_kube::client(args.kubeconfig.as_ref()).await?;
+            let t = telemetry.clone();
+            tokio::spawn(async move { source_kube::run(client, tx, t).await });
         }
     }
     {

@@ -6,6 +6,7 @@ mod cluster;
 mod maps;
 mod nodes;
 mod source_dir;
+mod source_kube;
 mod sys;
 mod telemetry;
 

@@ -30,7 +30,9 @@ use anyhow::{Context as _, Result, bail};
 use dataplane_common::api::{self, EndpointSpec, Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Mutex;
 
+pub mod apiserver;
 pub mod cni;
 
 /// Where lab state, agent logs and API sockets live.
@@ -59,6 +61,9 @@ pub struct LabSpec {
     pub cni_version: String,
     /// `vxlan` or `native`.
     pub mode: String,
+    /// Where agents get cluster state: `dir` (manifests) or `kube` (a test
+    /// API server on the underlay, through kube-rs).
+    pub source: String,
 }
 
 impl LabSpec {
@@ -84,6 +89,7 @@ impl LabSpec {
             chain: Vec::new(),
             cni_version: "1.1.0".into(),
             mode: "vxlan".into(),
+            source: "dir".into(),
         })
     }
 }
@@ -177,10 +183,17 @@ impl LabState {
     }
 }
 
+/// The API server of a `kube`-sourced lab.
+pub const API_ADDR: ([u8; 4], u16) = ([172, 20, 0, 1], 6443);
+
 pub struct Lab {
     pub state: LabState,
+    /// The test API server, for labs whose agents use `--source kube`.
+    pub api: Option<apiserver::ApiServer>,
     agents: Vec<Child>,
     armed: bool,
+    /// What [`Lab::publish`] last sent to the API server, per kind.
+    published: Mutex<std::collections::BTreeMap<String, Vec<(String, String)>>>,
 }
 
 /// Root is needed for namespaces, BPF and bpffs; say so plainly.
@@ -252,6 +265,8 @@ impl Lab {
             },
             agents: Vec::new(),
             armed: true,
+            api: None,
+            published: Mutex::default(),
         };
         lab.build(spec)
             .with_context(|| format!("building lab {id}"))?;
@@ -286,6 +301,13 @@ impl Lab {
         self.add_netns(&ul)?;
         ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        if spec.source == "kube" {
+            // The API server sits on the underlay, where every node reaches it.
+            ip(&["-n", &ul, "addr", "add", "172.20.0.1/24", "dev", "br0"])?;
+            let api = apiserver::ApiServer::start(&ul, std::net::SocketAddr::from(API_ADDR))?;
+            fs::write(self.state.run_dir.join("kubeconfig"), api.kubeconfig())?;
+            self.api = Some(api);
+        }
 
         let all: Vec<usize> = (0..spec.nodes).collect();
         self.write_nodes_file(spec.nodes, &all)?;
@@ -379,11 +401,19 @@ impl Lab {
             ("--mode", spec.mode.clone()),
             (
                 "--source",
-                format!("dir:{}", self.state.manifests.display()),
+                if spec.source == "kube" {
+                    "kube".to_owned()
+                } else {
+                    format!("dir:{}", self.state.manifests.display())
+                },
             ),
         ] {
             args.push(flag.into());
             args.push(value);
+        }
+        if spec.source == "kube" {
+            args.push("--kubeconfig".into());
+            args.push(self.state.run_dir.join("kubeconfig").display().to_string());
         }
         self.state.nodes[i].agent_args = args;
         self.spawn_agent(i)
@@ -482,18 +512,76 @@ impl Lab {
         ))
     }
 
-    /// Writes `nodes.yaml` with the Node objects of the nodes `listed` (of
-    /// `total`): leaving one out is how a test removes a node.
-    fn write_nodes_file(&self, total: usize, listed: &[usize]) -> Result<()> {
-        let mut docs = Vec::new();
-        for i in (0..total).filter(|i| listed.contains(i)) {
-            docs.push(format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}-n{i}\nspec:\n  podCIDR: 10.244.{i}.0/24\n  podCIDRs: [10.244.{i}.0/24]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n",
-                self.state.id,
-                Self::node_ip(i)?
-            ));
+    fn node_object(&self, i: usize) -> Result<Value> {
+        let cidr = format!("10.244.{i}.0/24");
+        Ok(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("{}-n{i}", self.state.id)},
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": Self::node_ip(i)?.to_string()}]},
+        }))
+    }
+
+    fn pod_object(&self, p: &PodState) -> Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p.name, "namespace": p.namespace},
+            "spec": {"nodeName": self.state.nodes[p.node].name, "containers": []},
+            "status": {"podIPs": [{"ip": p.ip.to_string()}]},
+        })
+    }
+
+    /// Publishes `objects` as the lab's cluster state for one file/kind:
+    /// a manifest file (JSON documents are YAML too), or API objects
+    /// (those no longer present are deleted).
+    fn publish(&self, file: &str, kind: &str, objects: Vec<Value>) -> Result<()> {
+        match &self.api {
+            None => {
+                let docs: Vec<String> = objects.iter().map(Value::to_string).collect();
+                self.write_manifest(file, &(docs.join("\n---\n") + "\n"))
+            }
+            Some(api) => {
+                let names: Vec<(String, String)> = objects
+                    .iter()
+                    .map(|o| {
+                        (
+                            o["metadata"]["namespace"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                            o["metadata"]["name"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        )
+                    })
+                    .collect();
+                let old = self
+                    .published
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .insert(kind.to_owned(), names.clone());
+                for o in objects {
+                    api.apply(o)?;
+                }
+                for (ns, name) in old.unwrap_or_default() {
+                    if !names.contains(&(ns.clone(), name.clone())) {
+                        api.delete(kind, &ns, &name)?;
+                    }
+                }
+                Ok(())
+            }
         }
-        self.write_manifest("nodes.yaml", &docs.join("---\n"))
+    }
+
+    /// The Node objects of the nodes `listed` (of `total`): leaving one out
+    /// is how a test removes a node.
+    fn write_nodes_file(&self, total: usize, listed: &[usize]) -> Result<()> {
+        let nodes = (0..total)
+            .filter(|i| listed.contains(i))
+            .map(|i| self.node_object(i))
+            .collect::<Result<_>>()?;
+        self.publish("nodes.yaml", "Node", nodes)
     }
 
     /// Writes one manifest file atomically (rename), as `kubectl`-style
@@ -506,21 +594,11 @@ impl Lab {
         Ok(())
     }
 
-    /// `pods.yaml`: every pod with its node and address, as the kubelet
-    /// reports them in `status.podIPs`.
+    /// Every pod with its node and address, as the kubelet reports them in
+    /// `status.podIPs`.
     fn write_pods_file(&self) -> Result<()> {
-        let docs: Vec<String> = self
-            .state
-            .pods
-            .iter()
-            .map(|p| {
-                format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  nodeName: {}\n  containers: []\nstatus:\n  podIPs:\n  - ip: {}\n",
-                    p.name, p.namespace, self.state.nodes[p.node].name, p.ip
-                )
-            })
-            .collect();
-        self.write_manifest("pods.yaml", &docs.join("---\n"))
+        let pods = self.state.pods.iter().map(|p| self.pod_object(p)).collect();
+        self.publish("pods.yaml", "Pod", pods)
     }
 
     /// Lists only the nodes `listed` in the agents' manifests, without waiting

@@ -1,0 +1,377 @@
+//! A Kubernetes API server for tests: enough of the real list/watch HTTP
+//! protocol for kube-rs watchers, with the failure modes a real one has.
+//!
+//! - `GET <collection>`: a List with `metadata.resourceVersion`.
+//! - `GET <collection>?watch=true&resourceVersion=N`: a chunked stream of
+//!   watch events after N, BOOKMARKs every `bookmark_every` when asked for,
+//!   and an ERROR event with a 410 Status when N is older than the
+//!   compaction point (the client must relist).
+//! - Test controls: change objects, drop every open watch, compact, go down
+//!   (connections closed without an answer) and come back.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+/// (collection path, List kind, item kind, apiVersion)
+const RESOURCES: &[(&str, &str, &str, &str)] = &[
+    ("/api/v1/nodes", "NodeList", "Node", "v1"),
+    ("/api/v1/namespaces", "NamespaceList", "Namespace", "v1"),
+    ("/api/v1/pods", "PodList", "Pod", "v1"),
+    ("/api/v1/services", "ServiceList", "Service", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+    ),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "NetworkPolicyList",
+        "NetworkPolicy",
+        "networking.k8s.io/v1",
+    ),
+];
+
+struct Event {
+    rv: u64,
+    path: &'static str,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// (collection, namespace, name) -> object
+    objects: BTreeMap<(&'static str, String, String), Value>,
+    events: Vec<Event>,
+    /// Watches from before this resourceVersion get 410 Gone.
+    compacted: u64,
+    /// Bumped to end every open watch.
+    generation: u64,
+    down: bool,
+    requests: Vec<String>,
+}
+
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn resource_of(
+    item_kind: &str,
+) -> Option<&'static (&'static str, &'static str, &'static str, &'static str)> {
+    RESOURCES.iter().find(|r| r.2 == item_kind)
+}
+
+impl ApiServer {
+    /// Listens on `addr` in `netns` (by `ip netns` name).
+    pub fn start(netns: &str, addr: SocketAddr) -> Result<ApiServer> {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(format!("/run/netns/{netns}"))
+            .with_context(|| format!("netns {netns}"))?;
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            ..State::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns on an fd we own; this thread stays in the netns.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let _ = ready_tx.send(Err(std::io::Error::last_os_error()));
+                return;
+            }
+            let listener = match TcpListener::bind(addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = listener.set_nonblocking(true);
+            let _ = ready_tx.send(Ok(()));
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (st, sp) = (st.clone(), sp.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(conn, &st, &sp);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv().context("API server thread")??;
+        Ok(ApiServer {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut st)
+    }
+
+    /// Creates or replaces an object (its `kind` picks the collection).
+    pub fn apply(&self, mut object: Value) -> Result<()> {
+        let kind = object["kind"]
+            .as_str()
+            .context("object without kind")?
+            .to_owned();
+        let (path, _, item_kind, api) =
+            *resource_of(&kind).with_context(|| format!("unknown kind {kind}"))?;
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("object without name")?
+            .to_owned();
+        object["apiVersion"] = api.into();
+        self.with(|st| {
+            st.rv += 1;
+            object["metadata"]["resourceVersion"] = st.rv.to_string().into();
+            let key = (path, ns, name);
+            let kind = if st.objects.contains_key(&key) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            st.objects.insert(key, object.clone());
+            let rv = st.rv;
+            st.events.push(Event {
+                rv,
+                path,
+                kind,
+                object,
+            });
+            let _ = item_kind;
+        });
+        Ok(())
+    }
+
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let (path, ..) = *resource_of(kind).with_context(|| format!("unknown kind {kind}"))?;
+        self.with(|st| {
+            if let Some(mut object) =
+                st.objects
+                    .remove(&(path, namespace.to_owned(), name.to_owned()))
+            {
+                st.rv += 1;
+                object["metadata"]["resourceVersion"] = st.rv.to_string().into();
+                let rv = st.rv;
+                st.events.push(Event {
+                    rv,
+                    path,
+                    kind: "DELETED",
+                    object,
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// Ends every open watch, as a load balancer or API server restart does.
+    pub fn drop_watches(&self) {
+        self.with(|st| st.generation += 1);
+    }
+
+    /// Forgets history: watches resuming from before now get 410 Gone.
+    pub fn compact(&self) {
+        self.with(|st| {
+            st.rv += 1;
+            st.compacted = st.rv;
+            st.generation += 1;
+        });
+    }
+
+    /// Down: every connection is closed without an answer.
+    pub fn set_down(&self, down: bool) {
+        self.with(|st| {
+            st.down = down;
+            st.generation += 1;
+        });
+    }
+
+    /// Request lines received so far (`GET /api/v1/pods?watch=true&...`).
+    pub fn requests(&self) -> Vec<String> {
+        self.with(|st| st.requests.clone())
+    }
+
+    /// A kubeconfig pointing at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://{}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\nusers:\n- name: lab\n  user: {{}}\n",
+            self.addr
+        )
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.drop_watches();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn query(target: &str) -> (String, BTreeMap<String, String>) {
+    let (path, q) = target.split_once('?').unwrap_or((target, ""));
+    let params = q
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    (path.to_owned(), params)
+}
+
+fn respond(conn: &mut TcpStream, code: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    write!(
+        conn,
+        "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn chunk(conn: &mut TcpStream, value: &Value) -> std::io::Result<()> {
+    let line = format!("{value}\n");
+    write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
+    conn.flush()
+}
+
+fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        // Headers are not needed: skip to the blank line.
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let request = line.trim().to_owned();
+        let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut st = lock();
+            st.requests.push(request.clone());
+            if st.down {
+                return Ok(()); // closed without an answer
+            }
+        }
+        let target = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let (path, params) = query(&target);
+        let Some(&(path, list_kind, item_kind, api)) = RESOURCES.iter().find(|r| r.0 == path)
+        else {
+            respond(
+                &mut conn,
+                "404 Not Found",
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
+            )?;
+            continue;
+        };
+        let watching = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+        if !watching {
+            let st = lock();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, _)| k.0 == path)
+                .map(|(_, v)| v.clone())
+                .collect();
+            let body = json!({"kind": list_kind, "apiVersion": api, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+            drop(st);
+            respond(&mut conn, "200 OK", &body)?;
+            continue;
+        }
+        let mut from: u64 = params
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = params
+            .get("allowWatchBookmarks")
+            .is_some_and(|v| v == "true");
+        let timeout = params
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300u64);
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )?;
+        let (generation, compacted) = {
+            let st = lock();
+            (st.generation, st.compacted)
+        };
+        if from < compacted {
+            chunk(
+                &mut conn,
+                &json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": format!("too old resource version: {from} ({compacted})"), "reason": "Expired", "code": 410}}),
+            )?;
+            write!(conn, "0\r\n\r\n")?;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut last_bookmark = Instant::now();
+        loop {
+            let (events, now_rv, ended): (Vec<Value>, u64, bool) = {
+                let st = lock();
+                let events = st
+                    .events
+                    .iter()
+                    .filter(|e| e.path == path && e.rv > from)
+                    .map(|e| json!({"type": e.kind, "object": e.object}))
+                    .collect();
+                (events, st.rv, st.generation != generation || st.down)
+            };
+            if ended || stop.load(Ordering::Relaxed) {
+                // End the stream mid-flight, like a dropped connection.
+                return Ok(());
+            }
+            for e in events {
+                chunk(&mut conn, &e)?;
+            }
+            from = now_rv.max(from);
+            if bookmarks && last_bookmark.elapsed() > Duration::from_millis(500) {
+                chunk(
+                    &mut conn,
+                    &json!({"type": "BOOKMARK", "object": {"kind": item_kind, "apiVersion": api, "metadata": {"resourceVersion": from.to_string()}}}),
+                )?;
+                last_bookmark = Instant::now();
+            }
+            if started.elapsed() > Duration::from_secs(timeout) {
+                write!(conn, "0\r\n\r\n")?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

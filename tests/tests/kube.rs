@@ -1,0 +1,178 @@
+//! The Kubernetes source: the real kube-rs client in the agent against a
+//! test API server speaking list/watch over HTTP. Needs root.
+
+use std::time::{Duration, Instant};
+
+use lab::{Lab, LabSpec, ping};
+use serde_json::{Value, json};
+
+fn kube_lab(nodes: usize, pods: usize) -> Lab {
+    let mut spec = LabSpec::new(nodes, pods).expect("spec");
+    spec.source = "kube".into();
+    Lab::up(&spec).expect("lab")
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn has_endpoint(lab: &Lab, node: usize, ip: &str) -> bool {
+    lab.dump(node, "dp_endpoints")
+        .expect("dump")
+        .iter()
+        .any(|r| r["ip"] == ip)
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "web"},
+           "spec": {"nodeName": node, "containers": []}, "status": {"podIPs": [{"ip": ip}]}})
+}
+
+fn count(requests: &[String], prefix: &str, watch: bool) -> usize {
+    requests
+        .iter()
+        .filter(|r| r.starts_with(&format!("GET {prefix}")) && r.contains("watch=true") == watch)
+        .count()
+}
+
+#[test]
+fn nodes_and_pods_from_the_api_server() {
+    let lab = kube_lab(2, 1);
+    let (a, c) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    // Nodes came through list/watch: pods on the two nodes reach each other.
+    assert_eq!(
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+    wait_for("the remote pod from its Pod object", || {
+        has_endpoint(&lab, 0, &c.ip.to_string())
+    });
+
+    let api = lab.api.as_ref().expect("api server");
+    let requests = api.requests();
+    for collection in [
+        "/api/v1/nodes",
+        "/api/v1/pods",
+        "/api/v1/namespaces",
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "/apis/networking.k8s.io/v1/networkpolicies",
+    ] {
+        assert!(
+            count(&requests, collection, false) >= 2,
+            "no list of {collection} per agent: {requests:#?}"
+        );
+        assert!(
+            count(&requests, collection, true) >= 2,
+            "no watch of {collection} per agent: {requests:#?}"
+        );
+    }
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("watch=true") && r.contains("allowWatchBookmarks=true")),
+        "bookmarks not asked for"
+    );
+
+    // A change through the API reaches the maps; a deletion removes it.
+    let n1 = lab.state.nodes[1].name.clone();
+    api.apply(pod("new", &n1, "10.244.1.66")).expect("apply");
+    wait_for("an added Pod", || has_endpoint(&lab, 0, "10.244.1.66"));
+    api.delete("Pod", "web", "new").expect("delete");
+    wait_for("a deleted Pod", || !has_endpoint(&lab, 0, "10.244.1.66"));
+
+    // An invalid object is refused by name and field; the rest goes on.
+    api.apply(pod("broken", &n1, "10.244.1.999"))
+        .expect("apply");
+    wait_for("the refusal in the log", || {
+        lab.agent_log(0)
+            .contains("Pod web/broken: status.podIPs: \"10.244.1.999\"")
+    });
+    assert_eq!(
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+}
+
+#[test]
+fn watches_survive_drops_410_and_an_outage() {
+    let lab = kube_lab(2, 1);
+    let (a, c) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    let api = lab.api.as_ref().expect("api server");
+    let n1 = lab.state.nodes[1].name.clone();
+    wait_for("the remote pod", || {
+        has_endpoint(&lab, 0, &c.ip.to_string())
+    });
+
+    // A dropped connection: the watch resumes and misses nothing.
+    let watches = count(&api.requests(), "/api/v1/pods", true);
+    api.drop_watches();
+    api.apply(pod("after-drop", &n1, "10.244.1.70"))
+        .expect("apply");
+    wait_for("a Pod added around a dropped watch", || {
+        has_endpoint(&lab, 0, "10.244.1.70")
+    });
+    assert!(
+        count(&api.requests(), "/api/v1/pods", true) > watches,
+        "the watch did not reconnect"
+    );
+
+    // Bookmarks let a resumed watch start from the latest version.
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = api.requests().len();
+    api.drop_watches();
+    wait_for("watches to resume", || api.requests().len() >= before + 12);
+    let resumed: Vec<String> = api.requests()[before..]
+        .iter()
+        .filter(|r| r.contains("watch=true"))
+        .cloned()
+        .collect();
+    assert!(
+        resumed
+            .iter()
+            .all(|r| !r.contains("resourceVersion=0&") && r.contains("resourceVersion=")),
+        "{resumed:#?}"
+    );
+
+    // 410 Gone: history compacted while a change happens; the agent relists.
+    let lists = count(&api.requests(), "/api/v1/pods", false);
+    api.set_down(true);
+    api.apply(pod("during-outage", &n1, "10.244.1.71"))
+        .expect("apply");
+    api.delete("Pod", "web", "after-drop").expect("delete");
+    api.compact();
+    // While the API server is down the datapath is left as it was.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        has_endpoint(&lab, 0, "10.244.1.70"),
+        "an outage must not remove state"
+    );
+    assert!(!has_endpoint(&lab, 0, "10.244.1.71"));
+    assert_eq!(
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3,
+        "forwarding during the outage"
+    );
+    api.set_down(false);
+    wait_for("the relisted state", || {
+        has_endpoint(&lab, 0, "10.244.1.71") && !has_endpoint(&lab, 0, "10.244.1.70")
+    });
+    assert!(
+        count(&api.requests(), "/api/v1/pods", false) > lists,
+        "no relist after 410"
+    );
+    assert!(
+        lab.agent_log(0).contains("watch"),
+        "errors during the outage should be logged"
+    );
+}
