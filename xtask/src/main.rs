@@ -63,6 +63,8 @@ enum Cmd {
     /// A lab to explore by hand.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Control-plane benchmarks: change latency, full sync, agent memory.
+    Bench,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +103,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { keep } => demo(keep),
         Cmd::Lab(cmd) => lab_cmd(cmd),
+        Cmd::Bench => bench(),
     }
 }
 
@@ -363,10 +366,14 @@ fn test(args: &[String]) -> Result<()> {
 /// Builds, installs the lab's tools and points the lab library at the
 /// fresh binaries.
 fn prepare_lab() -> Result<()> {
+    prepare_lab_with(false)
+}
+
+fn prepare_lab_with(release: bool) -> Result<()> {
     if !is_root() {
         bail!("the lab needs root (network namespaces, BPF programs, bpffs): run with sudo -E");
     }
-    let dataplane = build(false)?;
+    let dataplane = build(release)?;
     ensure_test_tools()?;
     // SAFETY: single-threaded at this point; the lab library reads these.
     unsafe {
@@ -621,4 +628,167 @@ fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         println!("\nlab removed (use --keep to explore it)");
     }
     Ok(())
+}
+
+/// The agent's control-plane numbers for both sources (issue goals: p99
+/// under 100 ms for a single change, full sync under 5 s, RSS under 150 MiB),
+/// with release binaries.
+fn bench() -> Result<()> {
+    prepare_lab_with(true)?;
+    let mut rows = Vec::new();
+    for source in ["dir", "kube"] {
+        rows.push(bench_source(source)?);
+    }
+    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+    println!(
+        "\n== agent control plane, release build (goals: change p99 < 100 ms, full sync < 5 s, RSS < 150 MiB)"
+    );
+    println!(
+        "{:<6} {:>10} {:>10} {:>10} {:>12} {:>10}   verdict",
+        "source", "p50 ms", "p99 ms", "max ms", "full sync s", "RSS MiB"
+    );
+    for r in &rows {
+        let ok = r.p99 < 100.0 && r.sync < 5.0 && r.rss < 150.0;
+        println!(
+            "{:<6} {:>10.1} {:>10.1} {:>10.1} {:>12.2} {:>10.1}   {}",
+            r.source,
+            r.p50,
+            r.p99,
+            r.max,
+            r.sync,
+            r.rss,
+            verdict(ok)
+        );
+    }
+    println!(
+        "(change: 200 single Pod changes, each timed from publish to its entry in dp_endpoints;"
+    );
+    println!(
+        " full sync: 10,000 pods on 40 nodes, 5,000 services, 1,000 policies published at once,"
+    );
+    println!(" timed until all pod entries are in the map and /metrics counts every object)");
+    Ok(())
+}
+
+struct BenchRow {
+    source: &'static str,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    sync: f64,
+    rss: f64,
+}
+
+fn bench_source(source: &'static str) -> Result<BenchRow> {
+    use aya::maps::{HashMap, Map, MapData};
+    use dataplane_common::{EndpointInfo, EndpointKey};
+    use std::net::IpAddr;
+
+    let lab = Lab::up(&LabSpec {
+        source: source.into(),
+        ..LabSpec::new(1, 0)?
+    })?;
+    let node = lab.state.nodes[0].clone();
+    let map_path = node.pin_dir.join(dataplane_common::MAP_ENDPOINTS);
+    let open = || -> Result<HashMap<MapData, EndpointKey, EndpointInfo>> {
+        Ok(HashMap::try_from(Map::from_map_data(MapData::from_pin(
+            &map_path,
+        )?)?)?)
+    };
+    let map = open()?;
+    // One object: a manifest file of its own, or an API object.
+    let publish = |file: &str, objects: Vec<serde_json::Value>| -> Result<()> {
+        match &lab.api {
+            Some(api) => objects.into_iter().try_for_each(|o| api.apply(o)),
+            None => {
+                let docs: Vec<String> = objects.iter().map(ToString::to_string).collect();
+                lab.write_manifest(file, &docs.join("\n---\n"))
+            }
+        }
+    };
+    let pod = |name: &str, node: &str, ip: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"nodeName": node, "containers": []}, "status": {"podIPs": [{"ip": ip}]}})
+    };
+
+    let mut lat = Vec::new();
+    for i in 0..200u32 {
+        let ip: IpAddr = format!("10.250.{}.{}", i / 250, i % 250 + 1).parse()?;
+        let key = EndpointKey::from(ip);
+        let started = Instant::now();
+        publish(
+            &format!("lat-{i}.yaml"),
+            vec![pod(&format!("lat-{i}"), "elsewhere", &ip.to_string())],
+        )?;
+        while map.get(&key, 0).is_err() {
+            if started.elapsed() > std::time::Duration::from_secs(5) {
+                bail!("{source}: change {i} not applied after 5 s");
+            }
+            std::hint::spin_loop();
+        }
+        lat.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+
+    let mut nodes = Vec::new();
+    let mut pods = Vec::new();
+    for n in 1..=40u32 {
+        let cidr = format!("10.244.{n}.0/24");
+        nodes.push(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("bench-{n}")},
+            "spec": {"podCIDR": cidr}, "status": {"addresses": [{"type": "InternalIP", "address": format!("172.21.0.{n}")}]}}));
+        for p in 1..=250u32 {
+            pods.push(pod(
+                &format!("p-{n}-{p}"),
+                &format!("bench-{n}"),
+                &format!("10.244.{n}.{p}"),
+            ));
+        }
+    }
+    let services: Vec<serde_json::Value> = (0..5000u32)
+        .map(|i| serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("s{i}"), "namespace": "bench"},
+            "spec": {"clusterIPs": [format!("10.96.{}.{}", i / 250, i % 250 + 1)], "selector": {"app": format!("a{i}")}}}))
+        .collect();
+    let policies: Vec<serde_json::Value> = (0..1000u32)
+        .map(|i| serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": format!("np{i}"), "namespace": "bench"},
+            "spec": {"podSelector": {"matchLabels": {"app": format!("a{i}")}}, "ingress": [{"from": [{"podSelector": {}}]}]}}))
+        .collect();
+    let started = Instant::now();
+    publish("sync-nodes.yaml", nodes)?;
+    for (i, chunk) in pods.chunks(1000).enumerate() {
+        publish(&format!("sync-pods-{i}.yaml"), chunk.to_vec())?;
+    }
+    publish("sync-services.yaml", services)?;
+    publish("sync-policies.yaml", policies)?;
+    let target = 10_000 + lat.len();
+    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9963));
+    loop {
+        if open()?.keys().count() >= target {
+            let (_, body) = lab::http_get(&node.netns, metrics_addr, "/metrics")?;
+            if body.contains("dataplane_objects{kind=\"Service\"} 5000")
+                && body.contains("dataplane_objects{kind=\"NetworkPolicy\"} 1000")
+            {
+                break;
+            }
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            bail!("{source}: full sync not done after 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sync = started.elapsed().as_secs_f64();
+    let pid = node.agent_pid.context("agent pid")?;
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(BenchRow {
+        source,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: lat[lat.len() - 1],
+        sync,
+        rss: rss_kib as f64 / 1024.0,
+    })
 }
