@@ -1,5 +1,6 @@
-//! The one exit for dropped packets: count under the named reason, log at
-//! debug, return the verdict. (Drop events for `dataplane monitor` join here.)
+//! The one exit of every program: a verdict is counted under its reason
+//! (forwarded, or the named drop), drops are logged at debug, and the action
+//! goes back to the kernel. (Drop events for `dataplane monitor` join here.)
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use aya_log_ebpf::debug;
@@ -7,9 +8,18 @@ use dataplane_common::{Direction, Reason};
 
 use crate::metrics;
 
+/// `len` is the packet's length as it arrived (programs may change it).
 #[inline(always)]
-pub fn drop_packet(ctx: &TcContext, direction: Direction, reason: Reason) -> i32 {
-    metrics::count_verdict(direction, reason, ctx.len());
-    debug!(ctx, "drop {} {}", direction.name(), reason.name());
-    TC_ACT_SHOT
+pub fn exit(ctx: &TcContext, direction: Direction, len: u32, verdict: Result<i32, Reason>) -> i32 {
+    match verdict {
+        Ok(action) => {
+            metrics::count_verdict(direction, Reason::Forwarded, len);
+            action
+        }
+        Err(reason) => {
+            metrics::count_verdict(direction, reason, len);
+            debug!(ctx, "drop {} {}", direction.name(), reason.name());
+            TC_ACT_SHOT
+        }
+    }
 }

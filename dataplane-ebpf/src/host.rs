@@ -4,9 +4,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, IPCACHE_KIND_LOCAL_PODS, Reason};
 
 use crate::{
-    deliver,
-    drop::drop_packet,
-    ipcache, metrics, parse,
+    deliver, drop, ipcache, parse,
     route::{self, Route},
 };
 
@@ -16,13 +14,8 @@ use crate::{
 #[classifier]
 pub fn host_in(mut ctx: TcContext) -> i32 {
     let len = ctx.len();
-    match from_network(&mut ctx) {
-        Ok(action) => {
-            metrics::count_verdict(Direction::FromNetwork, Reason::Forwarded, len);
-            action
-        }
-        Err(reason) => drop_packet(&ctx, Direction::FromNetwork, reason),
-    }
+    let verdict = from_network(&mut ctx);
+    drop::exit(&ctx, Direction::FromNetwork, len, verdict)
 }
 
 #[inline(always)]

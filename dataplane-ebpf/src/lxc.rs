@@ -7,22 +7,15 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, EndpointKey, Reason};
 
 use crate::{
-    deliver,
-    drop::drop_packet,
-    encap, endpoints, metrics, parse,
+    deliver, drop, encap, endpoints, metrics, parse,
     route::{self, Route},
 };
 
 #[classifier]
 pub fn lxc_from_ctr(mut ctx: TcContext) -> i32 {
     let len = ctx.len();
-    match from_ctr(&mut ctx) {
-        Ok(action) => {
-            metrics::count_verdict(Direction::FromEndpoint, Reason::Forwarded, len);
-            action
-        }
-        Err(reason) => drop_packet(&ctx, Direction::FromEndpoint, reason),
-    }
+    let verdict = from_ctr(&mut ctx);
+    drop::exit(&ctx, Direction::FromEndpoint, len, verdict)
 }
 
 #[classifier]
@@ -30,8 +23,7 @@ pub fn lxc_to_ctr(ctx: TcContext) -> i32 {
     if let Some(parse::ETH_P_IP | parse::ETH_P_IPV6) = parse::ethertype(&ctx) {
         metrics::count_endpoint(&ctx, ifindex(&ctx), Direction::ToEndpoint, ctx.len());
     }
-    metrics::count_verdict(Direction::ToEndpoint, Reason::Forwarded, ctx.len());
-    TC_ACT_OK
+    drop::exit(&ctx, Direction::ToEndpoint, ctx.len(), Ok(TC_ACT_OK))
 }
 
 #[inline(always)]

@@ -4,9 +4,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, IPCACHE_KIND_REMOTE_PODS, Reason};
 
 use crate::{
-    config, deliver,
-    drop::drop_packet,
-    encap, ipcache, metrics, parse,
+    config, deliver, drop, encap, ipcache, parse,
     route::{self, Route},
 };
 
@@ -14,13 +12,8 @@ use crate::{
 #[classifier]
 pub fn overlay_in(mut ctx: TcContext) -> i32 {
     let len = ctx.len();
-    match from_overlay(&mut ctx) {
-        Ok(action) => {
-            metrics::count_verdict(Direction::FromNetwork, Reason::Forwarded, len);
-            action
-        }
-        Err(reason) => drop_packet(&ctx, Direction::FromNetwork, reason),
-    }
+    let verdict = from_overlay(&mut ctx);
+    drop::exit(&ctx, Direction::FromNetwork, len, verdict)
 }
 
 #[inline(always)]
@@ -39,13 +32,8 @@ fn from_overlay(ctx: &mut TcContext) -> Result<i32, Reason> {
 /// node that owns the destination.
 #[classifier]
 pub fn overlay_out(ctx: TcContext) -> i32 {
-    match to_overlay(&ctx) {
-        Ok(()) => {
-            metrics::count_verdict(Direction::ToNetwork, Reason::Forwarded, ctx.len());
-            TC_ACT_OK
-        }
-        Err(reason) => drop_packet(&ctx, Direction::ToNetwork, reason),
-    }
+    let verdict = to_overlay(&ctx).map(|()| TC_ACT_OK);
+    drop::exit(&ctx, Direction::ToNetwork, ctx.len(), verdict)
 }
 
 #[inline(always)]

@@ -857,6 +857,20 @@ impl Lab {
         fs::read_to_string(&self.state.nodes[node].log).unwrap_or_default()
     }
 
+    /// Gives a pod an extra address the datapath never assigned (to forge
+    /// source addresses).
+    pub fn add_pod_address(&self, pod: &str, cidr: &str) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.pod(pod).netns,
+            "addr",
+            "add",
+            cidr,
+            "dev",
+            "eth0",
+        ])
+    }
+
     /// Runs the `dataplane` CLI against node `node`'s pins; returns stdout.
     pub fn cli(&self, node: usize, args: &[&str]) -> Result<String> {
         let n = &self.state.nodes[node];

@@ -227,16 +227,8 @@ fn health_readiness_and_metrics() {
     );
 
     let a = lab.pod("pod-0-0").clone();
-    lab::ip(&[
-        "-n",
-        &a.netns,
-        "addr",
-        "add",
-        "10.244.0.250/32",
-        "dev",
-        "eth0",
-    ])
-    .expect("addr");
+    lab.add_pod_address(&a.name, "10.244.0.250/32")
+        .expect("addr");
     assert_eq!(
         ping(&a.netns, &node.ip.to_string(), 5, &["-I", "10.244.0.250"])
             .expect("ping")

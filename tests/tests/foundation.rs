@@ -115,16 +115,8 @@ fn spoofed_source_is_dropped_with_named_reason() {
     let pod = lab.pod("pod-0-0").clone();
     let node_ip = lab.state.nodes[0].ip.to_string();
     // An address the agent never assigned to this pod.
-    lab::ip(&[
-        "-n",
-        &pod.netns,
-        "addr",
-        "add",
-        "10.244.0.250/32",
-        "dev",
-        "eth0",
-    ])
-    .expect("add addr");
+    lab.add_pod_address(&pod.name, "10.244.0.250/32")
+        .expect("add addr");
     let before = metric(
         &lab.dump(0, "dp_metrics").expect("dump"),
         "from-endpoint",

@@ -559,15 +559,7 @@ fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         );
         Ok(())
     })?;
-    lab::ip(&[
-        "-n",
-        &a.netns,
-        "addr",
-        "add",
-        "10.244.0.250/32",
-        "dev",
-        "eth0",
-    ])?;
+    lab.add_pod_address(&a.name, "10.244.0.250/32")?;
     ping(
         "pod-0-0",
         &lab.state.nodes[0].ip.to_string(),
