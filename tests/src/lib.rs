@@ -64,6 +64,9 @@ pub struct LabSpec {
     /// Where agents get cluster state: `dir` (manifests) or `kube` (a test
     /// API server on the underlay, through kube-rs).
     pub source: String,
+    /// Pass `--pod-cidr` to the agents; without it they take their CIDR from
+    /// their Node object.
+    pub pod_cidr_flag: bool,
 }
 
 impl LabSpec {
@@ -90,6 +93,7 @@ impl LabSpec {
             cni_version: "1.1.0".into(),
             mode: "vxlan".into(),
             source: "dir".into(),
+            pod_cidr_flag: true,
         })
     }
 }
@@ -397,7 +401,6 @@ impl Lab {
             ),
             ("--attach-mode", spec.attach_mode.clone()),
             ("--bpf-log-level", spec.bpf_log_level.clone()),
-            ("--pod-cidr", node.pod_cidr.clone()),
             ("--mode", spec.mode.clone()),
             (
                 "--source",
@@ -410,6 +413,10 @@ impl Lab {
         ] {
             args.push(flag.into());
             args.push(value);
+        }
+        if spec.pod_cidr_flag {
+            args.push("--pod-cidr".into());
+            args.push(node.pod_cidr.clone());
         }
         if spec.source == "kube" {
             args.push("--kubeconfig".into());

@@ -118,3 +118,33 @@ fn bad_manifests_are_skipped_naming_object_and_field() {
             .all(|r| r["prefix"] != "10.244.5.0/24")
     );
 }
+
+#[test]
+fn own_pod_cidr_comes_from_the_node_object() {
+    let mut spec = LabSpec::new(2, 1).expect("spec");
+    spec.pod_cidr_flag = false;
+    let lab = Lab::up(&spec).expect("lab");
+    let status = lab.cli(0, &["status"]).expect("status");
+    assert!(status.contains("10.244.0.0/24"), "{status}");
+    // The CNI plugin allocated from it, and pods reach each other.
+    let (a, c) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    assert!(
+        a.ip.to_string().starts_with("10.244.0.") && c.ip.to_string().starts_with("10.244.1."),
+        "{} {}",
+        a.ip,
+        c.ip
+    );
+    assert_eq!(
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+    let ipcache = lab.dump(0, "dp_ipcache").expect("dump");
+    assert!(
+        ipcache
+            .iter()
+            .any(|r| r["prefix"] == "10.244.0.0/24" && r["kind"] == "local-pods"),
+        "{ipcache:?}"
+    );
+}
