@@ -895,6 +895,7 @@ async fn reconcile_loop(
     nl: Nl,
     t: telemetry::Shared,
 ) {
+    let mut reported = std::collections::BTreeSet::new();
     loop {
         let Some(store) = rx.borrow_and_update().clone() else {
             if rx.changed().await.is_err() {
@@ -906,7 +907,18 @@ async fn reconcile_loop(
         for kind in Kind::ALL {
             telemetry::set_objects(&t, kind.name(), store.count(kind));
         }
-        match apply_desired(&state, &nl, cluster::desired(&store, &own)).await {
+        let mut desired = cluster::desired(&store, &own);
+        // Each problem is reported when it appears, not on every change.
+        let problems = std::mem::take(&mut desired.problems);
+        for p in problems.difference(&reported) {
+            telemetry::error(&t, "object_conflict");
+            warn!("{p}");
+        }
+        for p in reported.difference(&problems) {
+            info!("resolved: {p}");
+        }
+        reported = problems;
+        match apply_desired(&state, &nl, desired).await {
             Ok(()) => {
                 telemetry::reconciled(&t, "cluster", started.elapsed());
                 telemetry::set_ready(&t);

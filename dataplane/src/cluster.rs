@@ -18,7 +18,6 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, NetworkPolicySpec},
 };
-use tracing::warn;
 
 use crate::nodes::RemoteNode;
 
@@ -324,6 +323,9 @@ impl Store {
 /// What the datapath should hold, derived from a [`Store`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
+    /// Conflicts and gaps found on the way, one line each naming the
+    /// objects; the caller logs each once rather than on every change.
+    pub problems: std::collections::BTreeSet<String>,
     /// This node's pod CIDR, from its Node object.
     pub own_pod_cidr: Option<Ipv4Network>,
     pub nodes: BTreeMap<String, RemoteNode>,
@@ -347,11 +349,17 @@ pub fn desired(store: &Store, own: &str) -> Desired {
             continue;
         }
         let (Some(ip), Some(pod_cidr)) = (n.internal_ip, v4) else {
-            warn!(node = %key.name, "node has no InternalIP or no IPv4 pod CIDR yet; not routed");
+            d.problems.insert(format!(
+                "Node {}: no InternalIP or no IPv4 pod CIDR yet; not routed",
+                key.name
+            ));
             continue;
         };
         if let Some((other, _)) = d.nodes.iter().find(|(_, m)| m.pod_cidr.overlaps(pod_cidr)) {
-            warn!(node = %key.name, field = "spec.podCIDRs", "pod CIDR {pod_cidr} overlaps node {other}; node skipped");
+            d.problems.insert(format!(
+                "Node {}: spec.podCIDRs: {pod_cidr} overlaps node {other}; node skipped",
+                key.name
+            ));
             continue;
         }
         d.nodes
@@ -366,7 +374,7 @@ pub fn desired(store: &Store, own: &str) -> Desired {
         for ip in &p.ips {
             match d.remote_pods.get(ip) {
                 Some(other) => {
-                    warn!(pod = %name, field = "status.podIPs", "address {ip} already belongs to pod {other}; skipped")
+                    d.problems.insert(format!("Pod {name}: status.podIPs: address {ip} already belongs to pod {other}; skipped"));
                 }
                 None => {
                     d.remote_pods.insert(*ip, name.clone());
@@ -445,5 +453,14 @@ mod tests {
         assert_eq!(d.nodes.keys().collect::<Vec<_>>(), ["a"], "b overlaps a");
         assert_eq!(d.remote_pods.len(), 1);
         assert_eq!(d.remote_pods.values().next().unwrap(), "ns/p1");
+        assert!(
+            d.problems
+                .contains("Node b: spec.podCIDRs: 10.244.1.0/25 overlaps node a; node skipped"),
+            "{:?}",
+            d.problems
+        );
+        assert!(d.problems.contains(
+            "Pod ns/p2: status.podIPs: address 10.244.1.5 already belongs to pod ns/p1; skipped"
+        ));
     }
 }

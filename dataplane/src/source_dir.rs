@@ -27,6 +27,8 @@ struct FileState {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Objects defined twice, as last reported (reported once, not per scan).
+    duplicates: std::collections::BTreeSet<Key>,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -46,6 +48,7 @@ impl DirSource {
         Self {
             dir,
             files: BTreeMap::new(),
+            duplicates: Default::default(),
         }
     }
 
@@ -158,16 +161,21 @@ impl DirSource {
         }
         self.files.retain(|p, _| seen.contains(p));
         let mut store = Store::default();
+        let mut duplicates = std::collections::BTreeSet::new();
         for (path, f) in &self.files {
             for (key, obj) in &f.objects {
                 if store.objects.contains_key(key) {
-                    errors += 1;
-                    warn!(file = %path.display(), "{key} is defined in more than one place; the first (by file name) wins");
+                    if !self.duplicates.contains(key) {
+                        errors += 1;
+                        warn!(file = %path.display(), "{key} is defined in more than one place; the first (by file name) wins");
+                    }
+                    duplicates.insert(key.clone());
                     continue;
                 }
                 store.objects.insert(key.clone(), obj.clone());
             }
         }
+        self.duplicates = duplicates;
         (store, errors)
     }
 }

@@ -104,6 +104,18 @@ fn bad_manifests_are_skipped_naming_object_and_field() {
     ] {
         assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
     }
+    // A persistent conflict is reported once, not again on every change.
+    lab.write_manifest("later.yaml", &pod_doc("later", &n1, "10.244.1.81"))
+        .expect("write");
+    wait_for("an unrelated change", || {
+        endpoint(&lab, 0, "10.244.1.81").is_some()
+    });
+    let log = lab.agent_log(0);
+    assert_eq!(
+        log.matches("already belongs to pod web/dup").count(),
+        1,
+        "{log}"
+    );
     // Everything else keeps working.
     assert_eq!(
         ping(&a.netns, &c.ip.to_string(), 3, &[])
