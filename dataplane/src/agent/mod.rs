@@ -195,7 +195,8 @@ struct State {
 pub async fn run(args: AgentArgs) -> Result<()> {
     let pin_dir = dataplane_common::pin_dir(&args.pin_root, &args.node);
     sys::ensure_pin_dir(&pin_dir)?;
-    let (datapath, logger) = Datapath::load(&pin_dir, args.attach_mode, args.bpf_log_level.code())?;
+    let (mut datapath, logger) =
+        Datapath::load(&pin_dir, args.attach_mode, args.bpf_log_level.code())?;
     info!(node = %args.node, pin_dir = %pin_dir.display(), attach_mode = datapath.mode().name(), "datapath loaded");
 
     // SAFETY: the logger owns its ring buffer fd and keeps it open, unchanged,
@@ -227,7 +228,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let cluster_cidr = dataplane_common::api::parse_cidr(&args.cluster_cidr)
         .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
     let nl = Nl::new()?;
-    let (mut datapath, net, uplink_mtu) = setup_node(datapath, &args, &nl).await?;
+    let (net, uplink_mtu) = setup_node(&args, &nl).await?;
     let pod_mtu = args.pod_mtu.unwrap_or(match net.mode {
         Mode::Vxlan => uplink_mtu - VXLAN_OVERHEAD,
         Mode::Native => uplink_mtu,

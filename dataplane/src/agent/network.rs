@@ -4,11 +4,8 @@
 use super::*;
 
 /// Uplink facts, forwarding, and in VXLAN mode the external-mode device.
-pub(super) async fn setup_node(
-    datapath: Datapath,
-    args: &AgentArgs,
-    nl: &Nl,
-) -> Result<(Datapath, Net, u32)> {
+/// Returns the node's network facts and the uplink's MTU.
+pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> {
     sys::write_sysctl("net/ipv4/ip_forward", "1")?;
     let uplink = nl
         .link(&args.uplink)
@@ -56,7 +53,7 @@ pub(super) async fn setup_node(
         vxlan_ifindex,
         node_ip,
     };
-    Ok((datapath, net, uplink_mtu))
+    Ok((net, uplink_mtu))
 }
 
 pub(super) fn attach_node_programs(
