@@ -153,19 +153,19 @@ impl Nl {
 
     /// Up, and with ARP off: the programs set MAC addresses themselves.
     pub async fn set_up_noarp(&self, index: u32) -> Result<()> {
-        let mut msg = LinkUnspec::new_with_index(index).up().build();
-        msg.header.flags |= LinkFlags::Noarp;
-        msg.header.change_mask |= LinkFlags::Noarp;
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(err(format!("setting link {index} up")))
+        self.bring_up(index, true).await
     }
 
     pub async fn set_up(&self, index: u32) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.bring_up(index, false).await
+    }
+
+    async fn bring_up(&self, index: u32, noarp: bool) -> Result<()> {
+        let mut msg = LinkUnspec::new_with_index(index).up().build();
+        if noarp {
+            msg.header.flags |= LinkFlags::Noarp;
+            msg.header.change_mask |= LinkFlags::Noarp;
+        }
         self.handle
             .link()
             .set(msg)
