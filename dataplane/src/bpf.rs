@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, lpm_trie::LpmTrie};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
@@ -12,7 +13,10 @@ use aya::{
     },
     util::KernelVersion,
 };
-use dataplane_common::{MAPS, PROGRAMS};
+use dataplane_common::{
+    Counter, DatapathConfig, EndpointInfo, EndpointKey, EpMetricsKey, IpcacheEntry, IpcacheKey,
+    MAP_CONFIG, MAP_ENDPOINTS, MAP_EP_METRICS, MAP_IPCACHE, MAPS, PROGRAMS,
+};
 
 /// The object built by build.rs, embedded so the agent is one file to ship.
 static EBPF_OBJECT: &[u8] =
@@ -230,9 +234,29 @@ impl Datapath {
         }
     }
 
-    pub fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
             .with_context(|| format!("no map {name}"))
+    }
+
+    /// [`MAP_ENDPOINTS`], typed.
+    pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, EndpointInfo>> {
+        Ok(HashMap::try_from(self.map_mut(MAP_ENDPOINTS)?)?)
+    }
+
+    /// [`MAP_EP_METRICS`], typed.
+    pub fn ep_metrics(&mut self) -> Result<PerCpuHashMap<&mut MapData, EpMetricsKey, Counter>> {
+        Ok(PerCpuHashMap::try_from(self.map_mut(MAP_EP_METRICS)?)?)
+    }
+
+    /// [`MAP_IPCACHE`], typed.
+    pub fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, IpcacheKey, IpcacheEntry>> {
+        Ok(LpmTrie::try_from(self.map_mut(MAP_IPCACHE)?)?)
+    }
+
+    /// [`MAP_CONFIG`], typed.
+    pub fn config(&mut self) -> Result<Array<&mut MapData, DatapathConfig>> {
+        Ok(Array::try_from(self.map_mut(MAP_CONFIG)?)?)
     }
 }

@@ -81,8 +81,7 @@ pub(super) fn install(
         flags: EP_F_LOCAL,
         _pad: 0,
     };
-    let mut map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
-        BpfHashMap::try_from(state.datapath.map_mut(MAP_ENDPOINTS)?)?;
+    let mut map = state.datapath.endpoints()?;
     for ip in &live.spec.ips {
         let key = EndpointKey::from(*ip);
         map.insert(key, info, 0)
@@ -93,9 +92,7 @@ pub(super) fn install(
 }
 
 pub(super) fn uninstall(state: &mut State, live: &mut LiveEndpoint) {
-    if let Ok(map) = state.datapath.map_mut(MAP_ENDPOINTS)
-        && let Ok(mut map) = BpfHashMap::<&mut MapData, EndpointKey, EndpointInfo>::try_from(map)
-    {
+    if let Ok(mut map) = state.datapath.endpoints() {
         for key in &live.keys {
             if let Err(e) = map.remove(key) {
                 warn!("{MAP_ENDPOINTS}: removing {key}: {e}");
@@ -112,10 +109,7 @@ pub(super) fn uninstall(state: &mut State, live: &mut LiveEndpoint) {
 }
 
 pub(super) fn remove_counters(state: &mut State, ifindex: u32) {
-    let Ok(map) = state.datapath.map_mut(MAP_EP_METRICS) else {
-        return;
-    };
-    let Ok(mut map) = PerCpuHashMap::<&mut MapData, EpMetricsKey, Counter>::try_from(map) else {
+    let Ok(mut map) = state.datapath.ep_metrics() else {
         return;
     };
     for direction in [Direction::FromEndpoint, Direction::ToEndpoint] {
@@ -193,7 +187,9 @@ pub(super) fn restore(state: &mut State) -> Result<()> {
     }
     // Remote nodes an earlier agent installed: the first node list applied
     // updates them in place and removes those no longer listed.
-    let installed: Vec<(String, RemoteNode)> = ipcache(&mut state.datapath)?
+    let installed: Vec<(String, RemoteNode)> = state
+        .datapath
+        .ipcache()?
         .iter()
         .filter_map(|e| e.ok())
         .filter(|(_, v)| v.kind == IPCACHE_KIND_REMOTE_PODS)
@@ -223,21 +219,21 @@ pub(super) fn restore(state: &mut State) -> Result<()> {
         .values()
         .flat_map(|e| e.keys.iter().copied())
         .collect();
-    let stale: Vec<(EndpointKey, EndpointInfo)> = {
-        let map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
-            BpfHashMap::try_from(state.datapath.map_mut(MAP_ENDPOINTS)?)?;
-        map.iter()
-            .filter_map(|e| e.ok())
-            .filter(|(k, v)| v.flags & EP_F_LOCAL != 0 && !live.contains(k))
-            .collect()
-    };
-    for (key, info) in stale {
-        let mut map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
-            BpfHashMap::try_from(state.datapath.map_mut(MAP_ENDPOINTS)?)?;
-        map.remove(&key)
+    let stale: Vec<(EndpointKey, EndpointInfo)> = state
+        .datapath
+        .endpoints()?
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(k, v)| v.flags & EP_F_LOCAL != 0 && !live.contains(k))
+        .collect();
+    let mut map = state.datapath.endpoints()?;
+    for (key, _) in &stale {
+        map.remove(key)
             .with_context(|| format!("{MAP_ENDPOINTS}: removing {key}"))?;
-        remove_counters(state, info.ifindex);
         info!(ip = %key, "removed the entry of an endpoint that is gone");
+    }
+    for (_, info) in stale {
+        remove_counters(state, info.ifindex);
     }
     save_registry(state)
 }

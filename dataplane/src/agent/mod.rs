@@ -8,13 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::TcAttachType,
-};
+use aya::programs::TcAttachType;
 use dataplane_common::{
-    Counter, Direction, EP_F_LOCAL, EndpointInfo, EndpointKey, EpMetricsKey, MAP_ENDPOINTS,
-    MAP_EP_METRICS, PROG_LXC_FROM_CTR, PROG_LXC_TO_CTR,
+    Direction, EP_F_LOCAL, EndpointInfo, EndpointKey, EpMetricsKey, MAP_ENDPOINTS,
+    PROG_LXC_FROM_CTR, PROG_LXC_TO_CTR,
     api::{AgentStatus, EndpointSpec, EndpointStatus, Request, Response},
     parse_mac,
 };
@@ -42,8 +39,8 @@ use crate::{
 };
 use dataplane_common::{
     DatapathConfig, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
-    IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, IpcacheKey, MAP_CONFIG, MAP_IPCACHE, MODE_NATIVE,
-    MODE_VXLAN, PROG_HOST_IN, PROG_OVERLAY_IN, PROG_OVERLAY_OUT, netlink::Nl,
+    IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, IpcacheKey, MAP_IPCACHE, MODE_NATIVE, MODE_VXLAN,
+    PROG_HOST_IN, PROG_OVERLAY_IN, PROG_OVERLAY_OUT, netlink::Nl,
 };
 
 #[derive(Debug, clap::Args)]

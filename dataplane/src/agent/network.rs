@@ -70,28 +70,24 @@ pub(super) fn attach_node_programs(
     Ok(links)
 }
 
-pub(super) fn ipcache(
-    datapath: &mut Datapath,
-) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, IpcacheKey, IpcacheEntry>> {
-    Ok(aya::maps::lpm_trie::LpmTrie::try_from(
-        datapath.map_mut(MAP_IPCACHE)?,
-    )?)
-}
-
 pub(super) fn ipcache_put(
     datapath: &mut Datapath,
     net: ipnetwork::IpNetwork,
     entry: IpcacheEntry,
 ) -> Result<()> {
     let (len, key) = IpcacheKey::prefix(net.network(), net.prefix());
-    ipcache(datapath)?
+    datapath
+        .ipcache()?
         .insert(&aya::maps::lpm_trie::Key::new(len, key), entry, 0)
         .with_context(|| format!("{MAP_IPCACHE}: inserting {net}"))
 }
 
 pub(super) fn ipcache_del(datapath: &mut Datapath, net: ipnetwork::IpNetwork) -> Result<()> {
     let (len, key) = IpcacheKey::prefix(net.network(), net.prefix());
-    match ipcache(datapath)?.remove(&aya::maps::lpm_trie::Key::new(len, key)) {
+    match datapath
+        .ipcache()?
+        .remove(&aya::maps::lpm_trie::Key::new(len, key))
+    {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("{MAP_IPCACHE}: removing {net}")),
     }
@@ -131,9 +127,10 @@ pub(super) fn init_maps(
         vxlan_ifindex: net.vxlan_ifindex,
         uplink_ifindex: net.uplink_ifindex,
     };
-    let mut config: aya::maps::Array<&mut MapData, DatapathConfig> =
-        aya::maps::Array::try_from(datapath.map_mut(MAP_CONFIG)?)?;
-    config.set(0, cfg, 0).context("writing dp_config")?;
+    datapath
+        .config()?
+        .set(0, cfg, 0)
+        .context("writing dp_config")?;
     ipcache_put(datapath, cluster_cidr, entry(IPCACHE_KIND_CLUSTER, None))?;
     if let Some(cidr) = pod_cidr {
         ipcache_put(datapath, cidr, entry(IPCACHE_KIND_LOCAL_PODS, None))?;

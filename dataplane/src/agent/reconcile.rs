@@ -93,8 +93,7 @@ pub(super) fn apply_remote_pods(
         .values()
         .flat_map(|e| e.spec.ips.iter().copied())
         .collect();
-    let mut map: BpfHashMap<&mut MapData, EndpointKey, EndpointInfo> =
-        BpfHashMap::try_from(st.datapath.map_mut(MAP_ENDPOINTS)?)?;
+    let mut map = st.datapath.endpoints()?;
     for (ip, pod) in want {
         if st.remote_pods.get(ip) == Some(pod) {
             continue;
