@@ -46,6 +46,8 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
 }
 
+/// Clones share one socket.
+#[derive(Clone)]
 pub struct Nl {
     pub handle: Handle,
 }

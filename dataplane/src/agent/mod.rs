@@ -1,5 +1,6 @@
-//! The node agent: owns the loaded datapath, serves the local API, keeps the
-//! endpoint maps in line with the registered endpoints.
+//! The node agent: loads and pins the datapath, serves the local API (the
+//! CNI plugin registers endpoints through it), and keeps the maps and routes
+//! in line with the cluster state its source publishes.
 
 use std::{
     collections::HashMap,
@@ -57,7 +58,8 @@ pub struct AgentArgs {
     /// How TC programs are attached.
     #[arg(long, value_enum, default_value = "auto")]
     pub attach_mode: AttachMode,
-    /// This node's pod CIDR (until Node objects are synced it comes from here).
+    /// Pins this node's pod CIDR; without it the CIDR comes from this node's
+    /// Node object.
     #[arg(long)]
     pub pod_cidr: Option<String>,
     /// The whole cluster's pod range: addresses in it that belong to no pod
@@ -170,7 +172,6 @@ struct Net {
 
 struct State {
     node: String,
-    pod_cidr: Option<String>,
     pod_mtu: u32,
     net: Net,
     /// Remote nodes as last applied.
@@ -178,7 +179,7 @@ struct State {
     /// Remote pods' addresses as last applied to the endpoint map.
     remote_pods: std::collections::BTreeMap<std::net::IpAddr, String>,
     /// This node's pod CIDR as applied; fixed when `--pod-cidr` is given.
-    own_cidr: Option<ipnetwork::Ipv4Network>,
+    own_cidr: Option<ipnetwork::IpNetwork>,
     own_cidr_fixed: bool,
     /// Links of the node-level programs; dropping them detaches.
     node_links: Vec<Attached>,
@@ -238,15 +239,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     telemetry::serve(&args.metrics_addr, telemetry.clone(), pin_dir.clone()).await?;
     let state = Arc::new(Mutex::new(State {
         node: args.node.clone(),
-        pod_cidr: args.pod_cidr.clone(),
         pod_mtu,
         net,
         nodes: Default::default(),
         remote_pods: Default::default(),
-        own_cidr: match pod_cidr {
-            Some(ipnetwork::IpNetwork::V4(v4)) => Some(v4),
-            _ => None,
-        },
+        own_cidr: pod_cidr,
         own_cidr_fixed: pod_cidr.is_some(),
         node_links,
         registry: args.state_dir.join("endpoints.json"),
@@ -261,7 +258,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         restore(&mut st)?;
     }
 
-    let nl_cleanup = Nl::new()?;
+    let nl_cleanup = nl.clone();
     // None until the source has read everything once: an empty store before
     // that must not be applied (it would remove every node).
     let (tx, rx) = tokio::sync::watch::channel(None);
@@ -375,7 +372,7 @@ fn handle_request(state: &mut State, request: Request) -> Response {
             attach_mode: state.datapath.mode().name().to_owned(),
             pin_dir: state.datapath.pin_dir().display().to_string(),
             endpoints: state.endpoints.len(),
-            pod_cidr: state.pod_cidr.clone(),
+            pod_cidr: state.own_cidr.map(|c| c.to_string()),
             pod_mtu: state.pod_mtu,
             mode: format!("{:?}", state.net.mode).to_lowercase(),
             node_ip: state.net.node_ip.to_string(),

@@ -61,18 +61,13 @@ pub(super) async fn apply_desired(
         let mut st = state
             .lock()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-        if !st.own_cidr_fixed && d.own_pod_cidr.is_some() && st.own_cidr != d.own_pod_cidr {
-            let (old, new) = (st.own_cidr, d.own_pod_cidr);
+        let new = d.own_pod_cidr.map(ipnetwork::IpNetwork::V4);
+        if !st.own_cidr_fixed && new.is_some() && st.own_cidr != new {
             if let Some(new) = new {
-                ipcache_put(
-                    &mut st.datapath,
-                    ipnetwork::IpNetwork::V4(new),
-                    entry(IPCACHE_KIND_LOCAL_PODS, None),
-                )?;
-                st.pod_cidr = Some(new.to_string());
+                ipcache_put(&mut st.datapath, new, entry(IPCACHE_KIND_LOCAL_PODS, None))?;
             }
-            if let Some(old) = old {
-                ipcache_del(&mut st.datapath, ipnetwork::IpNetwork::V4(old))?;
+            if let Some(old) = st.own_cidr {
+                ipcache_del(&mut st.datapath, old)?;
             }
             st.own_cidr = new;
             info!(pod_cidr = ?new, "this node's pod CIDR, from its Node object");
