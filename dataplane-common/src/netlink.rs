@@ -244,28 +244,21 @@ impl Nl {
     }
 
     /// A route to a remote node's pod CIDR: through `dev` (VXLAN mode), or via
-    /// the node's address (native routing). Replaces what is there.
+    /// the node's address (native routing).
     pub fn pod_cidr_route(
         dst: Ipv4Addr,
         prefix: u8,
         index: u32,
         via: Option<Ipv4Addr>,
-        mtu: Option<u32>,
     ) -> RouteMessage {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        let b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix)
             .output_interface(index);
-        b = match via {
+        match via {
             Some(gw) => b.gateway(gw),
             None => b.scope(RouteScope::Link),
-        };
-        let mut msg = b.build();
-        if let Some(mtu) = mtu {
-            use rtnetlink::packet_route::route::{RouteAttribute, RouteMetric};
-            msg.attributes
-                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
         }
-        msg
+        .build()
     }
 
     pub async fn replace_route(&self, route: RouteMessage) -> Result<()> {

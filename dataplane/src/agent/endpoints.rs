@@ -185,33 +185,6 @@ pub(super) fn restore(state: &mut State) -> Result<()> {
             }
         }
     }
-    // Remote nodes an earlier agent installed: the first node list applied
-    // updates them in place and removes those no longer listed.
-    let installed: Vec<(String, RemoteNode)> = state
-        .datapath
-        .ipcache()?
-        .iter()
-        .filter_map(|e| e.ok())
-        .filter(|(_, v)| v.kind == IPCACHE_KIND_REMOTE_PODS)
-        .filter_map(|(k, v)| {
-            let (std::net::IpAddr::V4(net), Some(std::net::IpAddr::V4(ip))) =
-                (k.data().ip()?, v.tunnel_endpoint())
-            else {
-                return None;
-            };
-            let len = u8::try_from(
-                k.prefix_len()
-                    .checked_sub(dataplane_common::IPCACHE_STATIC_PREFIX)?,
-            )
-            .ok()?;
-            let pod_cidr = ipnetwork::Ipv4Network::new(net, len).ok()?;
-            Some((
-                format!("(installed before restart) {pod_cidr}"),
-                RemoteNode { ip, pod_cidr },
-            ))
-        })
-        .collect();
-    state.nodes.extend(installed);
     telemetry::set_objects(&state.telemetry, "endpoint", state.endpoints.len());
     // Local endpoint entries nobody claims.
     let live: Vec<EndpointKey> = state

@@ -256,6 +256,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .lock()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
         restore(&mut st)?;
+        adopt_installed_nodes(&mut st)?;
     }
 
     let nl_cleanup = nl.clone();

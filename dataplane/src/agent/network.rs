@@ -72,9 +72,10 @@ pub(super) fn attach_node_programs(
 
 pub(super) fn ipcache_put(
     datapath: &mut Datapath,
-    net: ipnetwork::IpNetwork,
+    net: impl Into<ipnetwork::IpNetwork>,
     entry: IpcacheEntry,
 ) -> Result<()> {
+    let net = net.into();
     let (len, key) = IpcacheKey::prefix(net.network(), net.prefix());
     datapath
         .ipcache()?
@@ -82,7 +83,11 @@ pub(super) fn ipcache_put(
         .with_context(|| format!("{MAP_IPCACHE}: inserting {net}"))
 }
 
-pub(super) fn ipcache_del(datapath: &mut Datapath, net: ipnetwork::IpNetwork) -> Result<()> {
+pub(super) fn ipcache_del(
+    datapath: &mut Datapath,
+    net: impl Into<ipnetwork::IpNetwork>,
+) -> Result<()> {
+    let net = net.into();
     let (len, key) = IpcacheKey::prefix(net.network(), net.prefix());
     match datapath
         .ipcache()?
@@ -105,8 +110,8 @@ pub(super) fn entry(kind: u8, tunnel: Option<std::net::Ipv4Addr>) -> IpcacheEntr
     e
 }
 
-pub(super) fn host_net(ip: std::net::Ipv4Addr) -> ipnetwork::IpNetwork {
-    ipnetwork::IpNetwork::V4(ipnetwork::Ipv4Network::from(ip))
+pub(super) fn host_net(ip: std::net::Ipv4Addr) -> ipnetwork::Ipv4Network {
+    ipnetwork::Ipv4Network::from(ip)
 }
 
 /// Settings, the cluster range, this node's CIDR and address.
@@ -148,15 +153,12 @@ pub(super) fn route_for(
 ) -> rtnetlink::packet_route::route::RouteMessage {
     let cidr = node.pod_cidr;
     match net.mode {
-        Mode::Vxlan => {
-            Nl::pod_cidr_route(cidr.network(), cidr.prefix(), net.vxlan_ifindex, None, None)
-        }
+        Mode::Vxlan => Nl::pod_cidr_route(cidr.network(), cidr.prefix(), net.vxlan_ifindex, None),
         Mode::Native => Nl::pod_cidr_route(
             cidr.network(),
             cidr.prefix(),
             net.uplink_ifindex,
             Some(node.ip),
-            None,
         ),
     }
 }
@@ -173,14 +175,15 @@ pub(super) async fn apply_nodes(
             .lock()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))
     };
-    let (remove, routes_up, own_ip) = {
+    // A removed node's CIDR or address may live on in a changed or new node.
+    let cidr_gone = |n: &RemoteNode| !new.values().any(|m| m.pod_cidr == n.pod_cidr);
+    let (remove, routes_up, routes_down) = {
         let mut st = lock()?;
         let (upsert, remove) = nodes::diff(&st.nodes, &new);
-        let routes: Vec<_> = upsert.iter().map(|(_, n)| route_for(&st.net, n)).collect();
         for (name, n) in &upsert {
             ipcache_put(
                 &mut st.datapath,
-                ipnetwork::IpNetwork::V4(n.pod_cidr),
+                n.pod_cidr,
                 entry(IPCACHE_KIND_REMOTE_PODS, Some(n.ip)),
             )?;
             ipcache_put(
@@ -190,25 +193,27 @@ pub(super) async fn apply_nodes(
             )?;
             info!(node = %name, ip = %n.ip, pod_cidr = %n.pod_cidr, "node installed");
         }
-        (remove, routes, st.net.node_ip)
+        let up: Vec<_> = upsert.iter().map(|(_, n)| route_for(&st.net, n)).collect();
+        let down: Vec<_> = remove
+            .iter()
+            .filter(|(_, n)| cidr_gone(n))
+            .map(|(_, n)| route_for(&st.net, n))
+            .collect();
+        (remove, up, down)
     };
     for route in routes_up {
         nl.replace_route(route).await?;
     }
-    let still_used_cidr = |n: &RemoteNode| new.values().any(|m| m.pod_cidr == n.pod_cidr);
-    let still_used_ip = |n: &RemoteNode| n.ip == own_ip || new.values().any(|m| m.ip == n.ip);
-    for (_, n) in &remove {
-        if !still_used_cidr(n) {
-            let route = route_for(&lock()?.net, n);
-            nl.del_route(route).await?;
-        }
+    for route in routes_down {
+        nl.del_route(route).await?;
     }
     let mut st = lock()?;
+    let own_ip = st.net.node_ip;
     for (name, n) in &remove {
-        if !still_used_cidr(n) {
-            ipcache_del(&mut st.datapath, ipnetwork::IpNetwork::V4(n.pod_cidr))?;
+        if cidr_gone(n) {
+            ipcache_del(&mut st.datapath, n.pod_cidr)?;
         }
-        if !still_used_ip(n) {
+        if n.ip != own_ip && !new.values().any(|m| m.ip == n.ip) {
             ipcache_del(&mut st.datapath, host_net(n.ip))?;
         }
         if !new.contains_key(name) {
@@ -216,6 +221,38 @@ pub(super) async fn apply_nodes(
         }
     }
     st.nodes = new;
+    Ok(())
+}
+
+/// Remote nodes an earlier agent installed (the pinned ipcache outlives it):
+/// recorded as applied, so the first node list applied updates them in place
+/// and removes those no longer listed.
+pub(super) fn adopt_installed_nodes(state: &mut State) -> Result<()> {
+    let installed: Vec<(String, RemoteNode)> = state
+        .datapath
+        .ipcache()?
+        .iter()
+        .filter_map(|e| e.ok())
+        .filter(|(_, v)| v.kind == IPCACHE_KIND_REMOTE_PODS)
+        .filter_map(|(k, v)| {
+            let (std::net::IpAddr::V4(net), Some(std::net::IpAddr::V4(ip))) =
+                (k.data().ip()?, v.tunnel_endpoint())
+            else {
+                return None;
+            };
+            let len = u8::try_from(
+                k.prefix_len()
+                    .checked_sub(dataplane_common::IPCACHE_STATIC_PREFIX)?,
+            )
+            .ok()?;
+            let pod_cidr = ipnetwork::Ipv4Network::new(net, len).ok()?;
+            Some((
+                format!("(installed before restart) {pod_cidr}"),
+                RemoteNode { ip, pod_cidr },
+            ))
+        })
+        .collect();
+    state.nodes.extend(installed);
     Ok(())
 }
 

@@ -25,18 +25,10 @@ pub(super) async fn reconcile_loop(
             telemetry::set_objects(&t, kind.name(), store.count(kind));
         }
         let mut desired = cluster::desired(&store, &own);
-        // Each problem is reported when it appears, not on every change.
-        let problems = std::mem::take(&mut desired.problems);
-        for p in problems.difference(&reported) {
-            telemetry::error(&t, "object_conflict");
-            warn!("{p}");
-        }
-        for p in reported.difference(&problems) {
-            info!("resolved: {p}");
-        }
-        reported = problems;
+        let mut problems = std::mem::take(&mut desired.problems);
         match apply_desired(&state, &nl, desired).await {
-            Ok(()) => {
+            Ok(more) => {
+                problems.extend(more);
                 telemetry::reconciled(&t, "cluster", started.elapsed());
                 telemetry::set_ready(&t);
             }
@@ -45,6 +37,15 @@ pub(super) async fn reconcile_loop(
                 warn!("applying cluster state: {e:#}");
             }
         }
+        // Each problem is reported when it appears, not on every change.
+        for p in problems.difference(&reported) {
+            telemetry::error(&t, "object_conflict");
+            warn!("{p}");
+        }
+        for p in reported.difference(&problems) {
+            info!("resolved: {p}");
+        }
+        reported = problems;
         if rx.changed().await.is_err() {
             return;
         }
@@ -52,12 +53,13 @@ pub(super) async fn reconcile_loop(
 }
 
 /// Moves the datapath to `d`: this node's CIDR, remote nodes, remote pods.
+/// Returns the conflicts met on the way (one line each), for reporting.
 pub(super) async fn apply_desired(
     state: &Arc<Mutex<State>>,
     nl: &Nl,
     d: cluster::Desired,
-) -> Result<()> {
-    {
+) -> Result<Vec<String>> {
+    let problems = {
         let mut st = state
             .lock()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
@@ -72,17 +74,20 @@ pub(super) async fn apply_desired(
             st.own_cidr = new;
             info!(pod_cidr = ?new, "this node's pod CIDR, from its Node object");
         }
-        apply_remote_pods(&mut st, &d.remote_pods)?;
-    }
-    apply_nodes(state, nl, d.nodes).await
+        apply_remote_pods(&mut st, &d.remote_pods)?
+    };
+    apply_nodes(state, nl, d.nodes).await?;
+    Ok(problems)
 }
 
 /// Remote pods in the endpoint map (identity slot for policy), by
-/// difference; a local endpoint's entry is never overwritten.
+/// difference; a local endpoint's entry is never overwritten (returned as a
+/// conflict instead).
 pub(super) fn apply_remote_pods(
     st: &mut State,
     want: &std::collections::BTreeMap<std::net::IpAddr, String>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
     let local: Vec<std::net::IpAddr> = st
         .endpoints
         .values()
@@ -94,7 +99,7 @@ pub(super) fn apply_remote_pods(
             continue;
         }
         if local.contains(ip) {
-            warn!(pod = %pod, "address {ip} belongs to a local endpoint; remote pod skipped");
+            problems.push(format!("Pod {pod}: status.podIPs: address {ip} belongs to an endpoint on this node; skipped"));
             continue;
         }
         map.insert(EndpointKey::from(*ip), EndpointInfo::default(), 0)
@@ -113,5 +118,5 @@ pub(super) fn apply_remote_pods(
         .filter(|(ip, _)| !local.contains(ip))
         .map(|(k, v)| (*k, v.clone()))
         .collect();
-    Ok(())
+    Ok(problems)
 }
