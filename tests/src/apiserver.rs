@@ -80,9 +80,7 @@ fn resource_of(
 impl ApiServer {
     /// Listens on `addr` in `netns` (by `ip netns` name).
     pub fn start(netns: &str, addr: SocketAddr) -> Result<ApiServer> {
-        use std::os::fd::AsRawFd as _;
-        let file = std::fs::File::open(format!("/run/netns/{netns}"))
-            .with_context(|| format!("netns {netns}"))?;
+        let file = crate::netns_file(netns)?;
         let state = Arc::new(Mutex::new(State {
             rv: 1,
             ..State::default()
@@ -91,9 +89,9 @@ impl ApiServer {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (st, sp) = (state.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            // SAFETY: setns on an fd we own; this thread stays in the netns.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let _ = ready_tx.send(Err(std::io::Error::last_os_error()));
+            // This thread stays in the netns.
+            if let Err(e) = crate::enter_netns(&file) {
+                let _ = ready_tx.send(Err(e));
                 return;
             }
             let listener = match TcpListener::bind(addr) {

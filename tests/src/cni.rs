@@ -6,10 +6,8 @@
 //! network namespace, as a runtime on that node would run it.
 
 use std::{
-    fs::File,
     io::Write as _,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
 };
 
@@ -59,25 +57,6 @@ pub struct Runtime {
     pub env: Vec<(String, String)>,
 }
 
-/// A command that runs in `netns` (by `ip netns` name) and nothing else
-/// changed: mounts, cwd and environment stay the caller's.
-pub fn netns_command(netns: &str, program: &Path) -> Result<Command> {
-    let file =
-        File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
-    let mut cmd = Command::new(program);
-    // SAFETY: setns is async-signal-safe; the fd outlives the spawn because
-    // the closure owns it.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
-}
-
 impl Runtime {
     fn find(&self, plugin: &str) -> Result<PathBuf> {
         self.cni_path
@@ -98,7 +77,7 @@ impl Runtime {
     ) -> Result<Child> {
         let bin = self.find(plugin)?;
         let mut cmd = match &self.netns {
-            Some(ns) => netns_command(ns, &bin)?,
+            Some(ns) => crate::in_netns(ns, &bin),
             None => Command::new(&bin),
         };
         cmd.env("CNI_COMMAND", command)
@@ -133,7 +112,7 @@ impl Runtime {
     ) -> Result<std::result::Result<Value, CniFailure>> {
         let bin = self.find(plugin)?;
         let mut cmd = match &self.netns {
-            Some(ns) => netns_command(ns, &bin)?,
+            Some(ns) => crate::in_netns(ns, &bin),
             None => Command::new(&bin),
         };
         cmd.env_clear()

@@ -236,11 +236,40 @@ pub fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(drop)
 }
 
-/// A command inside a network namespace.
-pub fn in_netns(netns: &str, program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", netns, program]);
-    c
+/// Moves the calling thread (or a child between fork and exec) into the
+/// network namespace open as `file`.
+pub fn enter_netns(file: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setns on an fd the caller keeps open; async-signal-safe.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The namespace file of an `ip netns` name.
+pub fn netns_file(netns: &str) -> Result<fs::File> {
+    fs::File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))
+}
+
+/// A command that runs in `netns` (an `ip netns` name); nothing else about
+/// it changes (mounts, cwd and environment stay the caller's). A missing
+/// namespace makes the spawn fail.
+pub fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let file = netns_file(netns).map_err(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .map_or(std::io::ErrorKind::NotFound, std::io::Error::kind)
+    });
+    let mut cmd = Command::new(program);
+    // SAFETY: the closure only calls setns or builds an error from a kind,
+    // neither of which allocates.
+    unsafe {
+        cmd.pre_exec(move || match &file {
+            Ok(f) => enter_netns(f),
+            Err(kind) => Err(std::io::Error::from(*kind)),
+        });
+    }
+    cmd
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
@@ -1031,15 +1060,11 @@ pub struct HostSnapshot {
 /// Runs `f` on a thread inside network namespace `netns` (by `ip netns`
 /// name): sockets it opens belong to that namespace.
 pub fn in_netns_thread<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    use std::os::fd::AsRawFd as _;
-    let file =
-        fs::File::open(format!("/run/netns/{netns}")).with_context(|| format!("netns {netns}"))?;
+    let file = netns_file(netns)?;
     std::thread::scope(|s| {
         s.spawn(move || {
-            // SAFETY: setns on an fd we own; only this thread moves.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {netns}: {}", std::io::Error::last_os_error());
-            }
+            // Only this thread moves.
+            enter_netns(&file).with_context(|| format!("setns {netns}"))?;
             Ok(f())
         })
         .join()
