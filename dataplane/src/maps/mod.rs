@@ -84,11 +84,31 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
 
 /// Entries in use: keys of a hash map, non-zero slots of an array.
 pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
+    use aya::maps::{HashMap, PerCpuHashMap, lpm_trie::LpmTrie};
+    use dataplane_common::{
+        Counter, EndpointInfo, EndpointKey, EpMetricsKey, IpcacheEntry, IpcacheKey,
+    };
+    // Keys only for hash-like maps: counting needs no decoding (and, for
+    // the endpoint counters, no join with the endpoint map).
+    let keys = |n: Result<usize, aya::maps::MapError>| n.map_err(anyhow::Error::from);
     Ok(match name {
-        dataplane_common::MAP_ENDPOINTS => endpoints::entries(pin_dir)?.len(),
-        dataplane_common::MAP_EP_METRICS => ep_metrics::rows(pin_dir)?.len(),
+        dataplane_common::MAP_ENDPOINTS => {
+            let m: HashMap<MapData, EndpointKey, EndpointInfo> =
+                HashMap::try_from(open(pin_dir, name)?)?;
+            keys(m.keys().try_fold(0, |n, k| k.map(|_| n + 1)))?
+        }
+        dataplane_common::MAP_EP_METRICS => {
+            let m: PerCpuHashMap<MapData, EpMetricsKey, Counter> =
+                PerCpuHashMap::try_from(open(pin_dir, name)?)?;
+            keys(m.keys().try_fold(0, |n, k| k.map(|_| n + 1)))?
+        }
+        dataplane_common::MAP_IPCACHE => {
+            let m: LpmTrie<MapData, IpcacheKey, IpcacheEntry> =
+                LpmTrie::try_from(open(pin_dir, name)?)?;
+            keys(m.keys().try_fold(0, |n, k| k.map(|_| n + 1)))?
+        }
+        // Sparse array: the slots in use are the non-zero ones.
         dataplane_common::MAP_METRICS => metrics::rows(pin_dir)?.len(),
-        dataplane_common::MAP_IPCACHE => ipcache::rows(pin_dir)?.len(),
         dataplane_common::MAP_CONFIG => config::rows(pin_dir)?.len(),
         _ => bail!("no map named {name:?}"),
     })
