@@ -1,9 +1,20 @@
 //! Builds the eBPF programs (nightly, bpfel-unknown-none, bpf-linker) and
 //! leaves the object in OUT_DIR, where `src/bpf.rs` embeds it.
+//!
+//! The nested cargo's output is kept and shown only when it fails: cargo
+//! turns every line a build script prints into a `warning:`, which on
+//! success is noise.
 
-use std::{env, path::PathBuf};
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
+
+const PACKAGE: &str = "dataplane-ebpf";
 
 fn main() -> anyhow::Result<()> {
     // `cargo xtask setup` installs bpf-linker into this cache; look there too
@@ -25,19 +36,64 @@ fn main() -> anyhow::Result<()> {
             "bpf-linker not found on PATH or in the dataplane cache: run `cargo xtask setup` first"
         );
     }
-    // SAFETY: build scripts are single-threaded here; the child cargo that
-    // aya-build spawns inherits this PATH.
-    unsafe { env::set_var("PATH", env::join_paths(paths).context("PATH")?) };
 
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest.join("../dataplane-ebpf");
-    let root_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "dataplane-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::default(),
-    )
+    // Rebuild when the programs change (the build dependency only covers
+    // their library target).
+    println!("cargo:rerun-if-changed={}", ebpf_dir.display());
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR")?);
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
+    let target = if env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() == Ok("big") {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    };
+    let target_dir = out_dir.join("ebpf-target");
+    let mut flags = OsString::new();
+    for (i, f) in [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+        // A warning in the kernel programs fails the build (and is shown).
+        "-Dwarnings".into(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        if i > 0 {
+            flags.push("\x1f");
+        }
+        flags.push(f);
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--package", PACKAGE])
+        .args(["--bins", "--release", "--target", target])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(&ebpf_dir)
+        .env("PATH", env::join_paths(&paths).context("PATH")?)
+        .env("CARGO_ENCODED_RUSTFLAGS", flags)
+        // The outer build's toolchain must not leak into the nightly one.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN");
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?} (is rustup installed?)"))?;
+    if !out.status.success() {
+        for stream in [&out.stdout, &out.stderr] {
+            for line in String::from_utf8_lossy(stream).lines() {
+                println!("cargo:warning={line}");
+            }
+        }
+        bail!(
+            "building the eBPF programs failed ({}); output above",
+            out.status
+        );
+    }
+    let built: &Path = &target_dir.join(target).join("release").join(PACKAGE);
+    std::fs::copy(built, out_dir.join(PACKAGE))
+        .with_context(|| format!("copying {}", built.display()))?;
+    Ok(())
 }

@@ -50,6 +50,11 @@ fn agent(conf: &NetConf, request: &Request) -> Result<Response> {
             "the dataplane agent refused the request",
         )
         .details(message)),
+        Ok(Response::NotReady { message }) => Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the dataplane agent is not ready yet",
+        )
+        .details(message)),
         Ok(r) => Ok(r),
         Err(CallError::Unavailable(e)) => Err(CniError::new(
             code::TRY_AGAIN_LATER,
@@ -69,7 +74,7 @@ fn agent(conf: &NetConf, request: &Request) -> Result<Response> {
 
 fn agent_status(conf: &NetConf) -> Result<AgentStatus> {
     match agent(conf, &Request::Status)? {
-        Response::Status(s) => Ok(s),
+        Response::Status(s) => Ok(*s),
         other => Err(
             CniError::new(code::TRY_AGAIN_LATER, "unexpected answer from the agent")
                 .details(format!("{other:?}")),
@@ -92,11 +97,14 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value> {
     let status = agent_status(conf)?;
     let subnet = match (&conf.ipam.subnet, &status.pod_cidr) {
         (Some(s), _) | (None, Some(s)) => parse_subnet(s)?,
+        // The agent learns it from the Node object: not yet is not a
+        // configuration error, and the runtime retries.
         (None, None) => {
-            return Err(
-                CniError::new(code::INVALID_CONFIG, "no pod CIDR for this node")
-                    .details("set ipam.subnet, or start the agent with --pod-cidr"),
-            );
+            return Err(CniError::new(
+                code::TRY_AGAIN_LATER,
+                "the dataplane agent has no pod CIDR for this node yet",
+            )
+            .details("it comes from the Node object's spec.podCIDR (or the agent's --pod-cidr); set ipam.subnet to allocate without it"));
         }
     };
     let range = Range::new(subnet, conf.ipam.range_start, conf.ipam.range_end)?;

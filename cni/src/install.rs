@@ -34,7 +34,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         agent_socket: dataplane_common::api::DEFAULT_SOCKET.into(),
         ipam_dir: None,
         mtu: None,
-        cni_version: crate::CNI_VERSION.into(),
+        cni_version: crate::INSTALL_VERSION.into(),
         chain: Vec::new(),
     };
     let mut it = args.iter();

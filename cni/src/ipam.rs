@@ -2,7 +2,7 @@
 //!
 //! One directory per network; one file per reserved address, named by the
 //! address and holding the owner (container id, interface). Every change
-//! happens under an exclusive `flock` of `<dir>/lock`, which the kernel
+//! happens under an exclusive `flock` of `<dir>/lock` (`File::lock`), which the kernel
 //! releases when a holder dies (even by SIGKILL), and every file is written
 //! to a temporary name and renamed into place, so a reader never sees a
 //! half-written reservation. A plugin killed after reserving leaves an owned
@@ -12,7 +12,6 @@ use std::{
     fs::{self, File, OpenOptions},
     io::Write as _,
     net::{IpAddr, Ipv4Addr},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -123,13 +122,10 @@ impl Store {
             .write(true)
             .open(dir.join(LOCK))
             .code(code::IO, || format!("opening {}", dir.join(LOCK).display()))?;
-        // SAFETY: flock on an fd we own; blocks until other plugins are done.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(
-                CniError::new(code::IO, format!("locking {}", dir.join(LOCK).display()))
-                    .details(std::io::Error::last_os_error()),
-            );
-        }
+        // An exclusive flock: blocks until other plugins are done, and the
+        // kernel releases it if we are killed.
+        lock.lock()
+            .code(code::IO, || format!("locking {}", dir.join(LOCK).display()))?;
         let store = Store {
             dir: dir.to_owned(),
             _lock: lock,

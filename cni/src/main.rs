@@ -23,6 +23,10 @@ use error::{CniError, code};
 /// version is unknown.
 pub const CNI_VERSION: &str = "1.1.0";
 
+/// The version `install` writes: every supported runtime accepts a 1.0.0
+/// result (containerd 1.6's libcni refuses 1.1.0), as the big CNIs do.
+pub const INSTALL_VERSION: &str = "1.0.0";
+
 fn print_json(value: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
     // Nothing useful to do if stdout is gone: the runtime has given up on us.

@@ -2,7 +2,7 @@
 //! belongs to the namespace it was created in, so each batch runs on its own
 //! thread that enters the namespace first, with its own socket and runtime.
 
-use std::{fs::File, os::fd::AsRawFd as _, path::Path};
+use std::{fs::File, path::Path};
 
 pub use dataplane_common::netlink::{Nl, NlError, link_mac, link_name};
 
@@ -33,11 +33,10 @@ pub fn with_netns<T: Send>(
     std::thread::scope(|s| {
         s.spawn(move || {
             if let Some(file) = &file {
-                // SAFETY: setns on an fd we own; affects this thread only.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(CniError::new(code::IO, "entering the network namespace")
-                        .details(std::io::Error::last_os_error()));
-                }
+                // Only this thread moves.
+                dataplane_common::netns::enter(file).map_err(|e| {
+                    CniError::new(code::IO, "entering the network namespace").details(e)
+                })?;
             }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()

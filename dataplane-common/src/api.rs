@@ -59,6 +59,17 @@ pub struct AgentStatus {
     /// Remote nodes installed.
     #[serde(default)]
     pub nodes: usize,
+    /// Restored, cluster state applied, and this node's pod CIDR known:
+    /// only then are endpoints added.
+    #[serde(default)]
+    pub ready: bool,
+    /// How the XDP program is attached to the uplink: `native`, `generic`
+    /// or `off`.
+    #[serde(default)]
+    pub xdp: String,
+    /// The cgroup the socket programs are attached to, if any.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,9 +85,18 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Status(AgentStatus),
-    Endpoints { endpoints: Vec<EndpointStatus> },
-    Error { message: String },
+    Status(Box<AgentStatus>),
+    Endpoints {
+        endpoints: Vec<EndpointStatus>,
+    },
+    Error {
+        message: String,
+    },
+    /// The agent cannot take the request yet; the same request later can
+    /// succeed (the CNI plugin answers "try again later").
+    NotReady {
+        message: String,
+    },
 }
 
 /// Errors a caller may want to tell apart: the CNI plugin maps `Unavailable`

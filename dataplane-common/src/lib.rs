@@ -5,12 +5,25 @@
 //! these definitions. Types are `repr(C)` with explicit padding and a size
 //! assertion, and every field that carries an address states its byte order.
 #![cfg_attr(
-    not(any(feature = "user", feature = "api", feature = "netlink", test)),
+    not(any(
+        feature = "user",
+        feature = "api",
+        feature = "netlink",
+        feature = "netns",
+        test
+    )),
     no_std
 )]
 
 pub mod maps;
+pub mod progs;
 pub mod reason;
+
+#[cfg(any(feature = "user", feature = "api"))]
+pub mod pin;
+
+#[cfg(feature = "netns")]
+pub mod netns;
 
 #[cfg(feature = "api")]
 pub mod api;
@@ -19,4 +32,7 @@ pub mod api;
 pub mod netlink;
 
 pub use maps::*;
-pub use reason::{Direction, Reason};
+#[cfg(any(feature = "user", feature = "api"))]
+pub use pin::pin_dir;
+pub use progs::*;
+pub use reason::{Direction, Hook, Reason};

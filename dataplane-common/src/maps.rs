@@ -1,10 +1,16 @@
-//! Map names, keys and values.
+//! Map names, layouts, keys and values.
 //!
 //! Kernel programs declare each map with the literal name below (the
 //! `#[btf_map]` attribute takes no constant); the agent refuses to start when
 //! the loaded object lacks one of [`MAPS`], so a rename cannot drift silently.
+//!
+//! Every map carries a layout version that is part of its pin name
+//! (`dp_endpoints_v1`): changing a key or value type means bumping it, and an
+//! agent of the new version then creates a fresh map beside the old one
+//! instead of misreading it. As a second line of defence the agent compares a
+//! pinned map's type and sizes with [`MapSpec`] before adopting it.
 
-use crate::reason::{Direction, Reason};
+use crate::reason::{Direction, Hook, Reason};
 
 /// Root of the bpffs pins; each node's maps and links live in `<root>/<node>/`.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
@@ -13,74 +19,116 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
 pub const MAP_ENDPOINTS: &str = "dp_endpoints";
 /// Per-endpoint traffic counters, per CPU: [`EpMetricsKey`] -> [`Counter`].
 pub const MAP_EP_METRICS: &str = "dp_ep_metrics";
-/// Verdict counters by (direction, reason), per CPU: index from [`metrics_index`] -> [`Counter`].
+/// Verdict counters by (hook, direction, reason), per CPU: index from [`metrics_index`] -> [`Counter`].
 pub const MAP_METRICS: &str = "dp_metrics";
 /// What an address belongs to, by longest prefix: [`IpcacheKey`] -> [`IpcacheEntry`].
 pub const MAP_IPCACHE: &str = "dp_ipcache";
 /// Datapath settings, one slot: index 0 -> [`DatapathConfig`].
 pub const MAP_CONFIG: &str = "dp_config";
 
-/// Programs, by attach point. Kernel names are capped at 15 characters.
-pub const PROG_LXC_FROM_CTR: &str = "lxc_from_ctr";
-pub const PROG_LXC_TO_CTR: &str = "lxc_to_ctr";
-/// tc ingress of the VXLAN device: decapsulated packets.
-pub const PROG_OVERLAY_IN: &str = "overlay_in";
-/// tc egress of the VXLAN device: picks the tunnel endpoint.
-pub const PROG_OVERLAY_OUT: &str = "overlay_out";
-/// tc ingress of the node's uplink.
-pub const PROG_HOST_IN: &str = "host_in";
-pub const PROGRAMS: &[&str] = &[
-    PROG_LXC_FROM_CTR,
-    PROG_LXC_TO_CTR,
-    PROG_OVERLAY_IN,
-    PROG_OVERLAY_OUT,
-    PROG_HOST_IN,
-];
-
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const EP_METRICS_MAX: u32 = 16_384;
-pub const METRICS_MAX: u32 = 4 << 8;
+pub const METRICS_MAX: u32 = 3 << 10;
 pub const IPCACHE_MAX: u32 = 16_384;
 
-/// Describes one map for the CLI (`dataplane map list`) and the agent's checks.
+/// The kernel map types the datapath uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    PerCpuHash,
+    Array,
+    PerCpuArray,
+    LpmTrie,
+}
+
+impl MapKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            MapKind::Hash => "hash",
+            MapKind::PerCpuHash => "percpu_hash",
+            MapKind::Array => "array",
+            MapKind::PerCpuArray => "percpu_array",
+            MapKind::LpmTrie => "lpm_trie",
+        }
+    }
+}
+
+/// One map of the contract: what the CLI lists, what the agent checks a
+/// pinned map against before adopting it.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSpec {
     pub name: &'static str,
-    pub kind: &'static str,
+    /// Bumped whenever the key or value layout changes; part of the pin name.
+    pub version: u32,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
     pub max_entries: u32,
     pub description: &'static str,
+}
+
+impl MapSpec {
+    /// The map's file name under a node's pin directory.
+    #[cfg(any(feature = "user", feature = "api"))]
+    pub fn pin_name(&self) -> String {
+        format!("{}_v{}", self.name, self.version)
+    }
+
+    pub fn by_name(name: &str) -> Option<&'static MapSpec> {
+        MAPS.iter().find(|m| m.name == name)
+    }
+}
+
+const fn size<T>() -> u32 {
+    core::mem::size_of::<T>() as u32
 }
 
 pub const MAPS: &[MapSpec] = &[
     MapSpec {
         name: MAP_ENDPOINTS,
-        kind: "hash",
+        version: 1,
+        kind: MapKind::Hash,
+        key_size: size::<EndpointKey>(),
+        value_size: size::<EndpointInfo>(),
         max_entries: ENDPOINTS_MAX,
         description: "endpoints (pods) by IP",
     },
     MapSpec {
         name: MAP_EP_METRICS,
-        kind: "percpu_hash",
+        version: 1,
+        kind: MapKind::PerCpuHash,
+        key_size: size::<EpMetricsKey>(),
+        value_size: size::<Counter>(),
         max_entries: EP_METRICS_MAX,
         description: "per-endpoint packet/byte counters (IP traffic)",
     },
     MapSpec {
         name: MAP_METRICS,
-        kind: "percpu_array",
+        version: 2,
+        kind: MapKind::PerCpuArray,
+        key_size: 4,
+        value_size: size::<Counter>(),
         max_entries: METRICS_MAX,
-        description: "verdict counters by direction and reason",
+        description: "verdict counters by hook, direction and reason",
     },
     MapSpec {
         name: MAP_IPCACHE,
-        kind: "lpm_trie",
+        version: 1,
+        kind: MapKind::LpmTrie,
+        // The kernel's LPM key: a u32 prefix length, then the data.
+        key_size: 4 + size::<IpcacheKey>(),
+        value_size: size::<IpcacheEntry>(),
         max_entries: IPCACHE_MAX,
         description: "prefixes: cluster range, pod CIDRs per node, node addresses",
     },
     MapSpec {
         name: MAP_CONFIG,
-        kind: "array",
+        version: 2,
+        kind: MapKind::Array,
+        key_size: 4,
+        value_size: size::<DatapathConfig>(),
         max_entries: 1,
-        description: "datapath settings (mode, VNI, devices)",
+        description: "datapath settings (mode, VNI, devices, node address)",
     },
 ];
 
@@ -157,8 +205,12 @@ pub const IPCACHE_KIND_CLUSTER: u8 = 1;
 pub const IPCACHE_KIND_LOCAL_PODS: u8 = 2;
 /// Another node's pod CIDR: forward to `tunnel_endpoint`.
 pub const IPCACHE_KIND_REMOTE_PODS: u8 = 3;
-/// A node's own address: hand to the host stack.
+/// This node's own address: hand to the host stack.
 pub const IPCACHE_KIND_HOST: u8 = 4;
+/// Another node's address: in VXLAN mode pods reach it through the tunnel
+/// to `tunnel_endpoint` (the node itself), so pod addresses never cross the
+/// underlay bare.
+pub const IPCACHE_KIND_REMOTE_HOST: u8 = 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -190,8 +242,11 @@ pub struct DatapathConfig {
     pub vxlan_ifindex: u32,
     /// The node's uplink.
     pub uplink_ifindex: u32,
+    /// The node's own IPv4 address (network byte order): the source of the
+    /// ICMP errors the datapath generates.
+    pub node_ipv4: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 20);
 
 /// The endpoint runs on this node (its `ifindex` is valid here).
 pub const EP_F_LOCAL: u32 = 1 << 0;
@@ -244,22 +299,23 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
-/// Index into [`MAP_METRICS`] for a (direction, reason) pair.
+/// Index into [`MAP_METRICS`] for a (hook, direction, reason) triple.
 #[inline(always)]
-pub const fn metrics_index(direction: Direction, reason: Reason) -> u32 {
-    ((direction as u32) << 8) | reason as u32
+pub const fn metrics_index(hook: Hook, direction: Direction, reason: Reason) -> u32 {
+    ((hook as u32) << 10) | ((direction as u32) << 8) | reason as u32
 }
 
-/// Inverse of [`metrics_index`]; `None` for slots no pair maps to.
-pub const fn metrics_slot(index: u32) -> Option<(Direction, Reason)> {
+/// Inverse of [`metrics_index`]; `None` for slots no triple maps to.
+pub const fn metrics_slot(index: u32) -> Option<(Hook, Direction, Reason)> {
     if index >= METRICS_MAX {
         return None;
     }
     match (
-        Direction::from_code((index >> 8) as u8),
+        Hook::from_code((index >> 10) as u8),
+        Direction::from_code(((index >> 8) & 3) as u8),
         Reason::from_code((index & 0xff) as u8),
     ) {
-        (Some(d), Some(r)) => Some((d, r)),
+        (Some(h), Some(d), Some(r)) => Some((h, d, r)),
         _ => None,
     }
 }
@@ -320,6 +376,7 @@ mod user {
                 IPCACHE_KIND_LOCAL_PODS => "local-pods",
                 IPCACHE_KIND_REMOTE_PODS => "remote-pods",
                 IPCACHE_KIND_HOST => "host",
+                IPCACHE_KIND_REMOTE_HOST => "remote-host",
                 _ => "unknown",
             }
         }
@@ -363,15 +420,7 @@ mod user {
             self.bytes += rhs.bytes;
         }
     }
-
-    /// `<root>/<node>`: where one node's agent pins its maps and links.
-    pub fn pin_dir(root: &std::path::Path, node: &str) -> std::path::PathBuf {
-        root.join(node)
-    }
 }
-
-#[cfg(feature = "user")]
-pub use user::pin_dir;
 
 #[cfg(any(feature = "user", feature = "api"))]
 mod mac {
@@ -403,14 +452,26 @@ mod tests {
 
     #[test]
     fn metrics_index_round_trips_and_fits() {
-        for d in Direction::ALL {
-            for r in Reason::ALL {
-                let i = metrics_index(*d, *r);
-                assert!(i < METRICS_MAX);
-                assert_eq!(metrics_slot(i), Some((*d, *r)));
+        for h in Hook::ALL {
+            for d in Direction::ALL {
+                for r in Reason::ALL {
+                    let i = metrics_index(*h, *d, *r);
+                    assert!(i < METRICS_MAX);
+                    assert_eq!(metrics_slot(i), Some((*h, *d, *r)));
+                }
             }
         }
         assert_eq!(metrics_slot(METRICS_MAX), None);
+    }
+
+    #[test]
+    fn map_specs_are_unique_and_sized() {
+        let mut names = std::collections::HashSet::new();
+        for m in MAPS {
+            assert!(names.insert(m.name), "{} twice", m.name);
+            assert!(m.key_size > 0 && m.value_size > 0 && m.max_entries > 0);
+        }
+        assert_eq!(MapSpec::by_name(MAP_CONFIG).map(|m| m.value_size), Some(20));
     }
 
     #[cfg(feature = "user")]

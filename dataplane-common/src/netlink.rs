@@ -14,9 +14,14 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
         neighbour::NeighbourState,
-        route::{RouteMessage, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
     },
 };
+
+/// The routing protocol number the agent tags its routes with, so that it
+/// can find exactly its own routes again after a restart (`ip route show
+/// proto 205`).
+pub const ROUTE_PROTOCOL: u8 = 205;
 
 /// What failed, and the kernel's answer.
 #[derive(Debug)]
@@ -64,6 +69,33 @@ pub fn link_name(msg: &LinkMessage) -> Option<&str> {
         LinkAttribute::IfName(n) => Some(n.as_str()),
         _ => None,
     })
+}
+
+/// What identifies a route for comparison: destination, prefix length,
+/// device, gateway and preferred source.
+pub fn route_key(
+    r: &RouteMessage,
+) -> (
+    Option<Ipv4Addr>,
+    u8,
+    Option<u32>,
+    Option<Ipv4Addr>,
+    Option<Ipv4Addr>,
+) {
+    let mut dst = None;
+    let mut oif = None;
+    let mut gw = None;
+    let mut src = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => src = Some(*ip),
+            _ => {}
+        }
+    }
+    (dst, r.header.destination_prefix_length, oif, gw, src)
 }
 
 pub fn link_mtu(msg: &LinkMessage) -> Option<u32> {
@@ -244,21 +276,41 @@ impl Nl {
     }
 
     /// A route to a remote node's pod CIDR: through `dev` (VXLAN mode), or via
-    /// the node's address (native routing).
+    /// the node's address (native routing). `src` is the address the node
+    /// uses toward pods elsewhere: its own, not whichever the kernel picks.
     pub fn pod_cidr_route(
         dst: Ipv4Addr,
         prefix: u8,
         index: u32,
         via: Option<Ipv4Addr>,
+        src: Ipv4Addr,
     ) -> RouteMessage {
         let b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst, prefix)
-            .output_interface(index);
+            .output_interface(index)
+            .pref_source(src)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
         match via {
             Some(gw) => b.gateway(gw),
             None => b.scope(RouteScope::Link),
         }
         .build()
+    }
+
+    /// The IPv4 routes of the main table tagged [`ROUTE_PROTOCOL`].
+    pub async fn own_routes(&self) -> Result<Vec<RouteMessage>> {
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(err("listing routes"))?;
+        Ok(all
+            .into_iter()
+            .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+            .collect())
     }
 
     pub async fn replace_route(&self, route: RouteMessage) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The one table of verdict reasons.
 //!
 //! Every packet a program handles ends in exactly one reason: `Forwarded` or
-//! a named drop. Programs count it in [`crate::MetricsKey`] and the CLI,
+//! a named drop. Programs count it in [`crate::MAP_METRICS`] and the CLI,
 //! metrics endpoint and monitor render the same names from this table.
 
 macro_rules! reasons {
@@ -60,11 +60,54 @@ reasons! {
     TtlExceeded = 8, "ttl_exceeded", "TTL expired while forwarding";
     /// The datapath has no configuration yet (agent still starting).
     NotConfigured = 9, "not_configured", "datapath configuration missing";
+    /// A VXLAN packet whose outer source is not a node of the cluster.
+    TunnelPeerUnknown = 10, "unknown_tunnel_peer", "VXLAN packet from an address that is not a cluster node";
+    /// A decapsulated packet whose inner source is neither the sending node
+    /// nor inside that node's pod CIDR.
+    TunnelSourceMismatch = 11, "tunnel_source_mismatch", "decapsulated source does not belong to the sending node";
+    /// A VXLAN packet with a network identifier this node does not use.
+    TunnelVniMismatch = 12, "unknown_vni", "VXLAN packet with a VNI this node does not use";
+    /// IPv6 from a pod, from an address it owns: not routed yet.
+    Ipv6Unsupported = 13, "ipv6_unsupported", "IPv6 is not routed by the datapath yet";
 }
 
 impl Reason {
     pub const fn is_drop(self) -> bool {
         !matches!(self, Reason::Forwarded)
+    }
+}
+
+/// The kind of hook that gave a verdict: the same packet may pass XDP and
+/// then TC on one device, and is counted once per hook.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// tc (tcx or clsact) programs on pod veths, the uplink and the tunnel device.
+    Tc = 0,
+    /// XDP on the uplink, before the stack allocates an skb.
+    Xdp = 1,
+    /// cgroup socket hooks (connect, sendmsg, ...): no packet yet, bytes are 0.
+    Sock = 2,
+}
+
+impl Hook {
+    pub const ALL: &'static [Hook] = &[Hook::Tc, Hook::Xdp, Hook::Sock];
+
+    pub const fn from_code(code: u8) -> Option<Hook> {
+        match code {
+            0 => Some(Hook::Tc),
+            1 => Some(Hook::Xdp),
+            2 => Some(Hook::Sock),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Tc => "tc",
+            Hook::Xdp => "xdp",
+            Hook::Sock => "sock",
+        }
     }
 }
 
@@ -125,6 +168,9 @@ mod tests {
         assert_eq!(Reason::from_code(Reason::ALL.len() as u8), None);
         for d in Direction::ALL {
             assert_eq!(Direction::from_code(*d as u8), Some(*d));
+        }
+        for h in Hook::ALL {
+            assert_eq!(Hook::from_code(*h as u8), Some(*h));
         }
     }
 }

@@ -3,15 +3,21 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_peer, programs::TcContext};
 use dataplane_common::{Direction, EndpointInfo, Reason};
 
-use crate::{metrics, parse};
+use crate::{metrics, verdict::Verdict};
 
-const PACKET_HOST: u32 = 0;
+pub const PACKET_HOST: u32 = 0;
 
-/// Routes one hop (TTL), addresses the frame to the pod, counts it for the
-/// pod and redirects into the pod's own interface (`bpf_redirect_peer`).
+/// Addresses the frame to the pod and redirects it into the pod's own
+/// interface (`bpf_redirect_peer`). The caller has routed it (TTL). Counted
+/// for the pod only once the redirect is set up, so a failed redirect is
+/// counted once, as `helper_failed`.
+#[inline(never)]
+pub fn to_local(ctx: &mut TcContext, ep: &EndpointInfo) -> Verdict {
+    Verdict::from_result(try_to_local(ctx, ep))
+}
+
 #[inline(always)]
-pub fn to_local(ctx: &mut TcContext, ep: &EndpointInfo) -> Result<i32, Reason> {
-    parse::ipv4_dec_ttl(ctx)?;
+fn try_to_local(ctx: &mut TcContext, ep: &EndpointInfo) -> Result<Verdict, Reason> {
     ctx.store(0, &ep.mac, 0).map_err(|_| Reason::HelperFailed)?;
     ctx.store(6, &ep.host_mac, 0)
         .map_err(|_| Reason::HelperFailed)?;
@@ -19,12 +25,11 @@ pub fn to_local(ctx: &mut TcContext, ep: &EndpointInfo) -> Result<i32, Reason> {
     // MAC when it was classified; the pod's stack must see it as its own.
     ctx.change_type(PACKET_HOST)
         .map_err(|_| Reason::HelperFailed)?;
-    metrics::count_endpoint(ctx, ep.ifindex, Direction::ToEndpoint, ctx.len());
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-    if action == i64::from(TC_ACT_REDIRECT) {
-        Ok(TC_ACT_REDIRECT)
-    } else {
-        Err(Reason::HelperFailed)
+    if action != i64::from(TC_ACT_REDIRECT) {
+        return Err(Reason::HelperFailed);
     }
+    metrics::count_endpoint(ctx, ep.ifindex, Direction::ToEndpoint, ctx.len());
+    Ok(Verdict::redirect())
 }

@@ -1,22 +1,28 @@
 //! Kernel programs, one module per attach point, features as modules.
 //!
 //! Attach points: `lxc` (a pod's host-side veth), `host` (the node's
-//! uplink), `overlay` (the VXLAN device). Later: `xdp`, `sock`.
+//! uplink: XDP and tc), `overlay` (the VXLAN device), `sock` (the node's
+//! cgroup). Each program is a thin entry point; the per-packet work sits in
+//! `#[inline(never)]` functions that become BPF-to-BPF calls, so the
+//! verifier checks each once and the programs stay small as features grow.
 #![no_std]
 #![no_main]
 
+mod arp;
 mod config;
 mod deliver;
-mod drop;
 mod encap;
 mod endpoints;
 mod host;
+mod icmp;
 mod ipcache;
 mod lxc;
 mod metrics;
 mod overlay;
 mod parse;
 mod route;
+mod sock;
+mod verdict;
 
 #[cfg(not(test))]
 #[panic_handler]

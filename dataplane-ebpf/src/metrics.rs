@@ -1,15 +1,14 @@
-//! Counters: the verdict table (by direction and reason) and per endpoint.
+//! Counters: the verdict table (by hook, direction and reason) and per
+//! endpoint.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_NOEXIST,
     btf_maps::{PerCpuArray, PerCpuHashMap},
     macros::btf_map,
-    programs::TcContext,
 };
 use aya_log_ebpf::info;
-use dataplane_common::{
-    Counter, Direction, EP_METRICS_MAX, EpMetricsKey, METRICS_MAX, Reason, metrics_index,
-};
+use dataplane_common::{Counter, Direction, EP_METRICS_MAX, EpMetricsKey, Hook, METRICS_MAX};
 
 #[btf_map(name = "dp_metrics")]
 static METRICS: PerCpuArray<Counter, { METRICS_MAX as usize }> = PerCpuArray::new();
@@ -18,10 +17,12 @@ static METRICS: PerCpuArray<Counter, { METRICS_MAX as usize }> = PerCpuArray::ne
 static EP_METRICS: PerCpuHashMap<EpMetricsKey, Counter, { EP_METRICS_MAX as usize }> =
     PerCpuHashMap::new();
 
-/// Counts one packet under (direction, reason).
+/// Counts one packet under (hook, direction, reason code); see
+/// [`dataplane_common::metrics_index`].
 #[inline(always)]
-pub fn count_verdict(direction: Direction, reason: Reason, len: u32) {
-    if let Some(c) = METRICS.get_ptr_mut(metrics_index(direction, reason)) {
+pub fn count_verdict(hook: Hook, direction: Direction, reason: u32, len: u32) {
+    let index = ((hook as u32) << 10) | ((direction as u32) << 8) | (reason & 0xff);
+    if let Some(c) = METRICS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot of a preallocated array; programs do not
         // migrate CPUs while running, so nothing else writes it concurrently.
         unsafe {
@@ -33,7 +34,7 @@ pub fn count_verdict(direction: Direction, reason: Reason, len: u32) {
 
 /// Counts one packet for the endpoint behind `ifindex`.
 #[inline(always)]
-pub fn count_endpoint(ctx: &TcContext, ifindex: u32, direction: Direction, len: u32) {
+pub fn count_endpoint<C: EbpfContext>(ctx: &C, ifindex: u32, direction: Direction, len: u32) {
     let key = EpMetricsKey::new(ifindex, direction);
     match EP_METRICS.get_ptr_mut(&key) {
         // SAFETY: as above, this CPU's value of a per-CPU hash entry.

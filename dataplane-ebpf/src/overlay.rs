@@ -1,29 +1,77 @@
 //! Programs on the node's VXLAN device (external mode).
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
-use dataplane_common::{Direction, IPCACHE_KIND_REMOTE_PODS, Reason};
-
-use crate::{
-    config, deliver, drop, encap, ipcache, parse,
-    route::{self, Route},
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use dataplane_common::{
+    Direction, IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, Reason,
 };
 
-/// Decapsulated packets: only pods of this node may be their destination.
+use crate::{
+    config,
+    deliver::{self, PACKET_HOST},
+    encap, icmp, ipcache, parse,
+    route::{self, Route},
+    verdict::{self, Verdict},
+};
+
+/// Decapsulated packets. The tunnel trusts only nodes: the outer source
+/// must be a node of the cluster, and the inner source that node or one of
+/// its pods. Then only pods of this node and this node itself may be the
+/// destination.
 #[classifier]
 pub fn overlay_in(mut ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let verdict = from_overlay(&mut ctx);
-    drop::exit(&ctx, Direction::FromNetwork, len, verdict)
+    let mut v = from_overlay(&mut ctx);
+    if let Some(err) = v.wants_answer() {
+        v = icmp::answer_network(&mut ctx, err);
+    }
+    verdict::tc_exit(&ctx, Direction::FromNetwork, len, v)
+}
+
+#[inline(never)]
+fn from_overlay(ctx: &mut TcContext) -> Verdict {
+    Verdict::from_result(try_from_overlay(ctx))
 }
 
 #[inline(always)]
-fn from_overlay(ctx: &mut TcContext) -> Result<i32, Reason> {
+fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
+    let cfg = config::get()?;
+    let (peer, vni) = encap::get_key(ctx)?;
+    if vni != cfg.vni {
+        return Err(Reason::TunnelVniMismatch);
+    }
+    match ipcache::lookup_v4(peer) {
+        Some(e) if e.kind == IPCACHE_KIND_REMOTE_HOST => {}
+        _ => return Err(Reason::TunnelPeerUnknown),
+    }
     if parse::ethertype(ctx) != Some(parse::ETH_P_IP) {
         return Err(Reason::UnsupportedL3);
     }
-    match route::v4(parse::ipv4_daddr(ctx)?)? {
-        Route::Local(ep) => deliver::to_local(ctx, ep),
-        _ => Err(Reason::UnknownDestination),
+    let ip = parse::ipv4(ctx)?;
+    match ipcache::lookup_v4(ip.saddr) {
+        Some(e)
+            if (e.kind == IPCACHE_KIND_REMOTE_PODS || e.kind == IPCACHE_KIND_REMOTE_HOST)
+                && e.tunnel_endpoint[..4] == peer => {}
+        _ => return Err(Reason::TunnelSourceMismatch),
+    }
+    match route::v4(ip.daddr)? {
+        Route::Local(ep) => {
+            if parse::ipv4_dec_ttl(ctx).is_err() {
+                return Ok(icmp::Error::time_exceeded().verdict());
+            }
+            Ok(deliver::to_local(ctx, ep))
+        }
+        // A pod of another node talking to this node. Its frame still
+        // carries the MACs of the sending pod's veth: without PACKET_HOST the
+        // stack would take it for someone else's and drop it silently.
+        Route::Stack => match ipcache::lookup_v4(ip.daddr) {
+            Some(e) if e.kind == IPCACHE_KIND_HOST => {
+                ctx.change_type(PACKET_HOST)
+                    .map_err(|_| Reason::HelperFailed)?;
+                Ok(Verdict::pass())
+            }
+            _ => Err(Reason::UnknownDestination),
+        },
+        Route::Tunnel(..) => Err(Reason::UnknownDestination),
     }
 }
 
@@ -32,18 +80,23 @@ fn from_overlay(ctx: &mut TcContext) -> Result<i32, Reason> {
 /// node that owns the destination.
 #[classifier]
 pub fn overlay_out(ctx: TcContext) -> i32 {
-    let verdict = to_overlay(&ctx).map(|()| TC_ACT_OK);
-    drop::exit(&ctx, Direction::ToNetwork, ctx.len(), verdict)
+    let v = Verdict::from_result(to_overlay(&ctx));
+    verdict::tc_exit(&ctx, Direction::ToNetwork, ctx.len(), v)
 }
 
 #[inline(always)]
-fn to_overlay(ctx: &TcContext) -> Result<(), Reason> {
+fn to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     if parse::ethertype(ctx) != Some(parse::ETH_P_IP) {
         return Err(Reason::UnsupportedL3);
     }
     let cfg = config::get()?;
     match ipcache::lookup_v4(parse::ipv4_daddr(ctx)?) {
-        Some(node) if node.kind == IPCACHE_KIND_REMOTE_PODS => encap::set_key(ctx, node, cfg.vni),
+        Some(node)
+            if node.kind == IPCACHE_KIND_REMOTE_PODS || node.kind == IPCACHE_KIND_REMOTE_HOST =>
+        {
+            encap::set_key(ctx, node, cfg.vni)?;
+            Ok(Verdict::pass())
+        }
         _ => Err(Reason::UnknownDestination),
     }
 }

@@ -3,15 +3,18 @@
 
 use dataplane_common::{
     DatapathConfig, EP_F_LOCAL, EndpointInfo, EndpointKey, IPCACHE_KIND_HOST,
-    IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, MODE_VXLAN, Reason,
+    IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, MODE_VXLAN, Reason,
 };
 
 use crate::{config, endpoints, ipcache};
 
 pub enum Route {
     Local(&'static EndpointInfo),
+    /// Through the VXLAN device to the node in the entry: to its pods, and in
+    /// VXLAN mode to the node's own address too, so that a pod's address
+    /// never crosses the underlay outside the tunnel.
     Tunnel(&'static IpcacheEntry, &'static DatapathConfig),
-    /// The host stack: node addresses, other nodes' pods in native routing
+    /// The host stack: this node's addresses, other nodes in native routing
     /// (the agent's routes), and addresses outside the cluster.
     Stack,
 }
@@ -26,7 +29,7 @@ pub fn v4(dst: [u8; 4]) -> Result<Route, Reason> {
     match ipcache::lookup_v4(dst) {
         None => Ok(Route::Stack),
         Some(e) if e.kind == IPCACHE_KIND_HOST => Ok(Route::Stack),
-        Some(e) if e.kind == IPCACHE_KIND_REMOTE_PODS => {
+        Some(e) if e.kind == IPCACHE_KIND_REMOTE_PODS || e.kind == IPCACHE_KIND_REMOTE_HOST => {
             let cfg = config::get()?;
             if cfg.mode == MODE_VXLAN {
                 Ok(Route::Tunnel(e, cfg))

@@ -1,22 +1,33 @@
 //! Loading the embedded eBPF object, pinning its maps, attaching programs.
+//!
+//! Every program is loaded, attached, adopted after a restart and detached
+//! through [`dataplane_common::PROGRAMS`], whatever its kind: tc (tcx links,
+//! or clsact filters on old kernels), XDP (links), cgroup sock_addr (links).
+//! Links are pinned under `<pin_dir>/links/`, so they outlive the agent; the
+//! next agent swaps its program into each with `BPF_LINK_UPDATE`, atomically.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, lpm_trie::LpmTrie};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Map, MapData, MapType},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
+        links::FdLink,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
     util::KernelVersion,
 };
-use dataplane_common::{
-    Counter, DatapathConfig, EndpointInfo, EndpointKey, EpMetricsKey, IpcacheEntry, IpcacheKey,
-    MAP_CONFIG, MAP_ENDPOINTS, MAP_EP_METRICS, MAP_IPCACHE, MAPS, PROGRAMS,
-};
+use dataplane_common::{MAPS, MapKind, MapSpec, PROGRAMS, ProgKind, ProgSpec, pin};
+use tracing::{info, warn};
+
+use crate::sys;
 
 /// The object built by build.rs, embedded so the agent is one file to ship.
 static EBPF_OBJECT: &[u8] =
@@ -53,33 +64,163 @@ impl AttachMode {
     }
 }
 
-/// One program attached to one device, as [`Datapath::attach`] made it.
-#[derive(Debug)]
+/// How the XDP program goes on the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpSetting {
+    /// In the driver when it supports XDP, generic (skb) mode otherwise.
+    Auto,
+    /// In the driver only.
+    Native,
+    /// Generic (skb) mode: works on every device, after skb allocation.
+    Generic,
+    /// No XDP program.
+    Off,
+}
+
+/// What a program is attached to.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    Iface(&'a str),
+    Cgroup(&'a Path),
+}
+
+/// One program attached to one target, as [`Datapath::attach`] made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attached {
-    /// A tcx link pinned at this path.
-    Pinned(PathBuf),
-    /// A clsact filter owned by this process.
-    Owned(&'static str, SchedClassifierLinkId),
+    /// A link pinned at this path (tcx, XDP, cgroup).
+    Pinned {
+        path: PathBuf,
+        /// `native` or `generic` for XDP, empty otherwise.
+        how: &'static str,
+    },
+    /// A clsact filter; its priority and handle identify it on the device.
+    Clsact {
+        prog: &'static str,
+        ifname: String,
+        ingress: bool,
+        priority: u16,
+        handle: u32,
+    },
+}
+
+impl Attached {
+    pub fn pin(&self) -> Option<&Path> {
+        match self {
+            Attached::Pinned { path, .. } => Some(path),
+            Attached::Clsact { .. } => None,
+        }
+    }
+}
+
+/// Verified instruction count and kind of one loaded program.
+#[derive(Clone, Debug)]
+pub struct ProgStats {
+    pub name: &'static str,
+    pub kind: ProgKind,
+    pub verified_insns: Option<u32>,
+    pub translated_bytes: Option<u32>,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     mode: AttachMode,
     pin_dir: PathBuf,
+    /// Where clsact filters are recorded (`clsact.json`) so that the next
+    /// agent can replace them without a gap.
+    state_dir: PathBuf,
+}
+
+fn aya_map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::PerCpuHash => MapType::PerCpuHash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LpmTrie => MapType::LpmTrie,
+    }
+}
+
+/// How a pinned map differs from `spec`, if it does.
+pub fn layout_mismatch(path: &Path, spec: &MapSpec) -> Result<Option<String>> {
+    let info = aya::maps::MapInfo::from_pin(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut diffs = Vec::new();
+    match info.map_type() {
+        Ok(t) if t == aya_map_type(spec.kind) => {}
+        Ok(t) => diffs.push(format!("type {t:?}, expected {}", spec.kind.name())),
+        Err(e) => diffs.push(format!("type unknown ({e})")),
+    }
+    for (what, have, want) in [
+        ("key size", info.key_size(), spec.key_size),
+        ("value size", info.value_size(), spec.value_size),
+        ("max entries", info.max_entries(), spec.max_entries),
+    ] {
+        if have != want {
+            diffs.push(format!("{what} {have}, expected {want}"));
+        }
+    }
+    Ok((!diffs.is_empty()).then(|| diffs.join(", ")))
+}
+
+/// Before loading: a pinned map this agent would misread is replaced, and
+/// pins of other layout versions are removed. Programs of the previous agent
+/// keep their own references to the old maps and keep forwarding until ours
+/// are swapped in; the agent rebuilds the new maps' entries before that.
+fn prepare_pins(pin_dir: &Path) -> Result<()> {
+    for spec in MAPS {
+        let path = pin_dir.join(spec.pin_name());
+        if path.exists()
+            && let Some(diff) = layout_mismatch(&path, spec)?
+        {
+            warn!(
+                map = spec.name,
+                pin = %path.display(),
+                "the pinned map's layout differs from this agent's ({diff}); replacing it with a new map, its entries are rebuilt from the agent's state"
+            );
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        }
+        let Ok(dir) = std::fs::read_dir(pin_dir) else {
+            continue;
+        };
+        let prefix = format!("{}_v", spec.name);
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(version) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if version.parse::<u32>().is_ok_and(|v| v != spec.version) {
+                warn!(
+                    map = spec.name,
+                    "layout v{version} pinned by an earlier agent is replaced by layout v{}; its entries are rebuilt from the agent's state",
+                    spec.version
+                );
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("unpinning {}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Datapath {
-    /// Loads every program and creates (or reuses, when already pinned) every
-    /// map under `pin_dir`. `log_level` is aya-log's level (1 error .. 5 trace).
+    /// Loads every program and creates (or reuses, when already pinned with
+    /// the same layout) every map under `pin_dir`. `log_level` is aya-log's
+    /// level (1 error .. 5 trace).
     pub fn load(
         pin_dir: &Path,
+        state_dir: &Path,
         mode: AttachMode,
         log_level: u8,
     ) -> Result<(Datapath, aya_log::EbpfLogger<&'static dyn log::Log>)> {
         let mode = mode.resolve();
+        prepare_pins(pin_dir)?;
+        let paths: Vec<(&'static str, PathBuf)> = MAPS
+            .iter()
+            .map(|s| (s.name, pin_dir.join(s.pin_name())))
+            .collect();
         let mut loader = EbpfLoader::new();
-        for spec in MAPS {
-            loader.map_pin_path(spec.name, pin_dir.join(spec.name));
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
         }
         loader.override_global("AYA_LOG_LEVEL", &log_level, false);
         let mut ebpf = loader
@@ -93,22 +234,27 @@ impl Datapath {
                 );
             }
         }
+        for (name, _) in ebpf.programs() {
+            if ProgSpec::by_name(name).is_none() {
+                bail!("the eBPF object has a program {name} that the program table lacks");
+            }
+        }
         // The logger must exist before programs load and be drained for as
         // long as they run.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up aya-log")?;
-        for name in PROGRAMS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .with_context(|| format!("the eBPF object has no program named {name}"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("loading program {name} (verifier)"))?;
+        for spec in PROGRAMS {
+            let prog = ebpf
+                .program_mut(spec.name)
+                .with_context(|| format!("the eBPF object has no program named {}", spec.name))?;
+            load_program(prog, spec)
+                .with_context(|| format!("loading program {} (verifier)", spec.name))?;
         }
         Ok((
             Datapath {
                 ebpf,
                 mode,
                 pin_dir: pin_dir.to_owned(),
+                state_dir: state_dir.to_owned(),
             },
             logger,
         ))
@@ -122,141 +268,334 @@ impl Datapath {
         &self.pin_dir
     }
 
-    fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
-        Ok(self
-            .ebpf
+    /// Takes a map out of the object, for the one module that owns it.
+    pub fn take_map(&mut self, name: &str) -> Result<Map> {
+        self.ebpf
+            .take_map(name)
+            .with_context(|| format!("no map {name} (already taken?)"))
+    }
+
+    /// What the verifier accepted, program by program.
+    pub fn stats(&self) -> Result<Vec<ProgStats>> {
+        PROGRAMS
+            .iter()
+            .map(|spec| {
+                let info = self
+                    .ebpf
+                    .program(spec.name)
+                    .with_context(|| format!("no program {}", spec.name))?
+                    .info()?;
+                Ok(ProgStats {
+                    name: spec.name,
+                    kind: spec.kind,
+                    verified_insns: info.verified_instruction_count(),
+                    translated_bytes: info.size_translated(),
+                })
+            })
+            .collect()
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN`.
+    pub fn program_ref(&self, name: &str) -> Result<&Program> {
+        self.ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut Program> {
+        self.ebpf
             .program_mut(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?)
+            .with_context(|| format!("no program {name}"))
     }
 
-    /// Where the link of `prog` on `ifname` is pinned (tcx mode).
-    pub fn link_pin(&self, prog: &str, ifname: &str) -> PathBuf {
-        self.pin_dir.join("links").join(format!("{prog}@{ifname}"))
+    /// Where the link of `prog` on `target` is pinned.
+    pub fn link_pin(&self, prog: &str, target: &Target<'_>) -> PathBuf {
+        let what = match target {
+            Target::Iface(ifname) => pin::escape(ifname),
+            Target::Cgroup(_) => "cgroup".to_owned(),
+        };
+        self.pin_dir.join("links").join(format!("{prog}@{what}"))
     }
 
-    /// Attaches `name` to `ifname`. In tcx mode the link is pinned, so it
-    /// outlives this process; a link an earlier agent pinned there is adopted
-    /// instead, its program swapped for ours atomically (no packet sees
-    /// neither). In clsact mode filters of the same name are replaced.
+    /// Attaches `spec` to `target`. A link an earlier agent pinned there is
+    /// adopted, its program swapped for ours atomically; otherwise a new link
+    /// is made and pinned, so it outlives this process. In clsact mode the
+    /// new filter goes in before the old one comes out.
     pub fn attach(
         &mut self,
-        name: &'static str,
-        ifname: &str,
-        direction: TcAttachType,
+        spec: &'static ProgSpec,
+        target: Target<'_>,
+        xdp: XdpSetting,
     ) -> Result<Attached> {
-        if self.mode == AttachMode::Clsact {
-            match tc::qdisc_add_clsact(ifname) {
-                Ok(()) => {}
-                // Another endpoint's attach (or another tool) added it already.
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("adding clsact qdisc to {ifname}"));
-                }
-            }
-            // Filters outlive the process that added them: drop an earlier
-            // agent's before adding ours, or both would run.
-            match tc::qdisc_detach_program(ifname, direction, name) {
-                Ok(()) => {}
-                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("removing stale {name} filters from {ifname}"));
-                }
-            }
-            let id = self
-                .program(name)?
-                .attach_with_options(
-                    ifname,
-                    direction,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .with_context(|| format!("attaching {name} to {ifname} (clsact)"))?;
-            return Ok(Attached::Owned(name, id));
+        if spec.kind.is_tc() && self.mode == AttachMode::Clsact {
+            let Target::Iface(ifname) = target else {
+                bail!("{} attaches to an interface", spec.name);
+            };
+            return self.attach_clsact(spec, ifname);
         }
-        let pin = self.link_pin(name, ifname);
-        let prog = self.program(name)?;
-        let id = match PinnedLink::from_pin(&pin) {
-            Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .with_context(|| format!("{} is not a tc link", pin.display()))?;
-                prog.attach_to_link(link)
-                    .with_context(|| format!("swapping {name} on {ifname}"))?
-            }
-            Err(LinkError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-            {
+        let pin = self.link_pin(spec.name, &target);
+        let how = if spec.kind == ProgKind::Xdp {
+            "pinned"
+        } else {
+            ""
+        };
+        if let Some(link) = sys::bpf_obj_get(&pin)? {
+            let prog = self.program(spec.name)?;
+            sys::bpf_link_update(link.as_fd(), prog.fd()?.as_fd())
+                .with_context(|| format!("swapping {} into {}", spec.name, pin.display()))?;
+            return Ok(Attached::Pinned { path: pin, how });
+        }
+        let (fd, how): (FdLink, &'static str) = match (spec.kind, target) {
+            (ProgKind::TcIngress | ProgKind::TcEgress, Target::Iface(ifname)) => {
+                let dir = tc_direction(spec.kind);
+                let prog: &mut SchedClassifier = self.program(spec.name)?.try_into()?;
                 let id = prog
                     .attach_with_options(
                         ifname,
-                        direction,
+                        dir,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
-                    .with_context(|| format!("attaching {name} to {ifname} (tcx)"))?;
-                let fd: FdLink = prog.take_link(id)?.try_into()?;
-                if let Some(dir) = pin.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                fd.pin(&pin)
-                    .with_context(|| format!("pinning {}", pin.display()))?;
-                return Ok(Attached::Pinned(pin));
+                    .with_context(|| format!("attaching {} to {ifname} (tcx)", spec.name))?;
+                (prog.take_link(id)?.try_into()?, "")
             }
-            Err(e) => return Err(e).with_context(|| format!("opening {}", pin.display())),
+            (ProgKind::Xdp, Target::Iface(ifname)) => {
+                let prog: &mut Xdp = self.program(spec.name)?.try_into()?;
+                let modes: &[(XdpMode, &str)] = match xdp {
+                    XdpSetting::Native => &[(XdpMode::Driver, "native")],
+                    XdpSetting::Generic => &[(XdpMode::Skb, "generic")],
+                    XdpSetting::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+                    XdpSetting::Off => bail!("XDP is off"),
+                };
+                let mut last = None;
+                let mut made = None;
+                for (m, name) in modes {
+                    match prog.attach(ifname, *m) {
+                        Ok(id) => {
+                            made = Some((id, *name));
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                let Some((id, name)) = made else {
+                    return Err(anyhow::Error::from(last.context("no XDP mode")?))
+                        .with_context(|| format!("attaching {} to {ifname} (XDP)", spec.name));
+                };
+                (prog.take_link(id)?.try_into()?, name)
+            }
+            (kind, Target::Cgroup(cgroup)) if kind.is_cgroup() => {
+                let file = std::fs::File::open(cgroup)
+                    .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+                let prog: &mut CgroupSockAddr = self.program(spec.name)?.try_into()?;
+                // A link: the kernel runs every link on a cgroup (multi
+                // attach is implied; the flag itself is refused with links).
+                let id = prog
+                    .attach(&file, CgroupAttachMode::Single)
+                    .with_context(|| {
+                        format!("attaching {} to cgroup {}", spec.name, cgroup.display())
+                    })?;
+                (prog.take_link(id)?.try_into()?, "")
+            }
+            (kind, target) => bail!(
+                "{} ({}) cannot attach to {target:?}",
+                spec.name,
+                kind.name()
+            ),
         };
-        // The link stays pinned; our handle to it can go.
-        drop(prog.take_link(id)?);
-        Ok(Attached::Pinned(pin))
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        fd.pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(Attached::Pinned { path: pin, how })
     }
 
-    /// Undoes [`Datapath::attach`]. A link whose device is gone is already
-    /// detached; only its pin remains to remove.
+    /// Undoes [`Datapath::attach`]. A link whose device or cgroup is gone is
+    /// already detached; only its pin remains to remove.
     pub fn detach(&mut self, attached: Attached) -> Result<()> {
         match attached {
-            Attached::Owned(name, id) => Ok(self.program(name)?.detach(id)?),
-            Attached::Pinned(pin) => match PinnedLink::from_pin(&pin) {
-                Ok(link) => {
-                    let fd = link
-                        .unpin()
-                        .with_context(|| format!("unpinning {}", pin.display()))?;
-                    // Detach now, even if another process still holds the link.
-                    if let Ok(link) = SchedClassifierLink::try_from(fd) {
-                        aya::programs::links::Link::detach(link)?;
+            Attached::Clsact {
+                prog,
+                ifname,
+                ingress,
+                priority,
+                handle,
+            } => {
+                let dir = if ingress {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                let key = format!("{prog}@{ifname}");
+                let mut records = self.clsact_records();
+                records.remove(&key);
+                self.save_clsact_records(&records)?;
+                match SchedClassifierLink::attached(
+                    &ifname,
+                    dir,
+                    priority,
+                    TcHandle::from(handle),
+                    None,
+                ) {
+                    Ok(link) => {
+                        // Fails when the device (and its filters) is gone.
+                        let _ = aya::programs::links::Link::detach(link);
+                        Ok(())
                     }
-                    Ok(())
+                    Err(_) => Ok(()),
                 }
-                Err(LinkError::SyscallError(e))
-                    if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    Ok(())
+            }
+            Attached::Pinned { path, .. } => {
+                if let Some(link) = sys::bpf_obj_get(&path)? {
+                    // Detach now, even if another process still holds the link.
+                    if let Err(e) = sys::bpf_link_detach(link.as_fd()) {
+                        tracing::debug!("detaching {}: {e}", path.display());
+                    }
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("unpinning {}", path.display()))?;
                 }
-                Err(e) => Err(e).with_context(|| format!("opening {}", pin.display())),
-            },
+                Ok(())
+            }
         }
     }
 
-    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .with_context(|| format!("no map {name}"))
+    fn clsact_file(&self) -> PathBuf {
+        self.state_dir.join("clsact.json")
     }
 
-    /// [`MAP_ENDPOINTS`], typed.
-    pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, EndpointInfo>> {
-        Ok(HashMap::try_from(self.map_mut(MAP_ENDPOINTS)?)?)
+    fn clsact_records(&self) -> BTreeMap<String, (u16, u32)> {
+        std::fs::read(self.clsact_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
-    /// [`MAP_EP_METRICS`], typed.
-    pub fn ep_metrics(&mut self) -> Result<PerCpuHashMap<&mut MapData, EpMetricsKey, Counter>> {
-        Ok(PerCpuHashMap::try_from(self.map_mut(MAP_EP_METRICS)?)?)
+    fn save_clsact_records(&self, records: &BTreeMap<String, (u16, u32)>) -> Result<()> {
+        std::fs::create_dir_all(&self.state_dir)?;
+        let path = self.clsact_file();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(records)?)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// [`MAP_IPCACHE`], typed.
-    pub fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, IpcacheKey, IpcacheEntry>> {
-        Ok(LpmTrie::try_from(self.map_mut(MAP_IPCACHE)?)?)
+    /// clsact filters outlive the process that added them. The new filter
+    /// is added first (the kernel gives it a priority ahead of the old one,
+    /// so it takes over at once), then the old one, known from the record an
+    /// earlier agent left, is removed: no packet goes unfiltered. Without a
+    /// record, filters of the same name are removed before ours goes in.
+    fn attach_clsact(&mut self, spec: &'static ProgSpec, ifname: &str) -> Result<Attached> {
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            // Another endpoint's attach (or another tool) added it already.
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("adding clsact qdisc to {ifname}"));
+            }
+        }
+        let dir = tc_direction(spec.kind);
+        let key = format!("{}@{ifname}", spec.name);
+        let mut records = self.clsact_records();
+        let old = records.get(&key).copied();
+        if old.is_none() {
+            match tc::qdisc_detach_program(ifname, dir, spec.name) {
+                Ok(()) => info!(
+                    prog = spec.name,
+                    ifname, "replaced unrecorded clsact filters (a brief gap)"
+                ),
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("removing stale {} filters from {ifname}", spec.name)
+                    });
+                }
+            }
+        }
+        let prog: &mut SchedClassifier = self.program(spec.name)?.try_into()?;
+        let id = prog
+            .attach_with_options(ifname, dir, TcAttachOptions::Netlink(NlOptions::default()))
+            .with_context(|| format!("attaching {} to {ifname} (clsact)", spec.name))?;
+        let link = prog.take_link(id)?;
+        let (priority, handle) = (link.priority()?, u32::from(link.handle()?));
+        // The filter stays when our handle goes: forget it without detaching.
+        std::mem::forget(link);
+        if let Some((p, h)) = old
+            && (p, h) != (priority, handle)
+            && let Ok(old) = SchedClassifierLink::attached(ifname, dir, p, TcHandle::from(h), None)
+        {
+            // Gone already when the device was recreated: nothing to remove.
+            let _ = aya::programs::links::Link::detach(old);
+        }
+        records.insert(key, (priority, handle));
+        self.save_clsact_records(&records)?;
+        Ok(Attached::Clsact {
+            prog: spec.name,
+            ifname: ifname.to_owned(),
+            ingress: dir == TcAttachType::Ingress,
+            priority,
+            handle,
+        })
     }
+}
 
-    /// [`MAP_CONFIG`], typed.
-    pub fn config(&mut self) -> Result<Array<&mut MapData, DatapathConfig>> {
-        Ok(Array::try_from(self.map_mut(MAP_CONFIG)?)?)
+fn tc_direction(kind: ProgKind) -> TcAttachType {
+    if kind == ProgKind::TcEgress {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
     }
+}
+
+fn load_program(prog: &mut Program, spec: &ProgSpec) -> Result<()> {
+    match spec.kind {
+        ProgKind::TcIngress | ProgKind::TcEgress => {
+            let p: &mut SchedClassifier = prog.try_into()?;
+            p.load()?;
+        }
+        ProgKind::Xdp => {
+            let p: &mut Xdp = prog.try_into()?;
+            p.load()?;
+        }
+        ProgKind::CgroupConnect4
+        | ProgKind::CgroupSendmsg4
+        | ProgKind::CgroupRecvmsg4
+        | ProgKind::CgroupGetpeername4 => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            p.load()?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens a pinned map of the contract, with a clear error when it is
+/// missing (no agent yet) or pinned by an agent of another layout version.
+pub fn open_pinned(pin_dir: &Path, spec: &MapSpec) -> Result<Map> {
+    let path = pin_dir.join(spec.pin_name());
+    let data = match MapData::from_pin(&path) {
+        Ok(d) => d,
+        Err(e) => {
+            let other = std::fs::read_dir(pin_dir).ok().and_then(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| n.starts_with(&format!("{}_v", spec.name)))
+            });
+            return Err(match other {
+                Some(o) => anyhow::anyhow!(
+                    "{} has {o}, not {} (layout v{}): the agent that pinned it is another version",
+                    pin_dir.display(),
+                    spec.pin_name(),
+                    spec.version
+                ),
+                None => {
+                    anyhow::Error::from(e).context(format!("opening pinned map {}", path.display()))
+                }
+            });
+        }
+    };
+    if let Some(diff) = layout_mismatch(&path, spec)? {
+        bail!(
+            "{} does not have this program's layout ({diff})",
+            path.display()
+        );
+    }
+    Ok(Map::from_map_data(data)?)
 }

@@ -8,7 +8,7 @@
 //! version of it stays in effect.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -308,81 +308,360 @@ pub fn convert(kind: Kind, value: serde_json::Value) -> Result<(Key, Object), In
     }
 }
 
-/// Everything the sources currently say.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Store {
-    pub objects: BTreeMap<Key, Object>,
+/// A change a source reports. Sources send only what changed; the model
+/// keeps indexes so that one change costs what it touches, not the size of
+/// the cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Update {
+    /// Everything of one kind (after a list or relist): objects of that kind
+    /// not in it are gone.
+    Replace(Kind, Vec<(Key, Object)>),
+    Upsert(Key, Object),
+    Delete(Key),
+    /// Every kind has been read once: the state is complete. Nothing is
+    /// applied to the datapath before this (an empty state would remove
+    /// every node).
+    Synced,
 }
 
-impl Store {
-    pub fn count(&self, kind: Kind) -> usize {
-        self.objects.keys().filter(|k| k.kind == kind).count()
-    }
-}
-
-/// What the datapath should hold, derived from a [`Store`].
+/// What an applied update may have changed, for the reconciler.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Desired {
-    /// Conflicts and gaps found on the way, one line each naming the
-    /// objects; the caller logs each once rather than on every change.
-    pub problems: std::collections::BTreeSet<String>,
-    /// This node's pod CIDR, from its Node object.
-    pub own_pod_cidr: Option<Ipv4Network>,
-    pub nodes: BTreeMap<String, RemoteNode>,
-    /// Pods on other nodes, by address: "namespace/name".
-    pub remote_pods: BTreeMap<IpAddr, String>,
+pub struct Changes {
+    /// Nodes (and this node's pod CIDR) need a second look.
+    pub nodes: bool,
+    /// Addresses whose remote-pod owner may have changed.
+    pub pod_ips: BTreeSet<IpAddr>,
+    /// Services whose frontends or backends may have changed (by
+    /// namespace/name): the Service, one of its EndpointSlices, or a pod it
+    /// selects changed.
+    pub services: BTreeSet<(String, String)>,
+    /// Namespaces whose policies or pods changed.
+    pub namespaces: BTreeSet<String>,
+    pub synced: bool,
 }
 
-/// Translates the store for node `own`. Conflicts between objects (two nodes
-/// claiming one CIDR, two pods one address) are logged naming both, and the
-/// later one (by name order) is left out.
-pub fn desired(store: &Store, own: &str) -> Desired {
-    let mut d = Desired::default();
-    for (key, obj) in &store.objects {
-        let Object::Node(n) = obj else { continue };
-        let v4 = n.pod_cidrs.iter().find_map(|c| match c {
-            IpNetwork::V4(v4) => Some(*v4),
-            IpNetwork::V6(_) => None,
-        });
-        if key.name == own {
-            d.own_pod_cidr = v4;
-            continue;
-        }
-        let (Some(ip), Some(pod_cidr)) = (n.internal_ip, v4) else {
-            d.problems.insert(format!(
-                "Node {}: no InternalIP or no IPv4 pod CIDR yet; not routed",
-                key.name
-            ));
-            continue;
-        };
-        if let Some((other, _)) = d.nodes.iter().find(|(_, m)| m.pod_cidr.overlaps(pod_cidr)) {
-            d.problems.insert(format!(
-                "Node {}: spec.podCIDRs: {pod_cidr} overlaps node {other}; node skipped",
-                key.name
-            ));
-            continue;
-        }
-        d.nodes
-            .insert(key.name.clone(), RemoteNode { ip, pod_cidr });
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
     }
-    for (key, obj) in &store.objects {
-        let Object::Pod(p) = obj else { continue };
-        if p.node == own || p.host_network || p.node.is_empty() {
-            continue;
+}
+
+/// The cluster as the sources describe it, indexed by what depends on what.
+#[derive(Default)]
+pub struct Cluster {
+    own: String,
+    objects: HashMap<Key, Object>,
+    counts: BTreeMap<Kind, usize>,
+    synced: bool,
+    /// Keys of each kind per namespace.
+    by_namespace: HashMap<(Kind, String), BTreeSet<Key>>,
+    /// Pods per node name.
+    pods_by_node: HashMap<String, BTreeSet<Key>>,
+    /// Pods claiming each address.
+    pods_by_ip: BTreeMap<IpAddr, BTreeSet<Key>>,
+    /// Pods per (namespace, label key, label value).
+    pods_by_label: HashMap<(String, String, String), BTreeSet<Key>>,
+    /// EndpointSlices per Service (namespace, name).
+    slices_by_service: HashMap<(String, String), BTreeSet<Key>>,
+}
+
+/// Adds `key` to (or with `add` false, removes it from) the set under `k`.
+fn index_op<K: std::hash::Hash + Eq>(
+    add: bool,
+    m: &mut HashMap<K, BTreeSet<Key>>,
+    k: K,
+    key: &Key,
+) {
+    if add {
+        m.entry(k).or_default().insert(key.clone());
+    } else if let std::collections::hash_map::Entry::Occupied(mut e) = m.entry(k) {
+        e.get_mut().remove(key);
+        if e.get().is_empty() {
+            e.remove();
         }
-        let name = format!("{}/{}", key.namespace, key.name);
-        for ip in &p.ips {
-            match d.remote_pods.get(ip) {
-                Some(other) => {
-                    d.problems.insert(format!("Pod {name}: status.podIPs: address {ip} already belongs to pod {other}; skipped"));
+    }
+}
+
+impl Cluster {
+    /// The model as node `own` sees it.
+    pub fn new(own: &str) -> Self {
+        Cluster {
+            own: own.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn count(&self, kind: Kind) -> usize {
+        self.counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Object> {
+        self.objects.get(key)
+    }
+
+    /// Applies one update, noting in `ch` what it may have changed.
+    pub fn apply(&mut self, update: Update, ch: &mut Changes) {
+        match update {
+            Update::Replace(kind, objects) => {
+                let new: BTreeMap<Key, Object> = objects.into_iter().collect();
+                let gone: Vec<Key> = self
+                    .objects
+                    .keys()
+                    .filter(|k| k.kind == kind && !new.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    self.remove(&k, ch);
                 }
-                None => {
-                    d.remote_pods.insert(*ip, name.clone());
+                for (k, o) in new {
+                    self.upsert(k, o, ch);
+                }
+            }
+            Update::Upsert(k, o) => self.upsert(k, o, ch),
+            Update::Delete(k) => self.remove(&k, ch),
+            Update::Synced => {
+                if !self.synced {
+                    self.synced = true;
+                    ch.synced = true;
+                    ch.nodes = true;
                 }
             }
         }
     }
-    d
+
+    fn upsert(&mut self, key: Key, obj: Object, ch: &mut Changes) {
+        if self.objects.get(&key) == Some(&obj) {
+            return;
+        }
+        self.remove(&key, ch);
+        self.index(&key, &obj, true, ch);
+        *self.counts.entry(key.kind).or_default() += 1;
+        self.objects.insert(key, obj);
+    }
+
+    fn remove(&mut self, key: &Key, ch: &mut Changes) {
+        let Some(obj) = self.objects.remove(key) else {
+            return;
+        };
+        self.index(key, &obj, false, ch);
+        if let Some(n) = self.counts.get_mut(&key.kind) {
+            *n -= 1;
+        }
+    }
+
+    /// Adds (`add`) or removes an object's index entries, and notes what
+    /// depends on it.
+    fn index(&mut self, key: &Key, obj: &Object, add: bool, ch: &mut Changes) {
+        if !key.namespace.is_empty() {
+            index_op(
+                add,
+                &mut self.by_namespace,
+                (key.kind, key.namespace.clone()),
+                key,
+            );
+        }
+        match obj {
+            Object::Node(_) => ch.nodes = true,
+            Object::Namespace(_) => {
+                ch.namespaces.insert(key.name.clone());
+            }
+            Object::Pod(p) => {
+                index_op(add, &mut self.pods_by_node, p.node.clone(), key);
+                for ip in &p.ips {
+                    let set = self.pods_by_ip.entry(*ip).or_default();
+                    if add {
+                        set.insert(key.clone());
+                    } else {
+                        set.remove(key);
+                        if set.is_empty() {
+                            self.pods_by_ip.remove(ip);
+                        }
+                    }
+                    ch.pod_ips.insert(*ip);
+                }
+                for (k, v) in &p.labels {
+                    index_op(
+                        add,
+                        &mut self.pods_by_label,
+                        (key.namespace.clone(), k.clone(), v.clone()),
+                        key,
+                    );
+                }
+                ch.namespaces.insert(key.namespace.clone());
+                for svc in self.services_selecting(&key.namespace, &p.labels) {
+                    ch.services.insert(svc);
+                }
+            }
+            Object::Service(_) => {
+                ch.services
+                    .insert((key.namespace.clone(), key.name.clone()));
+            }
+            Object::EndpointSlice(s) => {
+                let svc = (key.namespace.clone(), s.service.clone());
+                index_op(add, &mut self.slices_by_service, svc.clone(), key);
+                ch.services.insert(svc);
+            }
+            Object::NetworkPolicy(_) => {
+                ch.namespaces.insert(key.namespace.clone());
+            }
+        }
+    }
+
+    /// Services of `namespace` whose selector matches `labels`: only the
+    /// namespace's Services are looked at.
+    pub fn services_selecting(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Vec<(String, String)> {
+        let Some(keys) = self
+            .by_namespace
+            .get(&(Kind::Service, namespace.to_owned()))
+        else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter_map(|k| match self.objects.get(k) {
+                Some(Object::Service(s))
+                    if !s.selector.is_empty()
+                        && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v)) =>
+                {
+                    Some((k.namespace.clone(), k.name.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Pods of `namespace` with every label of `selector`, from the label
+    /// index: cost follows the smallest matching label set, not the pods.
+    pub fn pods_matching(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<Key> {
+        if selector.is_empty() {
+            return self
+                .by_namespace
+                .get(&(Kind::Pod, namespace.to_owned()))
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+        }
+        let mut sets: Vec<&BTreeSet<Key>> = Vec::new();
+        for (k, v) in selector {
+            match self
+                .pods_by_label
+                .get(&(namespace.to_owned(), k.clone(), v.clone()))
+            {
+                Some(s) => sets.push(s),
+                None => return Vec::new(),
+            }
+        }
+        sets.sort_by_key(|s| s.len());
+        let (first, rest) = sets
+            .split_first()
+            .map_or((None, &[][..]), |(f, r)| (Some(*f), r));
+        first
+            .into_iter()
+            .flatten()
+            .filter(|k| rest.iter().all(|s| s.contains(*k)))
+            .cloned()
+            .collect()
+    }
+
+    /// EndpointSlices of a Service, from the index.
+    pub fn slices_of(&self, namespace: &str, service: &str) -> Vec<Key> {
+        self.slices_by_service
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Pods scheduled to `node`, from the index.
+    pub fn pods_on(&self, node: &str) -> Vec<Key> {
+        self.pods_by_node
+            .get(node)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The pod on another node that owns `ip` (the first by namespace/name
+    /// when several claim it), and one line per pod that lost the claim.
+    pub fn remote_pod(&self, ip: IpAddr) -> (Option<String>, Vec<String>) {
+        let mut winner: Option<String> = None;
+        let mut problems = Vec::new();
+        for key in self.pods_by_ip.get(&ip).into_iter().flatten() {
+            let Some(Object::Pod(p)) = self.objects.get(key) else {
+                continue;
+            };
+            if p.node == self.own || p.host_network || p.node.is_empty() {
+                continue;
+            }
+            let name = format!("{}/{}", key.namespace, key.name);
+            match &winner {
+                None => winner = Some(name),
+                Some(w) => problems.push(format!(
+                    "Pod {name}: status.podIPs: address {ip} already belongs to pod {w}; skipped"
+                )),
+            }
+        }
+        (winner, problems)
+    }
+
+    /// This node's pod CIDR, the other nodes (conflicts resolved by name
+    /// order) and one line per node left out. Nodes are few; this is
+    /// recomputed only when a Node changes.
+    pub fn nodes(
+        &self,
+    ) -> (
+        Option<Ipv4Network>,
+        BTreeMap<String, RemoteNode>,
+        BTreeSet<String>,
+    ) {
+        let mut own = None;
+        let mut nodes: BTreeMap<String, RemoteNode> = BTreeMap::new();
+        let mut problems = BTreeSet::new();
+        let mut all: Vec<(&Key, &NodeInfo)> = self
+            .objects
+            .iter()
+            .filter_map(|(k, o)| match o {
+                Object::Node(n) => Some((k, n)),
+                _ => None,
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, n) in all {
+            let v4 = n.pod_cidrs.iter().find_map(|c| match c {
+                IpNetwork::V4(v4) => Some(*v4),
+                IpNetwork::V6(_) => None,
+            });
+            if key.name == self.own {
+                own = v4;
+                continue;
+            }
+            let (Some(ip), Some(pod_cidr)) = (n.internal_ip, v4) else {
+                problems.insert(format!(
+                    "Node {}: no InternalIP or no IPv4 pod CIDR yet; not routed",
+                    key.name
+                ));
+                continue;
+            };
+            if let Some((other, _)) = nodes.iter().find(|(_, m)| m.pod_cidr.overlaps(pod_cidr)) {
+                problems.insert(format!(
+                    "Node {}: spec.podCIDRs: {pod_cidr} overlaps node {other}; node skipped",
+                    key.name
+                ));
+                continue;
+            }
+            nodes.insert(key.name.clone(), RemoteNode { ip, pod_cidr });
+        }
+        (own, nodes, problems)
+    }
+
+    /// Every address some pod claims (for a full resync).
+    pub fn pod_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.pods_by_ip.keys().copied()
+    }
 }
 
 #[cfg(test)]
@@ -426,41 +705,99 @@ mod tests {
         assert_eq!(e.field, "metadata.name");
     }
 
+    fn pod(name: &str, node: &str, ip: &str, app: &str) -> (Key, Object) {
+        convert(
+            Kind::Pod,
+            json!({"metadata": {"name": name, "namespace": "ns", "labels": {"app": app}},
+                                  "spec": {"nodeName": node, "containers": []},
+                                  "status": {"podIPs": [{"ip": ip}]}}),
+        )
+        .unwrap()
+    }
+
+    fn apply(c: &mut Cluster, u: Update) -> Changes {
+        let mut ch = Changes::default();
+        c.apply(u, &mut ch);
+        ch
+    }
+
     #[test]
-    fn desired_state_from_objects() {
-        let mut store = Store::default();
+    fn nodes_and_remote_pods_with_conflicts() {
+        let mut c = Cluster::new("me");
         for (k, o) in [
             node("me", "172.20.0.11", "10.244.0.0/24"),
             node("a", "172.20.0.12", "10.244.1.0/24"),
             node("b", "172.20.0.13", "10.244.1.0/25"),
+            pod("p1", "a", "10.244.1.5", "x"),
+            pod("p2", "a", "10.244.1.5", "x"),
+            pod("local", "me", "10.244.0.9", "x"),
         ] {
-            store.objects.insert(k, o);
+            apply(&mut c, Update::Upsert(k, o));
         }
-        let pod = |name: &str, node: &str, ip: &str| {
-            convert(Kind::Pod, json!({"metadata": {"name": name, "namespace": "ns"}, "spec": {"nodeName": node, "containers": []},
-                                      "status": {"podIPs": [{"ip": ip}]}}))
-            .unwrap()
-        };
-        for (k, o) in [
-            pod("p1", "a", "10.244.1.5"),
-            pod("p2", "a", "10.244.1.5"),
-            pod("local", "me", "10.244.0.9"),
-        ] {
-            store.objects.insert(k, o);
-        }
-        let d = desired(&store, "me");
-        assert_eq!(d.own_pod_cidr, Some("10.244.0.0/24".parse().unwrap()));
-        assert_eq!(d.nodes.keys().collect::<Vec<_>>(), ["a"], "b overlaps a");
-        assert_eq!(d.remote_pods.len(), 1);
-        assert_eq!(d.remote_pods.values().next().unwrap(), "ns/p1");
+        let (own, nodes, problems) = c.nodes();
+        assert_eq!(own, Some("10.244.0.0/24".parse().unwrap()));
+        assert_eq!(nodes.keys().collect::<Vec<_>>(), ["a"], "b overlaps a");
         assert!(
-            d.problems
-                .contains("Node b: spec.podCIDRs: 10.244.1.0/25 overlaps node a; node skipped"),
-            "{:?}",
-            d.problems
+            problems.contains("Node b: spec.podCIDRs: 10.244.1.0/25 overlaps node a; node skipped"),
+            "{problems:?}"
         );
-        assert!(d.problems.contains(
-            "Pod ns/p2: status.podIPs: address 10.244.1.5 already belongs to pod ns/p1; skipped"
-        ));
+        let (winner, problems) = c.remote_pod("10.244.1.5".parse().unwrap());
+        assert_eq!(winner.as_deref(), Some("ns/p1"));
+        assert_eq!(
+            problems,
+            ["Pod ns/p2: status.podIPs: address 10.244.1.5 already belongs to pod ns/p1; skipped"]
+        );
+        // This node's own pods are not remote.
+        assert_eq!(c.remote_pod("10.244.0.9".parse().unwrap()).0, None);
+    }
+
+    #[test]
+    fn one_change_reports_only_what_depends_on_it() {
+        let mut c = Cluster::new("me");
+        let svc = convert(
+            Kind::Service,
+            json!({"metadata": {"name": "web", "namespace": "ns"},
+                   "spec": {"clusterIPs": ["10.96.0.10"], "selector": {"app": "web"}}}),
+        )
+        .unwrap();
+        apply(&mut c, Update::Upsert(svc.0, svc.1));
+        let (k, o) = pod("w1", "a", "10.244.1.7", "web");
+        let ch = apply(&mut c, Update::Upsert(k.clone(), o.clone()));
+        assert_eq!(ch.pod_ips, BTreeSet::from(["10.244.1.7".parse().unwrap()]));
+        assert_eq!(ch.services, BTreeSet::from([("ns".into(), "web".into())]));
+        assert!(!ch.nodes);
+        // The same object again changes nothing.
+        assert!(apply(&mut c, Update::Upsert(k.clone(), o)).is_empty());
+        // A pod no Service selects touches no Service.
+        let (k2, o2) = pod("db", "a", "10.244.1.8", "db");
+        assert!(apply(&mut c, Update::Upsert(k2, o2)).services.is_empty());
+        // Indexes answer selectors and placement.
+        let sel = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        assert_eq!(c.pods_matching("ns", &sel), vec![k.clone()]);
+        assert_eq!(c.pods_matching("other", &sel), Vec::<Key>::new());
+        assert_eq!(c.pods_on("a").len(), 2);
+        // Deleting moves the address back out.
+        let ch = apply(&mut c, Update::Delete(k));
+        assert!(
+            ch.pod_ips
+                .contains(&"10.244.1.7".parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(c.remote_pod("10.244.1.7".parse().unwrap()).0, None);
+        assert_eq!(c.count(Kind::Pod), 1);
+    }
+
+    #[test]
+    fn replace_removes_what_a_relist_lacks() {
+        let mut c = Cluster::new("me");
+        let (k1, o1) = pod("p1", "a", "10.244.1.5", "x");
+        let (k2, o2) = pod("p2", "a", "10.244.1.6", "x");
+        apply(&mut c, Update::Upsert(k1, o1));
+        apply(&mut c, Update::Upsert(k2.clone(), o2.clone()));
+        let ch = apply(&mut c, Update::Replace(Kind::Pod, vec![(k2, o2)]));
+        assert_eq!(ch.pod_ips, BTreeSet::from(["10.244.1.5".parse().unwrap()]));
+        assert_eq!(c.count(Kind::Pod), 1);
+        assert!(!c.synced());
+        assert!(apply(&mut c, Update::Synced).synced);
+        assert!(c.synced());
     }
 }

@@ -1,16 +1,8 @@
 //! `dataplane`: the node agent (`dataplane agent`) and the debug CLI.
 
-mod agent;
-mod bpf;
-mod cluster;
-mod maps;
-mod nodes;
-mod source_dir;
-mod source_kube;
-mod sys;
-mod telemetry;
-
 use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use dataplane::{agent, maps, sys};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -45,7 +37,12 @@ enum Command {
     /// Run the node agent.
     Agent(agent::AgentArgs),
     /// Ask the running agent how it is.
-    Status(SocketArg),
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
     /// Endpoints (pods) registered with the agent.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
@@ -119,19 +116,22 @@ impl PinArgs {
         if let Some(node) = &self.node {
             return Ok(dataplane_common::pin_dir(&self.pin_root, node));
         }
-        let nodes: Vec<String> = std::fs::read_dir(&self.pin_root)
+        let dirs: Vec<String> = std::fs::read_dir(&self.pin_root)
             .with_context(|| format!("reading {} (is an agent running?)", self.pin_root.display()))?
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        match nodes.as_slice() {
+        match dirs.as_slice() {
             [one] => Ok(self.pin_root.join(one)),
             [] => bail!("no node pins under {}", self.pin_root.display()),
             many => bail!(
                 "several nodes pin under {}: pass --node (one of {})",
                 self.pin_root.display(),
-                many.join(", ")
+                many.iter()
+                    .map(|d| dataplane_common::pin::unescape(d).unwrap_or_else(|| d.clone()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -180,12 +180,18 @@ fn run(cli: Cli) -> Result<()> {
         sys::enter_netns(ns)?;
     }
     match cli.command {
-        Command::Agent(args) => tokio::runtime::Builder::new_current_thread()
+        // Two workers: the local API and the reconciler never wait for
+        // each other's slow work.
+        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_all()
             .build()?
             .block_on(agent::run(args)),
-        Command::Status(s) => {
-            match call(&s, &Request::Status)? {
+        Command::Status { socket, output } => {
+            match call(&socket, &Request::Status)? {
+                Response::Status(st) if output == maps::Format::Json => {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                }
                 Response::Status(st) => {
                     print!(
                         "{}",
@@ -197,7 +203,9 @@ fn run(cli: Cli) -> Result<()> {
                                 "NODE-IP",
                                 "POD-CIDR",
                                 "PEERS",
+                                "READY",
                                 "ATTACH",
+                                "XDP",
                                 "ENDPOINTS",
                                 "PIN-DIR"
                             ],
@@ -208,7 +216,9 @@ fn run(cli: Cli) -> Result<()> {
                                 st.node_ip,
                                 st.pod_cidr.unwrap_or_else(|| "-".into()),
                                 st.nodes.to_string(),
+                                st.ready.to_string(),
                                 st.attach_mode,
+                                st.xdp,
                                 st.endpoints.to_string(),
                                 st.pin_dir
                             ]],
@@ -230,7 +240,8 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 rows.push(vec![
                     spec.name.to_owned(),
-                    spec.kind.to_owned(),
+                    format!("v{}", spec.version),
+                    spec.kind.name().to_owned(),
                     entries,
                     spec.max_entries.to_string(),
                     spec.description.to_owned(),
@@ -238,7 +249,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             print!(
                 "{}",
-                maps::table(&["NAME", "TYPE", "ENTRIES", "MAX", "DESCRIPTION"], rows)
+                maps::table(
+                    &["NAME", "LAYOUT", "TYPE", "ENTRIES", "MAX", "DESCRIPTION"],
+                    rows
+                )
             );
             Ok(())
         }
@@ -251,7 +265,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn call(socket: &SocketArg, request: &Request) -> Result<Response> {
     let response = api::call(&socket.socket, request, Duration::from_secs(10))?;
-    if let Response::Error { message } = response {
+    if let Response::Error { message } | Response::NotReady { message } = response {
         bail!("{message}");
     }
     Ok(response)

@@ -1,34 +1,42 @@
 //! The manifest-directory source: ordinary multi-document YAML (or JSON)
 //! files, watched with inotify, so a person can edit a file and watch the
 //! datapath follow.
+//!
+//! Only files that changed are reparsed, and only the objects they define
+//! or used to define are compared, so one edit costs the size of its file,
+//! not the size of the directory.
 
 use std::{
-    collections::BTreeMap,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
+use futures_util::StreamExt as _;
+use inotify::{EventMask, Inotify, WatchMask};
 use serde::Deserialize as _;
-use tokio::{io::unix::AsyncFd, sync::watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    cluster::{self, Key, Kind, Object, Store},
+    cluster::{self, Key, Kind, Object, Update},
     telemetry,
 };
 
 struct FileState {
     stamp: (SystemTime, u64),
-    objects: Vec<(Key, Object)>,
+    objects: BTreeMap<Key, Object>,
 }
 
-#[derive(Default)]
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The files defining each object; the first by name wins.
+    owners: HashMap<Key, BTreeSet<PathBuf>>,
+    /// What was last reported for each object.
+    current: HashMap<Key, Object>,
     /// Objects defined twice, as last reported (reported once, not per scan).
-    duplicates: std::collections::BTreeSet<Key>,
+    duplicates: BTreeSet<Key>,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -48,7 +56,9 @@ impl DirSource {
         Self {
             dir,
             files: BTreeMap::new(),
-            duplicates: Default::default(),
+            owners: HashMap::new(),
+            current: HashMap::new(),
+            duplicates: BTreeSet::new(),
         }
     }
 
@@ -58,13 +68,13 @@ impl DirSource {
     fn parse_file(
         path: &Path,
         text: &str,
-        previous: &[(Key, Object)],
+        previous: Option<&BTreeMap<Key, Object>>,
         errors: &mut u64,
-    ) -> Option<Vec<(Key, Object)>> {
-        let mut out = Vec::new();
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(serde_yaml::Value::Null) => continue,
+    ) -> Option<BTreeMap<Key, Object>> {
+        let mut out = BTreeMap::new();
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let value = match serde_yaml_ng::Value::deserialize(doc) {
+                Ok(serde_yaml_ng::Value::Null) => continue,
                 Ok(v) => v,
                 Err(e) => {
                     *errors += 1;
@@ -88,15 +98,19 @@ impl DirSource {
                 continue;
             };
             match cluster::convert(kind, json) {
-                Ok(obj) => out.push(obj),
+                Ok((k, o)) => {
+                    out.insert(k, o);
+                }
                 Err(inv) => {
                     *errors += 1;
                     match &inv.key {
                         Some(key) => {
-                            let kept = previous.iter().find(|(k, _)| k == key).cloned();
+                            let kept = previous.and_then(|p| p.get(key)).cloned();
                             warn!(file = %path.display(), "document {}: {inv}; {}", i + 1,
                                 if kept.is_some() { "keeping its last good version" } else { "skipped" });
-                            out.extend(kept);
+                            if let Some(o) = kept {
+                                out.insert(key.clone(), o);
+                            }
                         }
                         None => {
                             warn!(file = %path.display(), "document {}: {kind_name}: {inv}; skipped", i + 1)
@@ -108,12 +122,11 @@ impl DirSource {
         Some(out)
     }
 
-    /// Rereads what changed and returns the store and how many problems were
-    /// found (each already logged).
-    pub fn scan(&mut self) -> (Store, u64) {
+    /// Rereads the files that changed and returns what changed, and how
+    /// many problems were found (each already logged).
+    pub fn scan(&mut self) -> (Vec<Update>, u64) {
         let mut errors = 0;
-        let mut seen = Vec::new();
-        let mut paths: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
+        let paths: BTreeSet<PathBuf> = match std::fs::read_dir(&self.dir) {
             Ok(d) => d
                 .flatten()
                 .map(|e| e.path())
@@ -125,9 +138,19 @@ impl DirSource {
                 self.files.keys().cloned().collect()
             }
         };
-        paths.sort();
+        let mut affected: BTreeSet<Key> = BTreeSet::new();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !paths.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(f) = self.files.remove(&path) {
+                self.disown(&path, f.objects.keys(), &mut affected);
+            }
+        }
         for path in paths {
-            seen.push(path.clone());
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
@@ -146,96 +169,108 @@ impl DirSource {
                     continue;
                 }
             };
-            let previous = self
-                .files
-                .get(&path)
-                .map(|f| f.objects.as_slice())
-                .unwrap_or_default();
-            if let Some(objects) = Self::parse_file(&path, &text, previous, &mut errors) {
-                self.files.insert(path, FileState { stamp, objects });
-            } else if let Some(f) = self.files.get_mut(&path) {
+            let previous = self.files.get(&path).map(|f| &f.objects);
+            match Self::parse_file(&path, &text, previous, &mut errors) {
+                Some(objects) => {
+                    if let Some(old) = self.files.remove(&path) {
+                        self.disown(&path, old.objects.keys(), &mut affected);
+                    }
+                    for k in objects.keys() {
+                        self.owners
+                            .entry(k.clone())
+                            .or_default()
+                            .insert(path.clone());
+                        affected.insert(k.clone());
+                    }
+                    self.files.insert(path, FileState { stamp, objects });
+                }
                 // Remember the broken version so it is not reparsed and
                 // re-reported until it changes again.
-                f.stamp = stamp;
-            }
-        }
-        self.files.retain(|p, _| seen.contains(p));
-        let mut store = Store::default();
-        let mut duplicates = std::collections::BTreeSet::new();
-        for (path, f) in &self.files {
-            for (key, obj) in &f.objects {
-                if store.objects.contains_key(key) {
-                    if !self.duplicates.contains(key) {
-                        errors += 1;
-                        warn!(file = %path.display(), "{key} is defined in more than one place; the first (by file name) wins");
+                None => {
+                    if let Some(f) = self.files.get_mut(&path) {
+                        f.stamp = stamp;
                     }
-                    duplicates.insert(key.clone());
-                    continue;
                 }
-                store.objects.insert(key.clone(), obj.clone());
             }
         }
-        self.duplicates = duplicates;
-        (store, errors)
-    }
-}
-
-fn inotify(dir: &Path) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscalls; the fd is owned right away.
-    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    let mask = libc::IN_CLOSE_WRITE
-        | libc::IN_MOVED_TO
-        | libc::IN_MOVED_FROM
-        | libc::IN_DELETE
-        | libc::IN_CREATE
-        | libc::IN_DELETE_SELF
-        | libc::IN_MOVE_SELF;
-    // SAFETY: valid fd and C string.
-    if unsafe { libc::inotify_add_watch(owned.as_raw_fd(), path.as_ptr(), mask) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(owned)
-}
-
-/// Drains pending events; true when the directory itself went away.
-fn drain(fd: &OwnedFd) -> bool {
-    let mut buf = [0u8; 4096];
-    let mut gone = false;
-    loop {
-        // SAFETY: reading into our buffer from our fd.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        let Ok(n) = usize::try_from(n) else {
-            return gone;
-        };
-        if n == 0 {
-            return gone;
-        }
-        let mut at = 0;
-        while at + 16 <= n {
-            let mask = u32::from_ne_bytes([buf[at + 4], buf[at + 5], buf[at + 6], buf[at + 7]]);
-            let len = u32::from_ne_bytes([buf[at + 12], buf[at + 13], buf[at + 14], buf[at + 15]])
-                as usize;
-            if mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0 {
-                gone = true;
+        let mut updates = Vec::new();
+        for key in affected {
+            let owners = self.owners.get(&key);
+            let winner = owners
+                .and_then(|o| o.first())
+                .and_then(|p| self.files.get(p)?.objects.get(&key));
+            if owners.is_some_and(|o| o.len() > 1) {
+                if self.duplicates.insert(key.clone()) {
+                    errors += 1;
+                    let files: Vec<String> = owners
+                        .into_iter()
+                        .flatten()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    warn!(
+                        "{key} is defined in more than one place ({}); the first (by file name) wins",
+                        files.join(", ")
+                    );
+                }
+            } else {
+                self.duplicates.remove(&key);
             }
-            at += 16 + len;
+            match winner {
+                Some(obj) if self.current.get(&key) != Some(obj) => {
+                    self.current.insert(key.clone(), obj.clone());
+                    updates.push(Update::Upsert(key, obj.clone()));
+                }
+                Some(_) => {}
+                None => {
+                    if self.current.remove(&key).is_some() {
+                        updates.push(Update::Delete(key));
+                    }
+                }
+            }
+        }
+        (updates, errors)
+    }
+
+    fn disown<'a>(
+        &mut self,
+        path: &Path,
+        keys: impl Iterator<Item = &'a Key>,
+        affected: &mut BTreeSet<Key>,
+    ) {
+        for k in keys {
+            if let Some(o) = self.owners.get_mut(k) {
+                o.remove(path);
+                if o.is_empty() {
+                    self.owners.remove(k);
+                }
+            }
+            affected.insert(k.clone());
         }
     }
 }
 
-/// Publishes the directory's store now and after every change.
-pub async fn run(dir: PathBuf, tx: watch::Sender<Option<Store>>, t: telemetry::Shared) {
+/// Reports the directory's objects now and every change after; `Synced`
+/// follows the first read.
+pub async fn run(dir: PathBuf, tx: mpsc::Sender<Update>, t: telemetry::Shared) {
     let mut source = DirSource::new(dir.clone());
     let mut warned = false;
+    let mut synced = false;
     loop {
-        let fd = match inotify(&dir) {
-            Ok(fd) => fd,
+        let watch = Inotify::init().and_then(|ino| {
+            ino.watches().add(
+                &dir,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::DELETE
+                    | WatchMask::CREATE
+                    | WatchMask::DELETE_SELF
+                    | WatchMask::MOVE_SELF,
+            )?;
+            ino.into_event_stream([0u8; 4096])
+        });
+        let mut events = match watch {
+            Ok(s) => s,
             Err(e) => {
                 if !warned {
                     warn!(dir = %dir.display(), "cannot watch the manifest directory: {e}; retrying");
@@ -249,29 +284,36 @@ pub async fn run(dir: PathBuf, tx: watch::Sender<Option<Store>>, t: telemetry::S
             info!(dir = %dir.display(), "watching the manifest directory");
             warned = false;
         }
-        // SAFETY: the OwnedFd stays open and unchanged while AsyncFd owns it.
-        let Ok(afd) = (unsafe { AsyncFd::register(fd) }) else {
-            return;
-        };
         loop {
-            let (store, errors) = source.scan();
+            let (updates, errors) = source.scan();
             for _ in 0..errors {
                 telemetry::error(&t, "manifest_invalid");
             }
-            tx.send_if_modified(|current| {
-                let changed = current.as_ref() != Some(&store);
-                if changed {
-                    *current = Some(store);
+            for u in updates {
+                if tx.send(u).await.is_err() {
+                    return;
                 }
-                changed
-            });
-            let Ok(mut guard) = afd.readable().await else {
-                return;
+            }
+            if !synced {
+                if tx.send(Update::Synced).await.is_err() {
+                    return;
+                }
+                synced = true;
+            }
+            let Some(Ok(first)) = events.next().await else {
+                break;
             };
-            guard.clear_ready();
             // Editors write in several steps: let them finish.
             tokio::time::sleep(Duration::from_millis(10)).await;
-            if drain(afd.get_ref()) {
+            let mut gone = first
+                .mask
+                .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED);
+            while let Some(Some(Ok(e))) = futures_util::FutureExt::now_or_never(events.next()) {
+                gone |= e
+                    .mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED);
+            }
+            if gone {
                 break;
             }
         }
@@ -281,6 +323,17 @@ pub async fn run(dir: PathBuf, tx: watch::Sender<Option<Store>>, t: telemetry::S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kinds(updates: &[Update]) -> Vec<String> {
+        updates
+            .iter()
+            .map(|u| match u {
+                Update::Upsert(k, _) => format!("+{}", k.name),
+                Update::Delete(k) => format!("-{}", k.name),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
 
     #[test]
     fn bad_files_and_documents_keep_the_last_good_state() {
@@ -303,10 +356,14 @@ mod tests {
         .unwrap();
         std::fs::write(dir.join("ignored.txt"), "not a manifest").unwrap();
         let mut src = DirSource::new(dir.clone());
-        let (store, errors) = src.scan();
-        assert_eq!((store.count(Kind::Node), errors), (2, 0));
+        let (updates, errors) = src.scan();
+        assert_eq!(
+            (kinds(&updates), errors),
+            (vec!["+n1".into(), "+n2".into()], 0)
+        );
 
-        // n2 turns invalid, an unknown kind appears: n2 keeps its last good version.
+        // n2 turns invalid, an unknown kind appears: n2 keeps its last good
+        // version, so nothing changes.
         std::thread::sleep(Duration::from_millis(10));
         std::fs::write(
             dir.join("a.yaml"),
@@ -317,19 +374,22 @@ mod tests {
             ),
         )
         .unwrap();
-        let (store2, errors) = src.scan();
-        assert_eq!(errors, 2);
-        assert_eq!(store2, store);
+        let (updates, errors) = src.scan();
+        assert_eq!((updates.len(), errors), (0, 2));
 
         // A file that is not YAML at all: everything it had stays.
         std::fs::write(dir.join("a.yaml"), "kind: [unclosed").unwrap();
-        let (store3, errors) = src.scan();
-        assert_eq!(errors, 1);
-        assert_eq!(store3, store);
+        let (updates, errors) = src.scan();
+        assert_eq!((updates.len(), errors), (0, 1));
 
-        // The file goes: its objects go.
+        // A second file defines n1 too: the first by name keeps it; when
+        // a.yaml goes, b.yaml's version takes over and n2 goes.
+        std::fs::write(dir.join("b.yaml"), node("n1", "10.1.9.0/24")).unwrap();
+        let (updates, errors) = src.scan();
+        assert_eq!((updates.len(), errors), (0, 1));
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
-        assert_eq!(src.scan().0.count(Kind::Node), 0);
+        let (updates, _) = src.scan();
+        assert_eq!(kinds(&updates), ["+n1", "-n2"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

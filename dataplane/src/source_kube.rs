@@ -7,7 +7,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     path::PathBuf,
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -22,20 +21,13 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    cluster::{self, Key, Kind, Object, Store},
+    cluster::{self, Key, Kind, Object, Update},
     telemetry,
 };
-
-enum Update {
-    /// A complete list (after the first list and every relist).
-    Replace(Kind, BTreeMap<Key, Object>),
-    Upsert(Key, Object),
-    Delete(Key),
-}
 
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
     let config = match kubeconfig {
@@ -108,7 +100,13 @@ where
             Ok(watcher::Event::InitDone) => {
                 current = listing.take().unwrap_or_default();
                 info!(kind = kind.name(), objects = current.len(), "listed");
-                Some(Update::Replace(kind, current.clone()))
+                Some(Update::Replace(
+                    kind,
+                    current
+                        .iter()
+                        .map(|(k, o)| (k.clone(), o.clone()))
+                        .collect(),
+                ))
             }
             Ok(watcher::Event::Apply(obj)) => convert(kind, &obj, &current, &t).map(|(k, o)| {
                 current.insert(k.clone(), o.clone());
@@ -136,9 +134,9 @@ where
     }
 }
 
-/// Runs the watchers and publishes the merged store once every kind has
-/// been listed, then after every burst of changes.
-pub async fn run(client: Client, tx: watch::Sender<Option<Store>>, t: telemetry::Shared) {
+/// Runs the watchers and forwards their changes; `Synced` follows once
+/// every kind has been listed.
+pub async fn run(client: Client, tx: mpsc::Sender<Update>, t: telemetry::Shared) {
     let (utx, mut urx) = mpsc::channel(1024);
     macro_rules! spawn {
         ($ty:ty, $kind:expr) => {{
@@ -154,38 +152,20 @@ pub async fn run(client: Client, tx: watch::Sender<Option<Store>>, t: telemetry:
     spawn!(NetworkPolicy, Kind::NetworkPolicy);
     drop(utx);
 
-    let mut store = Store::default();
     let mut listed: BTreeSet<Kind> = BTreeSet::new();
-    while let Some(first) = urx.recv().await {
-        let mut batch = vec![first];
-        // A burst (a relist, a rollout) becomes one reconcile.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        while let Ok(u) = urx.try_recv() {
-            batch.push(u);
+    let mut synced = false;
+    while let Some(u) = urx.recv().await {
+        if let Update::Replace(kind, _) = &u {
+            listed.insert(*kind);
         }
-        for u in batch {
-            match u {
-                Update::Replace(kind, objects) => {
-                    store.objects.retain(|k, _| k.kind != kind);
-                    store.objects.extend(objects);
-                    listed.insert(kind);
-                }
-                Update::Upsert(k, o) => {
-                    store.objects.insert(k, o);
-                }
-                Update::Delete(k) => {
-                    store.objects.remove(&k);
-                }
+        if tx.send(u).await.is_err() {
+            return;
+        }
+        if !synced && listed.len() == Kind::ALL.len() {
+            synced = true;
+            if tx.send(Update::Synced).await.is_err() {
+                return;
             }
-        }
-        if listed.len() == Kind::ALL.len() {
-            tx.send_if_modified(|current| {
-                let changed = current.as_ref() != Some(&store);
-                if changed {
-                    *current = Some(store.clone());
-                }
-                changed
-            });
         }
     }
 }

@@ -1,32 +1,32 @@
 //! Small Linux facilities the agent and CLI need: entering a network
-//! namespace, making sure bpffs is mounted, and reading interface facts from
-//! the current network namespace (never from /sys, which belongs to the mount
-//! namespace and may describe another network namespace).
+//! namespace, making sure bpffs is mounted, finding cgroup v2, interface
+//! indexes from the current network namespace (never from /sys, which
+//! belongs to the mount namespace and may describe another network
+//! namespace), and the three link syscalls aya does not expose for every
+//! link kind.
 
-use std::{ffi::CString, fs::File, io, os::fd::AsRawFd, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Moves this (still single-threaded) process into a network namespace, by
 /// `ip netns` name or by path. Only the network namespace changes: bpffs pins
 /// and Unix sockets stay shared with the caller's mount namespace.
 pub fn enter_netns(name_or_path: &str) -> Result<()> {
-    let path = if name_or_path.contains('/') {
-        name_or_path.to_owned()
-    } else {
-        format!("/run/netns/{name_or_path}")
-    };
-    let file = File::open(&path).with_context(|| format!("opening network namespace {path}"))?;
-    // SAFETY: plain syscall on an fd we own.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("setns({path})"));
-    }
-    Ok(())
+    let file = dataplane_common::netns::open(name_or_path)
+        .with_context(|| format!("opening network namespace {name_or_path}"))?;
+    dataplane_common::netns::enter(&file).with_context(|| format!("setns({name_or_path})"))
 }
 
-pub fn is_bpffs(path: &Path) -> Result<bool> {
+fn fs_magic(path: &Path) -> Result<i64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: zeroed statfs is a valid out-parameter.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -35,7 +35,11 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
         return Err(io::Error::last_os_error())
             .with_context(|| format!("statfs {}", path.display()));
     }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+    Ok(st.f_type as i64)
+}
+
+pub fn is_bpffs(path: &Path) -> Result<bool> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (it is not at
@@ -59,11 +63,41 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
             return Err(io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            bail!(
+                "creating {}: bpffs refused the name ({e}); it refuses names with a dot, which \
+                 dataplane escapes, so another restriction applies here",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("creating {}", dir.display()));
+    }
     if !is_bpffs(dir)? {
         bail!("{} is not on a bpf filesystem", dir.display());
     }
     Ok(())
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` in hybrid mode, from the mount table.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
+    parse_cgroup2_mount(&table)
+        .context("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    // "36 25 0:31 / /sys/fs/cgroup/unified rw,... shared:10 - cgroup2 cgroup2 rw"
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+pub fn is_cgroup2(path: &Path) -> Result<bool> {
+    Ok(fs_magic(path)? == CGROUP2_SUPER_MAGIC)
 }
 
 /// Writes `/proc/sys/<key>` (per network namespace for `net/...`).
@@ -83,38 +117,56 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     Ok(idx)
 }
 
-/// Hardware address of an interface in the current network namespace.
-pub fn hwaddr(ifname: &str) -> Result<[u8; 6]> {
-    if ifname.len() >= libc::IFNAMSIZ {
-        bail!(
-            "interface name {ifname:?} is longer than {} bytes",
-            libc::IFNAMSIZ - 1
-        );
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 4]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded bpf_attr prefix of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
     }
-    // SAFETY: plain socket call.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("socket for SIOCGIFHWADDR");
+}
+
+/// Opens a pinned object (a link, here). `Ok(None)` when nothing is pinned
+/// at `path`.
+pub fn bpf_obj_get(path: &Path) -> Result<Option<OwnedFd>> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    let mut attr = [c.as_ptr() as u64, 0, 0, 0];
+    match bpf(BPF_OBJ_GET, &mut attr) {
+        // SAFETY: the kernel returned a new descriptor we now own.
+        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening pinned {}", path.display())),
     }
-    // SAFETY: fd is a fresh descriptor we own.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: zeroed ifreq is valid; the name fits (checked above) and stays NUL-terminated.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("hardware address of {ifname:?}"));
-    }
-    // SAFETY: the union member written by SIOCGIFHWADDR.
-    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
-    let mut mac = [0u8; 6];
-    for (dst, src) in mac.iter_mut().zip(data.iter()) {
-        *dst = *src as u8;
-    }
-    Ok(mac)
+}
+
+/// Swaps the program behind a link atomically (every link kind the agent
+/// pins supports it): no packet or socket call sees neither program.
+pub fn bpf_link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
+    let lo = u64::from(link.as_raw_fd() as u32) | (u64::from(prog.as_raw_fd() as u32) << 32);
+    bpf(BPF_LINK_UPDATE, &mut [lo, 0, 0, 0]).map(drop)
+}
+
+/// Detaches a link now, even while other descriptors or pins hold it.
+pub fn bpf_link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    bpf(
+        BPF_LINK_DETACH,
+        &mut [u64::from(link.as_raw_fd() as u32), 0, 0, 0],
+    )
+    .map(drop)
 }
 
 #[cfg(test)]
@@ -122,10 +174,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_facts() {
+    fn loopback_index() {
         assert_eq!(ifindex("lo").unwrap(), 1);
-        assert_eq!(hwaddr("lo").unwrap(), [0; 6]);
         let err = ifindex("no-such-if0").unwrap_err();
         assert!(format!("{err:#}").contains("no-such-if0"), "{err:#}");
+    }
+
+    #[test]
+    fn cgroup2_mount_from_the_mount_table() {
+        let hybrid = "25 1 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      36 25 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/x rw\n"),
+            None
+        );
     }
 }

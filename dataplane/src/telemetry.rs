@@ -1,18 +1,29 @@
-//! `/healthz`, `/readyz` and Prometheus `/metrics`, on a plain HTTP/1.1
-//! listener (three GET paths do not need an HTTP stack).
+//! `/healthz`, `/readyz` and Prometheus `/metrics` (axum, prometheus-client).
+//! The agent's own figures are kept in prometheus-client metrics; the
+//! datapath's (map fill, verdicts) are read from the pinned maps at scrape
+//! time by a collector, so they are exact and never cached.
 
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::Result;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
+    registry::Registry,
 };
 use tracing::warn;
 
@@ -21,247 +32,232 @@ use crate::maps;
 /// Default port of the agent's metrics and health endpoints.
 pub const DEFAULT_ADDR: &str = "0.0.0.0:9963";
 
-const BUCKETS: &[f64] = &[
+const BUCKETS: [f64; 13] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
-impl Histogram {
-    fn observe(&mut self, secs: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; BUCKETS.len()];
-        }
-        for (c, le) in self.counts.iter_mut().zip(BUCKETS) {
-            if secs <= *le {
-                *c += 1;
-            }
-        }
-        self.sum += secs;
-        self.count += 1;
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabel {
+    what: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    hook: String,
+    direction: String,
+    reason: String,
 }
 
 /// What the agent reports about itself; shared by the tasks that do work.
-#[derive(Default)]
 pub struct Telemetry {
-    ready: bool,
-    objects: BTreeMap<&'static str, usize>,
-    errors: BTreeMap<&'static str, u64>,
-    reconcile: BTreeMap<&'static str, Histogram>,
+    registry: Registry,
+    ready: AtomicBool,
+    ready_gauge: Gauge,
+    objects: Family<KindLabel, Gauge>,
+    errors: Family<KindLabel, Counter>,
+    reconcile: Family<WhatLabel, Histogram, fn() -> Histogram>,
 }
 
-pub type Shared = Arc<Mutex<Telemetry>>;
+pub type Shared = Arc<Telemetry>;
 
-fn with(t: &Shared, f: impl FnOnce(&mut Telemetry)) {
-    if let Ok(mut t) = t.lock() {
-        f(&mut t);
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// Reads the pinned maps on every scrape.
+#[derive(Debug)]
+struct Datapath {
+    pin_dir: PathBuf,
+}
+
+impl Collector for Datapath {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut entries = Vec::new();
+        for spec in dataplane_common::MAPS {
+            match maps::count(&self.pin_dir, spec.name) {
+                Ok(n) => entries.push((spec.name, n as i64)),
+                Err(e) => warn!("metrics: {}: {e:#}", spec.name),
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "dataplane_map_entries",
+            "Entries in use per BPF map.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (name, n) in entries {
+            let labels = MapLabel { map: name.into() };
+            ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "dataplane_map_capacity",
+            "Maximum entries per BPF map.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for spec in dataplane_common::MAPS {
+            let labels = MapLabel {
+                map: spec.name.into(),
+            };
+            ConstGauge::new(i64::from(spec.max_entries)).encode(family.encode_family(&labels)?)?;
+        }
+        let rows = maps::metrics::rows(&self.pin_dir).unwrap_or_else(|e| {
+            warn!("metrics: dp_metrics: {e:#}");
+            Vec::new()
+        });
+        let labels = |r: &maps::metrics::MetricsRow| VerdictLabels {
+            hook: r.hook.clone(),
+            direction: r.direction.clone(),
+            reason: r.reason.clone(),
+        };
+        let mut family = encoder.encode_descriptor(
+            "dataplane_packets",
+            "Packets by verdict (forwarded or the drop reason), per hook and direction.",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for r in &rows {
+            ConstCounter::new(r.packets).encode(family.encode_family(&labels(r))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "dataplane_bytes",
+            "Bytes by verdict, per hook and direction.",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for r in &rows {
+            ConstCounter::new(r.bytes).encode(family.encode_family(&labels(r))?)?;
+        }
+        Ok(())
     }
 }
 
-pub fn set_ready(t: &Shared) {
-    with(t, |t| t.ready = true);
+impl Telemetry {
+    pub fn new(pin_dir: PathBuf) -> Shared {
+        let mut registry = Registry::default();
+        let ready_gauge = Gauge::default();
+        registry.register(
+            "dataplane_ready",
+            "Whether the agent has restored its state, applied its source and knows its pod CIDR.",
+            ready_gauge.clone(),
+        );
+        let objects = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "dataplane_objects",
+            "Objects the agent holds, by kind.",
+            objects.clone(),
+        );
+        let errors = Family::<KindLabel, Counter>::default();
+        registry.register("dataplane_errors", "Errors by kind.", errors.clone());
+        let reconcile = Family::<WhatLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "dataplane_reconcile_duration_seconds",
+            "Time to apply one change to the maps.",
+            reconcile.clone(),
+        );
+        registry.register_collector(Box::new(Datapath { pin_dir }));
+        Arc::new(Telemetry {
+            registry,
+            ready: AtomicBool::new(false),
+            ready_gauge,
+            objects,
+            errors,
+            reconcile,
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!("metrics: encoding: {e}");
+        }
+        out
+    }
 }
 
-pub fn set_objects(t: &Shared, kind: &'static str, n: usize) {
-    with(t, |t| {
-        t.objects.insert(kind, n);
-    });
+pub fn set_ready(t: &Shared, ready: bool) {
+    t.ready.store(ready, Ordering::Relaxed);
+    t.ready_gauge.set(i64::from(ready));
 }
 
-pub fn error(t: &Shared, kind: &'static str) {
-    with(t, |t| *t.errors.entry(kind).or_default() += 1);
+pub fn set_objects(t: &Shared, kind: &str, n: usize) {
+    t.objects
+        .get_or_create(&KindLabel { kind: kind.into() })
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+pub fn error(t: &Shared, kind: &str) {
+    t.errors
+        .get_or_create(&KindLabel { kind: kind.into() })
+        .inc();
 }
 
 /// Records how long one reconcile of `what` took.
-pub fn reconciled(t: &Shared, what: &'static str, took: Duration) {
-    with(t, |t| {
-        t.reconcile
-            .entry(what)
-            .or_default()
-            .observe(took.as_secs_f64())
-    });
+pub fn reconciled(t: &Shared, what: &str, took: Duration) {
+    t.reconcile
+        .get_or_create(&WhatLabel { what: what.into() })
+        .observe(took.as_secs_f64());
 }
 
-fn render(t: &Telemetry, pin_dir: &std::path::Path) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_ready Whether the agent has restored its state and applied its sources."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE dataplane_ready gauge\ndataplane_ready {}",
-        u8::from(t.ready)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_objects Objects the agent holds, by kind.\n# TYPE dataplane_objects gauge"
-    );
-    for (kind, n) in &t.objects {
-        let _ = writeln!(out, "dataplane_objects{{kind=\"{kind}\"}} {n}");
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(t): State<Shared>) -> impl IntoResponse {
+    if t.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_errors_total Errors by kind.\n# TYPE dataplane_errors_total counter"
-    );
-    for (kind, n) in &t.errors {
-        let _ = writeln!(out, "dataplane_errors_total{{kind=\"{kind}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_reconcile_duration_seconds Time to apply one change to the maps.\n# TYPE dataplane_reconcile_duration_seconds histogram"
-    );
-    for (what, h) in &t.reconcile {
-        for (le, c) in BUCKETS.iter().zip(&h.counts) {
-            let _ = writeln!(
-                out,
-                "dataplane_reconcile_duration_seconds_bucket{{what=\"{what}\",le=\"{le}\"}} {c}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "dataplane_reconcile_duration_seconds_bucket{{what=\"{what}\",le=\"+Inf\"}} {}",
-            h.count
-        );
-        let _ = writeln!(
-            out,
-            "dataplane_reconcile_duration_seconds_sum{{what=\"{what}\"}} {}",
-            h.sum
-        );
-        let _ = writeln!(
-            out,
-            "dataplane_reconcile_duration_seconds_count{{what=\"{what}\"}} {}",
-            h.count
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_map_entries Entries in use per BPF map.\n# TYPE dataplane_map_entries gauge"
-    );
-    let mut caps = String::new();
-    for spec in dataplane_common::MAPS {
-        match maps::count(pin_dir, spec.name) {
-            Ok(n) => {
-                let _ = writeln!(out, "dataplane_map_entries{{map=\"{}\"}} {n}", spec.name);
-            }
-            Err(e) => warn!("metrics: {}: {e:#}", spec.name),
-        }
-        let _ = writeln!(
-            caps,
-            "dataplane_map_capacity{{map=\"{}\"}} {}",
-            spec.name, spec.max_entries
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_map_capacity Maximum entries per BPF map.\n# TYPE dataplane_map_capacity gauge"
-    );
-    out.push_str(&caps);
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_packets_total Packets by verdict: forwarded or the drop reason.\n# TYPE dataplane_packets_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "# HELP dataplane_bytes_total Bytes by verdict.\n# TYPE dataplane_bytes_total counter"
-    );
-    if let Ok(rows) = maps::metrics::rows(pin_dir) {
-        for r in rows {
-            let labels = format!("direction=\"{}\",reason=\"{}\"", r.direction, r.reason);
-            let _ = writeln!(out, "dataplane_packets_total{{{labels}}} {}", r.packets);
-            let _ = writeln!(out, "dataplane_bytes_total{{{labels}}} {}", r.bytes);
-        }
-    }
-    out
+}
+
+async fn metrics(State(t): State<Shared>) -> impl IntoResponse {
+    // Reading the maps is a few hundred syscalls: off the async threads.
+    let body = tokio::task::spawn_blocking(move || t.render())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 /// Serves until the process ends. Bind errors are returned at once.
-pub async fn serve(addr: &str, t: Shared, pin_dir: PathBuf) -> Result<()> {
-    let listener = TcpListener::bind(addr)
+pub async fn serve(addr: &str, t: Shared) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+    let app = Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+        .with_state(t);
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (t, pin_dir) = (t.clone(), pin_dir.clone());
-            tokio::spawn(async move {
-                if let Err(e) = answer(stream, &t, &pin_dir).await {
-                    warn!("metrics connection: {e}");
-                }
-            });
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!("metrics server stopped: {e}");
         }
     });
     Ok(())
-}
-
-async fn answer(
-    mut stream: TcpStream,
-    t: &Shared,
-    pin_dir: &std::path::Path,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            break;
-        }
-        let n =
-            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await??;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    let request = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") => {
-            if t.lock().map(|t| t.ready).unwrap_or(false) {
-                ("200 OK", "text/plain", "ready\n".to_owned())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_owned(),
-                )
-            }
-        }
-        ("GET", "/metrics") => {
-            let body = match t.lock() {
-                Ok(t) => render(&t, pin_dir),
-                Err(_) => String::new(),
-            };
-            ("200 OK", "text/plain; version=0.0.4", body)
-        }
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /healthz or /readyz\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -269,14 +265,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let mut h = Histogram::default();
-        for s in [0.0001, 0.003, 0.2, 9.0] {
-            h.observe(s);
+    fn the_text_format_has_our_series() {
+        let t = Telemetry::new(PathBuf::from("/nonexistent"));
+        set_objects(&t, "Node", 3);
+        error(&t, "manifest_invalid");
+        reconciled(&t, "cluster", Duration::from_millis(3));
+        set_ready(&t, true);
+        let text = t.render();
+        for line in [
+            "dataplane_ready 1",
+            "dataplane_objects{kind=\"Node\"} 3",
+            "dataplane_errors_total{kind=\"manifest_invalid\"} 1",
+            "dataplane_reconcile_duration_seconds_bucket{le=\"0.005\",what=\"cluster\"} 1",
+            "dataplane_reconcile_duration_seconds_count{what=\"cluster\"} 1",
+            "dataplane_map_capacity{map=\"dp_endpoints\"} 65536",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }
-        assert_eq!(h.count, 4);
-        assert_eq!(h.counts[0], 1); // <= 0.5 ms
-        assert_eq!(h.counts[3], 2); // <= 5 ms
-        assert_eq!(*h.counts.last().unwrap(), 3); // <= 5 s; 9 s only in +Inf
     }
 }

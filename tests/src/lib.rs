@@ -57,8 +57,9 @@ pub struct LabSpec {
     pub cni_bin: PathBuf,
     /// Plugins chained after ours in each node's conflist (e.g. `portmap`).
     pub chain: Vec<String>,
-    /// cniVersion of the conflists.
-    pub cni_version: String,
+    /// cniVersion of the conflists; `None`: what `dataplane-cni install`
+    /// writes by default.
+    pub cni_version: Option<String>,
     /// `vxlan` or `native`.
     pub mode: String,
     /// Where agents get cluster state: `dir` (manifests) or `kube` (a test
@@ -67,6 +68,17 @@ pub struct LabSpec {
     /// Pass `--pod-cidr` to the agents; without it they take their CIDR from
     /// their Node object.
     pub pod_cidr_flag: bool,
+    /// Appended to every node's name (e.g. `.example.com`: node names are
+    /// DNS subdomains).
+    pub node_suffix: String,
+    /// Leave IPv6 on in every namespace (off by default, so that router
+    /// solicitations do not muddy exact packet counts).
+    pub ipv6: bool,
+    /// Give each node a cgroup of its own for its socket programs.
+    pub cgroups: bool,
+    /// Wait for each agent to be ready (and its pods created) before `up`
+    /// returns; off to test the window before readiness.
+    pub wait_ready: bool,
 }
 
 impl LabSpec {
@@ -90,10 +102,14 @@ impl LabSpec {
             dataplane_bin,
             cni_bin,
             chain: Vec::new(),
-            cni_version: "1.1.0".into(),
+            cni_version: None,
             mode: "vxlan".into(),
             source: "dir".into(),
             pod_cidr_flag: true,
+            node_suffix: String::new(),
+            ipv6: false,
+            cgroups: true,
+            wait_ready: true,
         })
     }
 }
@@ -133,6 +149,9 @@ pub struct NodeState {
     /// The agent's command line (restarts reuse it).
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// The node's cgroup (its socket programs act on processes in it).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -171,6 +190,9 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     /// Every netns created, in creation order (teardown removes them all).
     pub namespaces: Vec<String>,
+    /// Every cgroup created (teardown removes them).
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
     /// The manifest directory every agent watches (`--source dir:...`):
     /// `nodes.yaml` and `pods.yaml`, as the API server would have them.
     pub manifests: PathBuf,
@@ -196,8 +218,24 @@ pub struct Lab {
     pub api: Option<apiserver::ApiServer>,
     agents: Vec<Child>,
     armed: bool,
+    ipv6: bool,
+    node_suffix: String,
     /// What [`Lab::publish`] last sent to the API server, per kind.
     published: Mutex<std::collections::BTreeMap<String, Vec<(String, String)>>>,
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` in hybrid mode),
+/// from the mount table.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let table = fs::read_to_string("/proc/self/mountinfo")?;
+    table
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 filesystem is mounted")
 }
 
 /// Root is needed for namespaces, BPF and bpffs; say so plainly.
@@ -238,14 +276,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
 
 /// Moves the calling thread (or a child between fork and exec) into the
 /// network namespace open as `file`.
-pub fn enter_netns(file: &fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: setns on an fd the caller keeps open; async-signal-safe.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub use dataplane_common::netns::enter as enter_netns;
 
 /// The namespace file of an `ip netns` name.
 pub fn netns_file(netns: &str) -> Result<fs::File> {
@@ -256,17 +287,47 @@ pub fn netns_file(netns: &str) -> Result<fs::File> {
 /// it changes (mounts, cwd and environment stay the caller's). A missing
 /// namespace makes the spawn fail.
 pub fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    in_netns_cgroup(netns, None, program)
+}
+
+/// [`in_netns`], and in the cgroup `cgroup` when given (its socket
+/// programs then see the command's sockets).
+pub fn in_netns_cgroup(
+    netns: &str,
+    cgroup: Option<&Path>,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
     let file = netns_file(netns).map_err(|e| {
         e.downcast_ref::<std::io::Error>()
             .map_or(std::io::ErrorKind::NotFound, std::io::Error::kind)
     });
+    // Opened before the fork: the child only writes to it.
+    let procs = cgroup.map(|c| {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(c.join("cgroup.procs"))
+    });
     let mut cmd = Command::new(program);
-    // SAFETY: the closure only calls setns or builds an error from a kind,
-    // neither of which allocates.
+    // SAFETY: the closure only makes syscalls (setns, write) or builds an
+    // error from a kind; none of it allocates.
     unsafe {
-        cmd.pre_exec(move || match &file {
-            Ok(f) => enter_netns(f),
-            Err(kind) => Err(std::io::Error::from(*kind)),
+        cmd.pre_exec(move || {
+            match &procs {
+                Some(Ok(f)) => {
+                    // "0": the writing process itself.
+                    let n =
+                        libc::write(std::os::fd::AsRawFd::as_raw_fd(f), b"0".as_ptr().cast(), 1);
+                    if n != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Some(Err(e)) => return Err(std::io::Error::from(e.kind())),
+                None => {}
+            }
+            match &file {
+                Ok(f) => enter_netns(f),
+                Err(kind) => Err(std::io::Error::from(*kind)),
+            }
         });
     }
     cmd
@@ -298,6 +359,8 @@ impl Lab {
             },
             agents: Vec::new(),
             armed: true,
+            ipv6: spec.ipv6,
+            node_suffix: spec.node_suffix.clone(),
             api: None,
             published: Mutex::default(),
         };
@@ -314,18 +377,31 @@ impl Lab {
         Ok(())
     }
 
-    /// A new namespace owned by the lab (removed on teardown), lo up, IPv6 off.
+    /// A new namespace owned by the lab (removed on teardown), lo up, IPv6
+    /// off unless the lab has it on.
     pub fn add_netns(&mut self, name: &str) -> Result<()> {
         // Recorded before creation: a failure in between still gets cleaned.
         self.state.namespaces.push(name.to_owned());
         self.save()?;
         ip(&["netns", "add", name])?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
-        // IPv4-only until the IPv6 work: no router solicitations or MLD
-        // reports muddying exact packet counts.
-        sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")?;
-        sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        if !self.ipv6 {
+            // No router solicitations or MLD reports muddying exact packet
+            // counts.
+            sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")?;
+            sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
         Ok(())
+    }
+
+    /// A cgroup of the lab's own under the cgroup v2 mount (removed on
+    /// teardown).
+    fn add_cgroup(&mut self, name: &str) -> Result<PathBuf> {
+        let path = cgroup2_mount()?.join(name);
+        self.state.cgroups.push(path.clone());
+        self.save()?;
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(path)
     }
 
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
@@ -345,13 +421,19 @@ impl Lab {
         let all: Vec<usize> = (0..spec.nodes).collect();
         self.write_nodes_file(spec.nodes, &all)?;
         for i in 0..spec.nodes {
-            let name = format!("{id}-n{i}");
+            let netns = format!("{id}-n{i}");
+            let name = format!("{netns}{}", spec.node_suffix);
             let node_ip =
                 Ipv4Addr::new(172, 20, 0, 11 + u8::try_from(i).context("too many nodes")?);
-            self.add_underlay_host(&name, &format!("n{i}"), node_ip)?;
-            sysctl(&name, "net.ipv4.ip_forward", "1")?;
+            self.add_underlay_host(&netns, &format!("n{i}"), node_ip)?;
+            sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+            let cgroup = if spec.cgroups {
+                Some(self.add_cgroup(&netns)?)
+            } else {
+                None
+            };
             let node = NodeState {
-                pin_dir: Path::new(PIN_ROOT).join(&name),
+                pin_dir: dataplane_common::pin_dir(Path::new(PIN_ROOT), &name),
                 api_socket: self.state.run_dir.join(format!("{name}.sock")),
                 log: self.state.run_dir.join(format!("{name}.log")),
                 conflist: self
@@ -360,7 +442,8 @@ impl Lab {
                     .join(format!("{name}-net.d/05-dataplane.conflist")),
                 ipam_dir: self.state.run_dir.join(format!("{name}-ipam")),
                 agent_args: Vec::new(),
-                netns: name.clone(),
+                cgroup,
+                netns,
                 name,
                 ip: node_ip,
                 pod_cidr: format!("10.244.{i}.0/24"),
@@ -382,8 +465,12 @@ impl Lab {
 
         for i in 0..spec.nodes {
             self.wait_agent_ready(i)?;
-            self.wait_peers(i, spec.nodes.saturating_sub(1))?;
             self.install_cni(i, spec)?;
+            if !spec.wait_ready {
+                continue;
+            }
+            self.wait_peers(i, spec.nodes.saturating_sub(1))?;
+            self.wait_ready(i)?;
             for j in 0..spec.pods_per_node {
                 self.add_pod(i, &format!("pod-{i}-{j}"))?;
             }
@@ -431,6 +518,12 @@ impl Lab {
             ("--attach-mode", spec.attach_mode.clone()),
             ("--bpf-log-level", spec.bpf_log_level.clone()),
             ("--mode", spec.mode.clone()),
+            (
+                "--cgroup-root",
+                node.cgroup
+                    .as_ref()
+                    .map_or_else(|| "off".to_owned(), |c| c.display().to_string()),
+            ),
             (
                 "--source",
                 if spec.source == "kube" {
@@ -539,6 +632,30 @@ impl Lab {
         }
     }
 
+    /// Waits until node `i`'s agent says it is ready (restored, cluster
+    /// state applied, pod CIDR known): only then does it take endpoints.
+    pub fn wait_ready(&self, i: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.agent_call(i, &Request::Status) {
+                Ok(Response::Status(s)) if s.ready => return Ok(()),
+                _ if Instant::now() > deadline => bail!(
+                    "agent on {} not ready after 20 s:\n{}",
+                    self.state.nodes[i].name,
+                    self.agent_log(i)
+                ),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// A command in node `i`'s network namespace and cgroup, as a process of
+    /// that node.
+    pub fn on_node(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let n = &self.state.nodes[i];
+        in_netns_cgroup(&n.netns, n.cgroup.as_deref(), program)
+    }
+
     fn node_ip(i: usize) -> Result<Ipv4Addr> {
         Ok(Ipv4Addr::new(
             172,
@@ -552,7 +669,7 @@ impl Lab {
         let cidr = format!("10.244.{i}.0/24");
         Ok(serde_json::json!({
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": format!("{}-n{i}", self.state.id)},
+            "metadata": {"name": format!("{}-n{i}{}", self.state.id, self.node_suffix)},
             "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
             "status": {"addresses": [{"type": "InternalIP", "address": Self::node_ip(i)?.to_string()}]},
         }))
@@ -686,8 +803,10 @@ impl Lab {
             .arg("--agent-socket")
             .arg(&node.api_socket)
             .arg("--ipam-dir")
-            .arg(&node.ipam_dir)
-            .args(["--cni-version", &spec.cni_version]);
+            .arg(&node.ipam_dir);
+        if let Some(v) = &spec.cni_version {
+            cmd.args(["--cni-version", v]);
+        }
         for plugin in &spec.chain {
             cmd.args(["--chain", plugin]);
         }
@@ -1032,6 +1151,11 @@ pub fn teardown(state: &LabState) {
     for node in &state.nodes {
         let _ = fs::remove_dir_all(&node.pin_dir);
     }
+    for cg in state.cgroups.iter().rev() {
+        // Empty once the namespaces' processes are gone; a cgroup keeps no
+        // BPF link alive (the pins are removed above).
+        let _ = fs::remove_dir(cg);
+    }
     if !state.run_dir.as_os_str().is_empty() {
         let _ = fs::remove_dir_all(&state.run_dir);
     }
@@ -1333,38 +1457,75 @@ impl Drop for Capture {
     }
 }
 
-/// Frames of a classic little-endian pcap file.
+/// Frames of a pcap file.
 pub fn parse_pcap(data: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let u32le = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    if data.len() < 24 || u32le(&data[..4]) != 0xa1b2_c3d4 {
-        bail!("not a little-endian pcap file ({} bytes)", data.len());
-    }
+    let mut reader = pcap_file::pcap::PcapReader::new(data).context("not a pcap file")?;
     let mut frames = Vec::new();
-    let mut at = 24;
-    while at + 16 <= data.len() {
-        let len = u32le(&data[at + 8..at + 12]) as usize;
-        let start = at + 16;
-        let end = (start + len).min(data.len());
-        frames.push(data[start..end].to_vec());
-        at = start + len;
+    while let Some(packet) = reader.next_packet() {
+        frames.push(packet.context("pcap record")?.data.into_owned());
     }
     Ok(frames)
+}
+
+/// The IPv4 header of an Ethernet frame, if it carries one (captures are
+/// cut at the snap length, so parsing is lax about the payload).
+fn ipv4_header(frame: &[u8]) -> Option<(etherparse::Ipv4Header, &[u8])> {
+    let h = etherparse::LaxPacketHeaders::from_ethernet(frame).ok()?;
+    let Some(etherparse::NetHeaders::Ipv4(ip, _)) = h.net else {
+        return None;
+    };
+    let ihl = usize::from(ip.ihl()) * 4;
+    Some((ip, frame.get(14 + ihl..)?))
 }
 
 /// IPv4 header fields of an Ethernet frame: (source, destination, protocol,
 /// header length), or `None` for anything else.
 pub fn ipv4_of(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u8, usize)> {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &frame[14..];
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let (ip, _) = ipv4_header(frame)?;
     Some((
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        ip[9],
-        ihl,
+        Ipv4Addr::from(ip.source),
+        Ipv4Addr::from(ip.destination),
+        ip.protocol.0,
+        usize::from(ip.ihl()) * 4,
     ))
+}
+
+/// What a frame on the underlay carries, outer and (for VXLAN) inner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    /// UDP destination port, for UDP.
+    pub dport: Option<u16>,
+    /// VXLAN network identifier, when the UDP payload is VXLAN (I flag set).
+    pub vni: Option<u32>,
+    /// The encapsulated frame's IPv4 source, destination and protocol.
+    pub inner: Option<(Ipv4Addr, Ipv4Addr, u8)>,
+}
+
+/// Decodes an IPv4 frame; UDP to `vxlan_port` is decoded as VXLAN, inner
+/// headers included.
+pub fn decode(frame: &[u8], vxlan_port: u16) -> Option<Decoded> {
+    let (ip, rest) = ipv4_header(frame)?;
+    let mut d = Decoded {
+        src: Ipv4Addr::from(ip.source),
+        dst: Ipv4Addr::from(ip.destination),
+        proto: ip.protocol.0,
+        dport: None,
+        vni: None,
+        inner: None,
+    };
+    if ip.protocol == etherparse::IpNumber::UDP
+        && let Ok((udp, payload)) = etherparse::UdpHeader::from_slice(rest)
+    {
+        d.dport = Some(udp.destination_port);
+        if udp.destination_port == vxlan_port && payload.len() >= 8 && payload[0] & 0x08 != 0 {
+            d.vni = Some(u32::from_be_bytes([0, payload[4], payload[5], payload[6]]));
+            d.inner = ipv4_of(&payload[8..]).map(|(s, t, p, _)| (s, t, p));
+        }
+    }
+    Some(d)
 }
 
 /// `GET path` on `addr` from inside `netns`: (status code, body).

@@ -247,7 +247,9 @@ fn health_readiness_and_metrics() {
     assert_eq!(m("dataplane_map_entries{map=\"dp_endpoints\"}"), 4.0);
     assert_eq!(m("dataplane_map_capacity{map=\"dp_endpoints\"}"), 65536.0);
     assert_eq!(
-        m("dataplane_packets_total{direction=\"from-endpoint\",reason=\"source_spoofed\"}"),
+        m(
+            "dataplane_packets_total{hook=\"tc\",direction=\"from-endpoint\",reason=\"source_spoofed\"}"
+        ),
         5.0
     );
     assert!(m("dataplane_reconcile_duration_seconds_count{what=\"endpoint\"}") >= 2.0);

@@ -20,7 +20,7 @@ fn lab(mode: &str, nodes: usize, pods: usize) -> Lab {
 
 fn metric(rows: &[Value], direction: &str, reason: &str) -> u64 {
     rows.iter()
-        .find(|r| r["direction"] == direction && r["reason"] == reason)
+        .find(|r| r["hook"] == "tc" && r["direction"] == direction && r["reason"] == reason)
         .and_then(|r| r["packets"].as_u64())
         .unwrap_or(0)
 }

@@ -38,7 +38,7 @@ fn ifindex_of(lab: &Lab, pod: &str) -> u64 {
 
 fn metric(rows: &[Value], direction: &str, reason: &str) -> u64 {
     rows.iter()
-        .find(|r| r["direction"] == direction && r["reason"] == reason)
+        .find(|r| r["hook"] == "tc" && r["direction"] == direction && r["reason"] == reason)
         .and_then(|r| r["packets"].as_u64())
         .unwrap_or(0)
 }
@@ -302,19 +302,45 @@ fn bad_endpoint_requests_name_the_field_and_change_nothing() {
     );
 }
 
+fn bpftool_json(args: &[&str]) -> Value {
+    let out = lab::run(Command::new("bpftool").arg("-j").args(args)).expect("bpftool");
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
 #[test]
-fn bpftool_sees_programs_and_btf_field_names() {
+fn bpftool_sees_this_labs_programs_and_btf_field_names() {
     let lab = lab(1, 1);
-    let progs =
-        lab::run(Command::new("bpftool").args(["prog", "show"])).expect("bpftool prog show");
-    let progs = String::from_utf8_lossy(&progs.stdout);
-    for name in dataplane_common::PROGRAMS {
+    let pin_dir = lab.state.nodes[0].pin_dir.clone();
+    let spec = dataplane_common::MapSpec::by_name(dataplane_common::MAP_METRICS).expect("spec");
+    let metrics = pin_dir.join(spec.pin_name());
+    let map = bpftool_json(&["map", "show", "pinned", metrics.to_str().expect("path")]);
+    let map_id = map["id"].as_u64().expect("map id");
+    // Every program counts its verdicts in dp_metrics: the programs of this
+    // node's agent are those using this node's map, whatever other labs run.
+    let progs = bpftool_json(&["prog", "show"]);
+    let ours: Vec<&str> = progs
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter(|p| {
+            p["map_ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|i| i.as_u64() == Some(map_id)))
+        })
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for prog in dataplane_common::PROGRAMS {
         assert!(
-            progs.contains(&format!("name {name} ")),
-            "{name} missing:\n{progs}"
+            ours.contains(&prog.name),
+            "{} is not among this agent's programs: {ours:?}",
+            prog.name
         );
     }
-    let pin = lab.state.nodes[0].pin_dir.join("dp_endpoints");
+    let pin = pin_dir.join(
+        dataplane_common::MapSpec::by_name(dataplane_common::MAP_ENDPOINTS)
+            .expect("spec")
+            .pin_name(),
+    );
     let dump = lab::run(
         Command::new("bpftool")
             .args(["map", "dump", "pinned"])
@@ -331,12 +357,12 @@ fn bpftool_sees_programs_and_btf_field_names() {
     ] {
         assert!(dump.contains(field), "BTF field {field} missing:\n{dump}");
     }
-    // Every map of the contract is pinned.
+    // Every map of the contract is pinned, under its layout version.
     for m in dataplane_common::MAPS {
         assert!(
-            lab.state.nodes[0].pin_dir.join(m.name).exists(),
+            pin_dir.join(m.pin_name()).exists(),
             "{} not pinned",
-            m.name
+            m.pin_name()
         );
     }
 }

@@ -1,212 +1,297 @@
 //! Endpoints (pods on this node): programs on their veth, entries in the
 //! maps, and the registry that lets a restarted agent adopt them.
 
-use super::*;
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
 
-pub(super) const LXC_HOOKS: [(&str, TcAttachType); 2] = [
-    (PROG_LXC_FROM_CTR, TcAttachType::Ingress),
-    (PROG_LXC_TO_CTR, TcAttachType::Egress),
-];
+use anyhow::{Context as _, Result, bail};
+use dataplane_common::{
+    AttachPoint, EP_F_LOCAL, EndpointInfo, EndpointKey, PROGRAMS, api::EndpointSpec, parse_mac,
+};
+use tracing::{debug, info, warn};
 
-/// Registers an endpoint. `fresh` is false when re-adopting one after a
-/// restart: its counters then carry on.
-pub(super) fn endpoint_add(state: &mut State, spec: EndpointSpec, fresh: bool) -> Result<()> {
-    let id = spec.container_id.clone();
-    if id.is_empty() {
-        bail!("endpoint: container_id is empty");
-    }
-    if spec.ips.is_empty() {
-        bail!("endpoint {id}: ips is empty");
-    }
-    let mac = parse_mac(&spec.mac)
-        .with_context(|| format!("endpoint {id}: mac {:?} is not aa:bb:cc:dd:ee:ff", spec.mac))?;
-    if let Some(existing) = state.endpoints.get(&id) {
-        if existing.spec == spec {
-            return Ok(()); // a retried ADD
-        }
-        endpoint_del(state, &id)?;
-    }
-    for other in state.endpoints.values() {
-        if let Some(ip) = other.spec.ips.iter().find(|ip| spec.ips.contains(ip)) {
-            bail!(
-                "endpoint {id}: ip {ip} already belongs to endpoint {}",
-                other.spec.container_id
-            );
-        }
-    }
-    let ifindex =
-        sys::ifindex(&spec.host_ifname).with_context(|| format!("endpoint {id}: host_ifname"))?;
-    let host_mac =
-        sys::hwaddr(&spec.host_ifname).with_context(|| format!("endpoint {id}: host_ifname"))?;
+use super::{Agent, lock};
+use crate::bpf::{Attached, Target};
 
-    let mut live = LiveEndpoint {
-        spec,
-        ifindex,
-        links: Vec::new(),
-        keys: Vec::new(),
-    };
-    if let Err(e) = install(state, &mut live, mac, host_mac, fresh) {
-        uninstall(state, &mut live);
-        return Err(e.context(format!("endpoint {id}")));
-    }
-    info!(endpoint = %id, ifname = %live.spec.host_ifname, ifindex, ips = ?live.spec.ips, "endpoint added");
-    state.endpoints.insert(id, live);
-    Ok(())
+pub(crate) struct LiveEndpoint {
+    pub spec: EndpointSpec,
+    pub ifindex: u32,
+    pub links: Vec<Attached>,
 }
 
-/// Programs first, then map entries: once an address is in the map, the
-/// programs that act on it are already there. Records what it did in `live`
-/// so a failure part-way can be undone.
-pub(super) fn install(
-    state: &mut State,
-    live: &mut LiveEndpoint,
+/// The agent cannot take the request yet (the CNI plugin says "try again").
+#[derive(Debug)]
+pub struct NotReady(pub String);
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotReady {}
+
+fn entries(
+    spec: &EndpointSpec,
+    ifindex: u32,
     mac: [u8; 6],
     host_mac: [u8; 6],
-    fresh: bool,
-) -> Result<()> {
-    // Counters from an earlier endpoint that had the same ifindex must not
-    // leak into this one.
-    if fresh {
-        remove_counters(state, live.ifindex);
-    }
-    for (prog, hook) in LXC_HOOKS {
-        let link = state.datapath.attach(prog, &live.spec.host_ifname, hook)?;
-        live.links.push(link);
-    }
+) -> Vec<(EndpointKey, EndpointInfo)> {
     let info = EndpointInfo {
-        ifindex: live.ifindex,
+        ifindex,
         identity: 0,
         mac,
         host_mac,
         flags: EP_F_LOCAL,
         _pad: 0,
     };
-    let mut map = state.datapath.endpoints()?;
-    for ip in &live.spec.ips {
-        let key = EndpointKey::from(*ip);
-        map.insert(key, info, 0)
-            .with_context(|| format!("{MAP_ENDPOINTS}: inserting {ip}"))?;
-        live.keys.push(key);
+    spec.ips
+        .iter()
+        .map(|ip| (EndpointKey::from(*ip), info))
+        .collect()
+}
+
+/// The veth's index and MAC, from netlink in the agent's namespace.
+async fn veth(agent: &Agent, id: &str, ifname: &str) -> Result<(u32, [u8; 6])> {
+    let link = agent
+        .nl
+        .link(ifname)
+        .await?
+        .with_context(|| format!("endpoint {id}: host_ifname {ifname:?}: no such interface"))?;
+    let mac = dataplane_common::netlink::link_mac(&link)
+        .with_context(|| format!("endpoint {id}: host_ifname {ifname:?} has no MAC address"))?;
+    Ok((link.header.index, mac))
+}
+
+/// Registers an endpoint (the API's ADD). The caller holds the API lock.
+pub(super) async fn add(agent: &Arc<Agent>, spec: EndpointSpec) -> Result<()> {
+    let id = spec.container_id.clone();
+    if id.is_empty() {
+        bail!("endpoint: container_id is empty");
     }
+    if !agent.update_ready()? {
+        let st = lock(&agent.status)?;
+        let why = if !st.restored {
+            "restoring its endpoints"
+        } else if !st.synced {
+            "reading the cluster state"
+        } else {
+            "waiting for this node's pod CIDR (spec.podCIDR of its Node object)"
+        };
+        return Err(NotReady(format!("the agent is not ready yet: {why}")).into());
+    }
+    if spec.ips.is_empty() {
+        bail!("endpoint {id}: ips is empty");
+    }
+    let mac = parse_mac(&spec.mac)
+        .with_context(|| format!("endpoint {id}: mac {:?} is not aa:bb:cc:dd:ee:ff", spec.mac))?;
+    let existing = lock(&agent.registry)?.get(&id).map(|e| e.spec.clone());
+    if existing.as_ref() == Some(&spec) {
+        return Ok(()); // a retried ADD
+    }
+    let keys: Vec<EndpointKey> = spec.ips.iter().map(|ip| EndpointKey::from(*ip)).collect();
+    if let Some((key, other)) = lock(&agent.endpoints)?.local_conflict(&id, &keys) {
+        bail!("endpoint {id}: ip {key} already belongs to endpoint {other}");
+    }
+    let (ifindex, host_mac) = veth(agent, &id, &spec.host_ifname).await?;
+    let agent2 = agent.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        if existing.is_some() {
+            remove(&agent2, &spec.container_id)?;
+        }
+        install(&agent2, spec, ifindex, mac, host_mac, true)
+    })
+    .await
+    .context("endpoint worker")??;
+    save_registry(agent)
+}
+
+/// Programs first, then map entries: once an address is in the map, the
+/// programs that act on it are already there. A failure part-way is undone.
+/// `fresh` is false when re-adopting after a restart: entries then go in
+/// first (a map recreated for a new layout must be filled before our
+/// programs replace the old ones), and counters carry on.
+fn install(
+    agent: &Agent,
+    spec: EndpointSpec,
+    ifindex: u32,
+    mac: [u8; 6],
+    host_mac: [u8; 6],
+    fresh: bool,
+) -> Result<()> {
+    let id = spec.container_id.clone();
+    let mut live = LiveEndpoint {
+        spec,
+        ifindex,
+        links: Vec::new(),
+    };
+    let result = (|| -> Result<()> {
+        let e = entries(&live.spec, ifindex, mac, host_mac);
+        if fresh {
+            lock(&agent.ep_metrics)?.remove_endpoint(ifindex)?;
+        } else {
+            lock(&agent.endpoints)?.set_local(&id, e.clone())?;
+        }
+        for prog in PROGRAMS
+            .iter()
+            .filter(|p| p.attach == AttachPoint::EndpointVeth)
+        {
+            let link = lock(&agent.datapath)?.attach(
+                prog,
+                Target::Iface(&live.spec.host_ifname),
+                agent.xdp,
+            )?;
+            live.links.push(link);
+        }
+        if fresh {
+            lock(&agent.endpoints)?.set_local(&id, e)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        uninstall(agent, &id, &mut live);
+        return Err(e.context(format!("endpoint {id}")));
+    }
+    info!(endpoint = %id, ifname = %live.spec.host_ifname, ifindex, ips = ?live.spec.ips, "endpoint added");
+    lock(&agent.registry)?.insert(id, live);
+    telemetry_count(agent);
     Ok(())
 }
 
-pub(super) fn uninstall(state: &mut State, live: &mut LiveEndpoint) {
-    if let Ok(mut map) = state.datapath.endpoints() {
-        for key in &live.keys {
-            if let Err(e) = map.remove(key) {
-                warn!("{MAP_ENDPOINTS}: removing {key}: {e}");
-            }
-        }
+fn telemetry_count(agent: &Agent) {
+    if let Ok(r) = lock(&agent.registry) {
+        crate::telemetry::set_objects(&agent.telemetry, "endpoint", r.len());
+    }
+}
+
+fn uninstall(agent: &Agent, id: &str, live: &mut LiveEndpoint) {
+    if let Err(e) = lock(&agent.endpoints).and_then(|mut m| m.set_local(id, Vec::new())) {
+        warn!(endpoint = %id, "removing its entries: {e:#}");
     }
     for link in live.links.drain(..) {
         // Fails harmlessly when the veth is already gone (its links went with it).
-        if let Err(e) = state.datapath.detach(link) {
+        if let Err(e) = lock(&agent.datapath).and_then(|mut d| d.detach(link)) {
             debug!("detaching from {}: {e:#}", live.spec.host_ifname);
         }
     }
-    remove_counters(state, live.ifindex);
-}
-
-pub(super) fn remove_counters(state: &mut State, ifindex: u32) {
-    let Ok(mut map) = state.datapath.ep_metrics() else {
-        return;
-    };
-    for direction in [Direction::FromEndpoint, Direction::ToEndpoint] {
-        // Absent keys are the common case.
-        let _ = map.remove(&EpMetricsKey::new(ifindex, direction));
+    if let Err(e) = lock(&agent.ep_metrics).and_then(|mut m| m.remove_endpoint(live.ifindex)) {
+        warn!(endpoint = %id, "removing its counters: {e:#}");
     }
 }
 
-pub(super) fn endpoint_del(state: &mut State, container_id: &str) -> Result<()> {
-    // Unknown endpoints are not an error: DEL must be idempotent.
-    if let Some(mut live) = state.endpoints.remove(container_id) {
-        uninstall(state, &mut live);
+/// Unregisters an endpoint; unknown ones are not an error (DEL must be
+/// idempotent).
+pub(super) fn remove(agent: &Agent, container_id: &str) -> Result<()> {
+    let live = lock(&agent.registry)?.remove(container_id);
+    if let Some(mut live) = live {
+        uninstall(agent, container_id, &mut live);
         info!(endpoint = %container_id, "endpoint removed");
     }
+    telemetry_count(agent);
     Ok(())
 }
 
-pub(super) fn save_registry(state: &State) -> Result<()> {
-    let mut specs: Vec<&EndpointSpec> = state.endpoints.values().map(|e| &e.spec).collect();
-    specs.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-    if let Some(dir) = state.registry.parent() {
+pub(super) fn save_registry(agent: &Agent) -> Result<()> {
+    let specs: Vec<EndpointSpec> = lock(&agent.registry)?
+        .values()
+        .map(|e| e.spec.clone())
+        .collect();
+    let path = &agent.registry_file;
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = state.registry.with_extension("tmp");
+    let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&specs)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &state.registry)
-        .with_context(|| format!("writing {}", state.registry.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// After a restart: adopt the endpoints an earlier agent registered (their
-/// pinned links get our programs, their map entries stay), forget those whose
-/// veth went away meanwhile, and remove pins and entries nobody claims.
-pub(super) fn restore(state: &mut State) -> Result<()> {
-    let specs: Vec<EndpointSpec> = match std::fs::read(&state.registry) {
+/// entries are rewritten, then their pinned links get our programs), forget
+/// those whose veth went away meanwhile, and bring the map's local entries
+/// and the counters to exactly the adopted endpoints.
+pub(super) async fn restore(agent: &Arc<Agent>) -> Result<()> {
+    let specs: Vec<EndpointSpec> = match std::fs::read(&agent.registry_file) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             warn!(
                 "{}: {e}; starting with no endpoints",
-                state.registry.display()
+                agent.registry_file.display()
             );
             Vec::new()
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", state.registry.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading {}", agent.registry_file.display()));
+        }
     };
+    let mut found = Vec::new();
     for spec in specs {
         let id = spec.container_id.clone();
-        if sys::ifindex(&spec.host_ifname).is_ok() {
-            match endpoint_add(state, spec, false) {
+        let Some(mac) = parse_mac(&spec.mac) else {
+            warn!(endpoint = %id, "registry entry has a bad mac; forgotten");
+            continue;
+        };
+        match veth(agent, &id, &spec.host_ifname).await {
+            Ok((ifindex, host_mac)) => found.push((spec, ifindex, mac, host_mac)),
+            Err(_) => {
+                info!(endpoint = %id, ifname = %spec.host_ifname, "endpoint gone while the agent was away");
+            }
+        }
+    }
+    let agent2 = agent.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for (spec, ifindex, mac, host_mac) in found {
+            let id = spec.container_id.clone();
+            match install(&agent2, spec, ifindex, mac, host_mac, false) {
                 Ok(()) => info!(endpoint = %id, "endpoint adopted"),
                 Err(e) => warn!(endpoint = %id, "could not adopt: {e:#}"),
             }
-        } else {
-            info!(endpoint = %id, ifname = %spec.host_ifname, "endpoint gone while the agent was away");
         }
-    }
-    // Pins of links nobody claims (endpoints gone, programs renamed).
-    let claimed: Vec<PathBuf> = state
-        .endpoints
+        let stats = lock(&agent2.endpoints)?.sync_local()?;
+        if stats.removed > 0 {
+            info!(
+                entries = stats.removed,
+                "removed the entries of endpoints that are gone"
+            );
+        }
+        let live: BTreeSet<u32> = lock(&agent2.registry)?
+            .values()
+            .map(|e| e.ifindex)
+            .collect();
+        let swept = lock(&agent2.ep_metrics)?.sweep(&live)?;
+        if swept > 0 {
+            info!(
+                endpoints = swept,
+                "removed the counters of endpoints that are gone"
+            );
+        }
+        Ok(())
+    })
+    .await
+    .context("restore worker")??;
+    telemetry_count(agent);
+    save_registry(agent)
+}
+
+/// Pins of links nobody claims (endpoints gone, programs renamed, a device
+/// or cgroup no longer used) are detached and removed.
+pub(super) fn sweep_unclaimed(agent: &Agent) -> Result<()> {
+    let mut claimed: Vec<PathBuf> = lock(&agent.registry)?
         .values()
         .flat_map(|e| e.links.iter())
-        .chain(state.node_links.iter())
-        .filter_map(|l| match l {
-            Attached::Pinned(p) => Some(p.clone()),
-            Attached::Owned(..) => None,
-        })
+        .filter_map(|l| l.pin().map(PathBuf::from))
         .collect();
-    if let Ok(dir) = std::fs::read_dir(state.datapath.pin_dir().join("links")) {
+    claimed.extend(
+        lock(&agent.node_links)?
+            .iter()
+            .filter_map(|l| l.pin().map(PathBuf::from)),
+    );
+    if let Ok(dir) = std::fs::read_dir(agent.pin_dir.join("links")) {
         for pin in dir.flatten().map(|e| e.path()) {
             if !claimed.contains(&pin) {
                 info!(pin = %pin.display(), "removing an unclaimed link");
-                state.datapath.detach(Attached::Pinned(pin))?;
+                lock(&agent.datapath)?.detach(Attached::Pinned { path: pin, how: "" })?;
             }
         }
     }
-    telemetry::set_objects(&state.telemetry, "endpoint", state.endpoints.len());
-    // Local endpoint entries nobody claims.
-    let live: Vec<EndpointKey> = state
-        .endpoints
-        .values()
-        .flat_map(|e| e.keys.iter().copied())
-        .collect();
-    let stale: Vec<(EndpointKey, EndpointInfo)> = state
-        .datapath
-        .endpoints()?
-        .iter()
-        .filter_map(|e| e.ok())
-        .filter(|(k, v)| v.flags & EP_F_LOCAL != 0 && !live.contains(k))
-        .collect();
-    let mut map = state.datapath.endpoints()?;
-    for (key, _) in &stale {
-        map.remove(key)
-            .with_context(|| format!("{MAP_ENDPOINTS}: removing {key}"))?;
-        info!(ip = %key, "removed the entry of an endpoint that is gone");
-    }
-    for (_, info) in stale {
-        remove_counters(state, info.ifindex);
-    }
-    save_registry(state)
+    Ok(())
 }

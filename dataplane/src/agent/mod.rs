@@ -1,47 +1,41 @@
 //! The node agent: loads and pins the datapath, serves the local API (the
 //! CNI plugin registers endpoints through it), and keeps the maps and routes
-//! in line with the cluster state its source publishes.
+//! in line with the cluster state its source reports.
+//!
+//! State is split by what touches it, each part behind its own lock held
+//! only for a few syscalls: the programs (attach/detach, taken by endpoint
+//! adds), each map's desired contents, the endpoint registry, the status.
+//! The API and the reconciler run on a multi-threaded runtime and never
+//! wait on each other's slow work: an attach does not hold any map's lock,
+//! and the reconciler never takes the programs' lock.
 
 use std::{
-    collections::HashMap,
+    net::Ipv4Addr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
-use anyhow::{Context as _, Result, bail};
-use aya::programs::TcAttachType;
-use dataplane_common::{
-    Direction, EP_F_LOCAL, EndpointInfo, EndpointKey, EpMetricsKey, MAP_ENDPOINTS,
-    PROG_LXC_FROM_CTR, PROG_LXC_TO_CTR,
-    api::{AgentStatus, EndpointSpec, EndpointStatus, Request, Response},
-    parse_mac,
-};
+use anyhow::{Result, bail};
+use dataplane_common::netlink::Nl;
+use ipnetwork::IpNetwork;
 use tokio::{
     io::unix::AsyncFd,
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+mod api;
 mod endpoints;
 mod network;
 mod reconcile;
 
-use endpoints::*;
-use network::*;
-use reconcile::*;
-
 use crate::{
-    bpf::{AttachMode, Attached, Datapath},
-    cluster::{self, Kind, Store},
-    nodes::{self, RemoteNode},
+    bpf::{AttachMode, Attached, Datapath, XdpSetting},
+    maps::{
+        config::ConfigMap, endpoints::EndpointMap, endpoints::Endpoints, ep_metrics::EpMetricsMap,
+        ipcache::Ipcache, ipcache::IpcacheMap,
+    },
     source_dir, source_kube, sys, telemetry,
-};
-use dataplane_common::{
-    DatapathConfig, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
-    IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, IpcacheKey, MAP_IPCACHE, MODE_NATIVE, MODE_VXLAN,
-    PROG_HOST_IN, PROG_OVERLAY_IN, PROG_OVERLAY_OUT, netlink::Nl,
 };
 
 #[derive(Debug, clap::Args)]
@@ -49,7 +43,8 @@ pub struct AgentArgs {
     /// This node's name (the Kubernetes Node name).
     #[arg(long)]
     pub node: String,
-    /// bpffs directory under which each node pins into `<root>/<node>/`.
+    /// bpffs directory under which each node pins into `<root>/<node>/`
+    /// (the node name escaped: bpffs refuses dots).
     #[arg(long, default_value = dataplane_common::PIN_ROOT)]
     pub pin_root: PathBuf,
     /// Unix socket of the local API (CNI plugin, CLI).
@@ -58,6 +53,14 @@ pub struct AgentArgs {
     /// How TC programs are attached.
     #[arg(long, value_enum, default_value = "auto")]
     pub attach_mode: AttachMode,
+    /// How the XDP program goes on the uplink.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp: XdpSetting,
+    /// The cgroup v2 directory whose processes the socket programs see:
+    /// `auto` is the root of the cgroup v2 mount (found in the mount
+    /// table), `off` attaches none.
+    #[arg(long, default_value = "auto")]
+    pub cgroup_root: String,
     /// Pins this node's pod CIDR; without it the CIDR comes from this node's
     /// Node object.
     #[arg(long)]
@@ -74,7 +77,7 @@ pub struct AgentArgs {
     pub uplink: String,
     /// This node's underlay address; the uplink's first IPv4 address if unset.
     #[arg(long)]
-    pub node_ip: Option<std::net::Ipv4Addr>,
+    pub node_ip: Option<Ipv4Addr>,
     /// VXLAN network identifier (Flannel's default).
     #[arg(long, default_value_t = 1)]
     pub vni: u32,
@@ -97,7 +100,8 @@ pub struct AgentArgs {
     /// bytes in VXLAN mode.
     #[arg(long)]
     pub pod_mtu: Option<u32>,
-    /// Where the agent keeps state it needs after a restart (the endpoints).
+    /// Where the agent keeps state it needs after a restart (the endpoints,
+    /// clsact filters).
     #[arg(long, default_value = "/var/run/dataplane")]
     pub state_dir: PathBuf,
     /// On SIGTERM/SIGINT remove the datapath (programs, pins, device,
@@ -134,6 +138,15 @@ pub enum Mode {
     Native,
 }
 
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Vxlan => "vxlan",
+            Mode::Native => "native",
+        }
+    }
+}
+
 /// Bytes VXLAN adds: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
 const VXLAN_OVERHEAD: u32 = 50;
 
@@ -154,48 +167,112 @@ impl BpfLogLevel {
     }
 }
 
-struct LiveEndpoint {
-    spec: EndpointSpec,
-    ifindex: u32,
-    links: Vec<Attached>,
-    keys: Vec<EndpointKey>,
-}
-
 /// The node's network facts, fixed at start.
-struct Net {
+pub(crate) struct Net {
     mode: Mode,
     uplink: String,
     uplink_ifindex: u32,
+    vxlan_device: String,
     vxlan_ifindex: u32,
-    node_ip: std::net::Ipv4Addr,
+    node_ip: Ipv4Addr,
+    vni: u32,
 }
 
-struct State {
+/// What the status answer and readiness are made of.
+#[derive(Default)]
+pub(crate) struct Status {
+    /// This node's pod CIDR as applied; fixed when `--pod-cidr` is given.
+    own_cidr: Option<IpNetwork>,
+    nodes: usize,
+    restored: bool,
+    synced: bool,
+    /// How XDP went on: `native`, `generic` or `off`.
+    xdp: &'static str,
+}
+
+impl Status {
+    fn ready(&self) -> bool {
+        self.restored && self.synced && self.own_cidr.is_some()
+    }
+}
+
+pub(crate) struct Agent {
     node: String,
     pod_mtu: u32,
     net: Net,
-    /// Remote nodes as last applied.
-    nodes: std::collections::BTreeMap<String, RemoteNode>,
-    /// Remote pods' addresses as last applied to the endpoint map.
-    remote_pods: std::collections::BTreeMap<std::net::IpAddr, String>,
-    /// This node's pod CIDR as applied; fixed when `--pod-cidr` is given.
-    own_cidr: Option<ipnetwork::IpNetwork>,
     own_cidr_fixed: bool,
-    /// Links of the node-level programs; dropping them detaches.
-    node_links: Vec<Attached>,
-    /// Where registered endpoints are kept across restarts.
-    registry: PathBuf,
+    cgroup: Option<PathBuf>,
+    xdp: XdpSetting,
     telemetry: telemetry::Shared,
-    datapath: Datapath,
-    endpoints: HashMap<String, LiveEndpoint>,
+    pin_dir: PathBuf,
+    /// Where registered endpoints are kept across restarts.
+    registry_file: PathBuf,
+    nl: Nl,
+    /// Programs: attach and detach only.
+    datapath: Mutex<Datapath>,
+    endpoints: Mutex<Endpoints>,
+    ep_metrics: Mutex<EpMetricsMap>,
+    ipcache: Mutex<Ipcache>,
+    /// Local endpoints by container id.
+    registry: Mutex<std::collections::BTreeMap<String, endpoints::LiveEndpoint>>,
+    /// Links of the node-level programs.
+    node_links: Mutex<Vec<Attached>>,
+    status: Mutex<Status>,
+    /// Endpoint adds and deletes run one at a time (not the reconciler).
+    api_lock: tokio::sync::Mutex<()>,
+}
+
+/// A poisoned lock means a panic elsewhere; the agent reports it instead of
+/// panicking again.
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))
+}
+
+impl Agent {
+    /// Readiness follows the status: the local API and `/readyz` agree.
+    fn update_ready(&self) -> Result<bool> {
+        let ready = lock(&self.status)?.ready();
+        telemetry::set_ready(&self.telemetry, ready);
+        Ok(ready)
+    }
+}
+
+fn resolve_cgroup(arg: &str) -> Result<Option<PathBuf>> {
+    let path = match arg {
+        "off" => return Ok(None),
+        "auto" => sys::cgroup2_mount()?,
+        p => PathBuf::from(p),
+    };
+    if !sys::is_cgroup2(&path)? {
+        bail!(
+            "--cgroup-root {}: not a cgroup v2 directory",
+            path.display()
+        );
+    }
+    Ok(Some(path))
 }
 
 pub async fn run(args: AgentArgs) -> Result<()> {
+    dataplane_common::pin::validate_node_name(&args.node)
+        .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
     let pin_dir = dataplane_common::pin_dir(&args.pin_root, &args.node);
     sys::ensure_pin_dir(&pin_dir)?;
-    let (mut datapath, logger) =
-        Datapath::load(&pin_dir, args.attach_mode, args.bpf_log_level.code())?;
+    let (mut datapath, logger) = Datapath::load(
+        &pin_dir,
+        &args.state_dir,
+        args.attach_mode,
+        args.bpf_log_level.code(),
+    )?;
     info!(node = %args.node, pin_dir = %pin_dir.display(), attach_mode = datapath.mode().name(), "datapath loaded");
+    for s in datapath.stats()? {
+        info!(
+            program = s.name,
+            kind = s.kind.name(),
+            verified_insns = s.verified_insns.unwrap_or(0),
+            "program loaded"
+        );
+    }
 
     // SAFETY: the logger owns its ring buffer fd and keeps it open, unchanged,
     // for as long as it lives; AsyncFd owns the logger.
@@ -225,44 +302,64 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     let cluster_cidr = dataplane_common::api::parse_cidr(&args.cluster_cidr)
         .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+    let cgroup = resolve_cgroup(&args.cgroup_root)?;
     let nl = Nl::new()?;
-    let (net, uplink_mtu) = setup_node(&args, &nl).await?;
+    let (net, uplink_mtu) = network::setup_node(&args, &nl).await?;
     let pod_mtu = args.pod_mtu.unwrap_or(match net.mode {
         Mode::Vxlan => uplink_mtu - VXLAN_OVERHEAD,
         Mode::Native => uplink_mtu,
     });
-    let node_links = attach_node_programs(&mut datapath, &net, &args)?;
-    init_maps(&mut datapath, &net, &args, cluster_cidr, pod_cidr)?;
-    info!(mode = ?net.mode, uplink = %net.uplink, node_ip = %net.node_ip, pod_mtu, "node datapath ready");
 
-    let telemetry = telemetry::Shared::default();
-    telemetry::serve(&args.metrics_addr, telemetry.clone(), pin_dir.clone()).await?;
-    let state = Arc::new(Mutex::new(State {
+    // Settings and the static prefixes go in before any of our programs
+    // runs: a map recreated for a new layout is filled first.
+    let mut config = ConfigMap::new(datapath.take_map(dataplane_common::MAP_CONFIG)?)?;
+    config.sync(network::datapath_config(&net))?;
+    let mut ipcache = Ipcache::new(
+        IpcacheMap::new(datapath.take_map(dataplane_common::MAP_IPCACHE)?)?,
+        cluster_cidr,
+        net.node_ip,
+    );
+    ipcache.set_own_cidr(pod_cidr)?;
+    let endpoint_map = EndpointMap::new(datapath.take_map(dataplane_common::MAP_ENDPOINTS)?)?;
+    let ep_metrics = EpMetricsMap::new(datapath.take_map(dataplane_common::MAP_EP_METRICS)?)?;
+
+    let telemetry = telemetry::Telemetry::new(pin_dir.clone());
+    let agent = Arc::new(Agent {
         node: args.node.clone(),
         pod_mtu,
         net,
-        nodes: Default::default(),
-        remote_pods: Default::default(),
-        own_cidr: pod_cidr,
         own_cidr_fixed: pod_cidr.is_some(),
-        node_links,
-        registry: args.state_dir.join("endpoints.json"),
+        cgroup,
+        xdp: args.xdp,
         telemetry: telemetry.clone(),
-        datapath,
-        endpoints: HashMap::new(),
-    }));
-    {
-        let mut st = state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-        restore(&mut st)?;
-        adopt_installed_nodes(&mut st)?;
-    }
+        pin_dir: pin_dir.clone(),
+        registry_file: args.state_dir.join("endpoints.json"),
+        nl: nl.clone(),
+        datapath: Mutex::new(datapath),
+        endpoints: Mutex::new(Endpoints::new(endpoint_map)),
+        ep_metrics: Mutex::new(ep_metrics),
+        ipcache: Mutex::new(ipcache),
+        registry: Mutex::new(Default::default()),
+        node_links: Mutex::new(Vec::new()),
+        status: Mutex::new(Status {
+            own_cidr: pod_cidr,
+            ..Default::default()
+        }),
+        api_lock: tokio::sync::Mutex::new(()),
+    });
 
-    let nl_cleanup = nl.clone();
-    // None until the source has read everything once: an empty store before
-    // that must not be applied (it would remove every node).
-    let (tx, rx) = tokio::sync::watch::channel(None);
+    endpoints::restore(&agent).await?;
+    network::attach_node_programs(&agent)?;
+    endpoints::sweep_unclaimed(&agent)?;
+    {
+        let mut st = lock(&agent.status)?;
+        st.restored = true;
+    }
+    info!(mode = agent.net.mode.name(), uplink = %agent.net.uplink, node_ip = %agent.net.node_ip, pod_mtu, "node datapath ready");
+
+    telemetry::serve(&args.metrics_addr, telemetry.clone()).await?;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
     match args.source.clone() {
         Source::Dir(dir) => {
             let t = telemetry.clone();
@@ -275,23 +372,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     }
     {
-        let (state, own, t) = (state.clone(), args.node.clone(), telemetry.clone());
-        tokio::spawn(async move { reconcile_loop(rx, own, state, nl, t).await });
+        let agent = agent.clone();
+        tokio::spawn(async move { reconcile::run(rx, agent).await });
     }
 
-    if let Some(dir) = args.api_socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(&args.api_socket) {
-        Ok(()) => debug!("removed stale socket {}", args.api_socket.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing stale {}", args.api_socket.display()));
-        }
-    }
-    let listener = UnixListener::bind(&args.api_socket)
-        .with_context(|| format!("binding {}", args.api_socket.display()))?;
-    info!(socket = %args.api_socket.display(), "ready");
+    let listener = api::bind(&args.api_socket)?;
+    info!(socket = %args.api_socket.display(), "local API listening");
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -299,9 +385,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let state = state.clone();
+                    let agent = agent.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, state).await {
+                        if let Err(e) = api::serve(stream, agent).await {
                             warn!("API connection: {e:#}");
                         }
                     });
@@ -315,7 +401,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let _ = std::fs::remove_file(&args.api_socket);
     if args.cleanup {
         info!("shutting down and removing the datapath (--cleanup)");
-        cleanup(&state, &nl_cleanup).await?;
+        network::cleanup(&agent).await?;
     } else {
         info!(
             "shutting down; the datapath keeps running (pinned under {})",
@@ -323,82 +409,4 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => {
-            let mut state = state
-                .lock()
-                .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-            handle(&mut state, request)
-        }
-        Err(e) => Response::Error {
-            message: format!("malformed request: {e}"),
-        },
-    };
-    let mut out = serde_json::to_string(&response)?;
-    out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    Ok(())
-}
-
-fn handle(state: &mut State, request: Request) -> Response {
-    let started = std::time::Instant::now();
-    let changes = matches!(
-        request,
-        Request::EndpointAdd(_) | Request::EndpointDel { .. }
-    );
-    let response = handle_request(state, request);
-    let t = &state.telemetry;
-    if changes {
-        telemetry::reconciled(t, "endpoint", started.elapsed());
-        telemetry::set_objects(t, "endpoint", state.endpoints.len());
-    }
-    if let Response::Error { message } = &response {
-        telemetry::error(t, "api_request");
-        warn!("API request refused: {message}");
-    }
-    response
-}
-
-fn handle_request(state: &mut State, request: Request) -> Response {
-    let result = match request {
-        Request::Status => Ok(Response::Status(AgentStatus {
-            node: state.node.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            attach_mode: state.datapath.mode().name().to_owned(),
-            pin_dir: state.datapath.pin_dir().display().to_string(),
-            endpoints: state.endpoints.len(),
-            pod_cidr: state.own_cidr.map(|c| c.to_string()),
-            pod_mtu: state.pod_mtu,
-            mode: format!("{:?}", state.net.mode).to_lowercase(),
-            node_ip: state.net.node_ip.to_string(),
-            nodes: state.nodes.len(),
-        })),
-        Request::EndpointAdd(spec) => endpoint_add(state, spec, true)
-            .and_then(|()| save_registry(state))
-            .map(|()| Response::Ok),
-        Request::EndpointDel { container_id } => endpoint_del(state, &container_id)
-            .and_then(|()| save_registry(state))
-            .map(|()| Response::Ok),
-        Request::EndpointList => {
-            let mut endpoints: Vec<_> = state
-                .endpoints
-                .values()
-                .map(|e| EndpointStatus {
-                    spec: e.spec.clone(),
-                    ifindex: e.ifindex,
-                })
-                .collect();
-            endpoints.sort_by(|a, b| a.spec.container_id.cmp(&b.spec.container_id));
-            Ok(Response::Endpoints { endpoints })
-        }
-    };
-    result.unwrap_or_else(|e| Response::Error {
-        message: format!("{e:#}"),
-    })
 }

@@ -1,122 +1,179 @@
-//! From cluster state to the datapath: each new store is translated and
-//! applied by difference.
+//! From cluster state to the datapath. Sources report changes; the model
+//! says what each change touched; only that is compared with the maps'
+//! real contents and written. Once the state is first complete, and every
+//! few minutes after, the whole of every map and the routes are compared
+//! instead, which also heals anything changed behind the agent's back.
 
-use super::*;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-/// Applies every new store the source publishes; the first success makes
-/// the agent ready.
-pub(super) async fn reconcile_loop(
-    mut rx: tokio::sync::watch::Receiver<Option<Store>>,
-    own: String,
-    state: Arc<Mutex<State>>,
-    nl: Nl,
-    t: telemetry::Shared,
-) {
-    let mut reported = std::collections::BTreeSet::new();
-    loop {
-        let Some(store) = rx.borrow_and_update().clone() else {
-            if rx.changed().await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let started = std::time::Instant::now();
-        for kind in Kind::ALL {
-            telemetry::set_objects(&t, kind.name(), store.count(kind));
+use anyhow::Result;
+use dataplane_common::EndpointKey;
+use ipnetwork::IpNetwork;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{Agent, lock, network};
+use crate::{
+    cluster::{Changes, Cluster, Kind, Update},
+    telemetry,
+};
+
+/// How often the whole datapath is compared with the desired state.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Most updates folded into one reconcile (a relist of 10,000 pods is
+/// applied in a few steps, each short).
+const BATCH: usize = 4096;
+
+/// Problems found in the cluster state, by topic; each is reported when it
+/// appears and when it is resolved, not on every change.
+#[derive(Default)]
+struct Problems(BTreeMap<String, BTreeSet<String>>);
+
+impl Problems {
+    fn set(&mut self, t: &telemetry::Shared, topic: String, now: BTreeSet<String>) {
+        let old = self.0.remove(&topic).unwrap_or_default();
+        for p in now.difference(&old) {
+            telemetry::error(t, "object_conflict");
+            warn!("{p}");
         }
-        let mut desired = cluster::desired(&store, &own);
-        let mut problems = std::mem::take(&mut desired.problems);
-        match apply_desired(&state, &nl, desired).await {
-            Ok(more) => {
-                problems.extend(more);
-                telemetry::reconciled(&t, "cluster", started.elapsed());
-                telemetry::set_ready(&t);
+        for p in old.difference(&now) {
+            info!("resolved: {p}");
+        }
+        if !now.is_empty() {
+            self.0.insert(topic, now);
+        }
+    }
+}
+
+pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
+    let mut cluster = Cluster::new(&agent.node);
+    let mut problems = Problems::default();
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.tick().await;
+    loop {
+        let mut ch = Changes::default();
+        let full = tokio::select! {
+            u = rx.recv() => {
+                let Some(u) = u else { return };
+                cluster.apply(u, &mut ch);
+                let mut n = 1;
+                while n < BATCH {
+                    let Ok(u) = rx.try_recv() else { break };
+                    cluster.apply(u, &mut ch);
+                    n += 1;
+                }
+                ch.synced
+            }
+            _ = resync.tick() => true,
+        };
+        for kind in Kind::ALL {
+            telemetry::set_objects(&agent.telemetry, kind.name(), cluster.count(kind));
+        }
+        if !cluster.synced() || (ch.is_empty() && !full) {
+            continue;
+        }
+        let started = Instant::now();
+        match apply(&agent, &cluster, &ch, full, &mut problems).await {
+            Ok(()) => {
+                telemetry::reconciled(&agent.telemetry, "cluster", started.elapsed());
+                if ch.synced {
+                    if let Ok(mut st) = lock(&agent.status) {
+                        st.synced = true;
+                    }
+                    info!("cluster state applied");
+                }
+                let _ = agent.update_ready();
             }
             Err(e) => {
-                telemetry::error(&t, "reconcile");
+                telemetry::error(&agent.telemetry, "reconcile");
                 warn!("applying cluster state: {e:#}");
             }
         }
-        // Each problem is reported when it appears, not on every change.
-        for p in problems.difference(&reported) {
-            telemetry::error(&t, "object_conflict");
-            warn!("{p}");
-        }
-        for p in reported.difference(&problems) {
-            info!("resolved: {p}");
-        }
-        reported = problems;
-        if rx.changed().await.is_err() {
-            return;
-        }
     }
 }
 
-/// Moves the datapath to `d`: this node's CIDR, remote nodes, remote pods.
-/// Returns the conflicts met on the way (one line each), for reporting.
-pub(super) async fn apply_desired(
-    state: &Arc<Mutex<State>>,
-    nl: &Nl,
-    d: cluster::Desired,
-) -> Result<Vec<String>> {
-    let problems = {
-        let mut st = state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-        let new = d.own_pod_cidr.map(ipnetwork::IpNetwork::V4);
-        if !st.own_cidr_fixed && new.is_some() && st.own_cidr != new {
-            if let Some(new) = new {
-                ipcache_put(&mut st.datapath, new, entry(IPCACHE_KIND_LOCAL_PODS, None))?;
+/// Moves the datapath to what the model says for what `ch` touched (all of
+/// it when `full`): this node's CIDR, remote nodes, remote pods.
+async fn apply(
+    agent: &Agent,
+    cluster: &Cluster,
+    ch: &Changes,
+    full: bool,
+    problems: &mut Problems,
+) -> Result<()> {
+    if ch.nodes || full {
+        let (own, nodes, node_problems) = cluster.nodes();
+        problems.set(&agent.telemetry, "nodes".into(), node_problems);
+        let own = own.map(IpNetwork::V4);
+        let applied = lock(&agent.status)?.own_cidr;
+        if !agent.own_cidr_fixed && own.is_some() && own != applied {
+            tokio::task::block_in_place(|| lock(&agent.ipcache)?.set_own_cidr(own))?;
+            lock(&agent.status)?.own_cidr = own;
+            if let Some(c) = own {
+                info!(pod_cidr = %c, "this node's pod CIDR, from its Node object");
             }
-            if let Some(old) = st.own_cidr {
-                ipcache_del(&mut st.datapath, old)?;
-            }
-            st.own_cidr = new;
-            info!(pod_cidr = ?new, "this node's pod CIDR, from its Node object");
         }
-        apply_remote_pods(&mut st, &d.remote_pods)?
+        let stats = tokio::task::block_in_place(|| lock(&agent.ipcache)?.set_nodes(nodes.clone()))?;
+        let (added, removed) = network::sync_routes(agent, &nodes).await?;
+        if !stats.is_empty() || added + removed > 0 {
+            info!(
+                nodes = nodes.len(),
+                ipcache_added = stats.added,
+                ipcache_changed = stats.changed,
+                ipcache_removed = stats.removed,
+                routes_added = added,
+                routes_removed = removed,
+                "nodes applied"
+            );
+        }
+        lock(&agent.status)?.nodes = nodes.len();
+    }
+    let ips: Vec<IpAddr> = if full {
+        cluster.pod_ips().collect()
+    } else {
+        ch.pod_ips.iter().copied().collect()
     };
-    apply_nodes(state, nl, d.nodes).await?;
-    Ok(problems)
-}
-
-/// Remote pods in the endpoint map (identity slot for policy), by
-/// difference; a local endpoint's entry is never overwritten (returned as a
-/// conflict instead).
-pub(super) fn apply_remote_pods(
-    st: &mut State,
-    want: &std::collections::BTreeMap<std::net::IpAddr, String>,
-) -> Result<Vec<String>> {
-    let mut problems = Vec::new();
-    let local: Vec<std::net::IpAddr> = st
-        .endpoints
-        .values()
-        .flat_map(|e| e.spec.ips.iter().copied())
-        .collect();
-    let mut map = st.datapath.endpoints()?;
-    for (ip, pod) in want {
-        if st.remote_pods.get(ip) == Some(pod) {
-            continue;
-        }
-        if local.contains(ip) {
-            problems.push(format!("Pod {pod}: status.podIPs: address {ip} belongs to an endpoint on this node; skipped"));
-            continue;
-        }
-        map.insert(EndpointKey::from(*ip), EndpointInfo::default(), 0)
-            .with_context(|| format!("{MAP_ENDPOINTS}: inserting remote pod {pod} {ip}"))?;
+    let mut changes = Vec::with_capacity(ips.len());
+    let mut pod_problems = Vec::with_capacity(ips.len());
+    for ip in ips {
+        let (winner, lost) = cluster.remote_pod(ip);
+        pod_problems.push((ip, winner.clone(), lost));
+        changes.push((EndpointKey::from(ip), winner));
     }
-    for ip in st.remote_pods.keys() {
-        if !want.contains_key(ip) && !local.contains(ip) {
-            match map.remove(&EndpointKey::from(*ip)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).with_context(|| format!("{MAP_ENDPOINTS}: removing {ip}")),
+    tokio::task::block_in_place(|| -> Result<()> {
+        let mut eps = lock(&agent.endpoints)?;
+        eps.set_remote(changes)?;
+        if full {
+            let stats = eps.sync_all()?;
+            if !stats.is_empty() {
+                info!(
+                    added = stats.added,
+                    changed = stats.changed,
+                    removed = stats.removed,
+                    "dp_endpoints compared with the desired state and fixed"
+                );
             }
         }
-    }
-    st.remote_pods = want
-        .iter()
-        .filter(|(ip, _)| !local.contains(ip))
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
-    Ok(problems)
+        for (ip, winner, mut lost) in pod_problems {
+            if let Some(pod) = winner
+                && eps.is_local(&EndpointKey::from(ip))
+            {
+                lost.push(format!(
+                    "Pod {pod}: status.podIPs: address {ip} belongs to an endpoint on this node; skipped"
+                ));
+            }
+            problems.set(
+                &agent.telemetry,
+                format!("ip {ip}"),
+                lost.into_iter().collect(),
+            );
+        }
+        Ok(())
+    })?;
+    Ok(())
 }

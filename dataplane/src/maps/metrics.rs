@@ -1,3 +1,6 @@
+//! `dp_metrics`: verdicts by hook, direction and reason. Only the programs
+//! write it.
+
 use std::path::Path;
 
 use anyhow::Result;
@@ -9,6 +12,7 @@ use super::{Row, open};
 
 #[derive(Debug, Serialize)]
 pub struct MetricsRow {
+    pub hook: String,
     pub direction: String,
     pub reason: String,
     pub drop: bool,
@@ -17,9 +21,10 @@ pub struct MetricsRow {
 }
 
 impl Row for MetricsRow {
-    const HEADERS: &'static [&'static str] = &["DIRECTION", "REASON", "PACKETS", "BYTES"];
+    const HEADERS: &'static [&'static str] = &["HOOK", "DIRECTION", "REASON", "PACKETS", "BYTES"];
     fn cells(&self) -> Vec<String> {
         vec![
+            self.hook.clone(),
             self.direction.clone(),
             self.reason.clone(),
             self.packets.to_string(),
@@ -33,7 +38,7 @@ pub fn rows(pin_dir: &Path) -> Result<Vec<MetricsRow>> {
     let map: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(open(pin_dir, MAP_METRICS)?)?;
     let mut rows = Vec::new();
     for index in 0..map.len() {
-        let Some((direction, reason)) = metrics_slot(index) else {
+        let Some((hook, direction, reason)) = metrics_slot(index) else {
             continue;
         };
         let mut total = Counter::default();
@@ -42,6 +47,7 @@ pub fn rows(pin_dir: &Path) -> Result<Vec<MetricsRow>> {
         }
         if total.packets > 0 {
             rows.push(MetricsRow {
+                hook: hook.name().into(),
                 direction: direction.name().into(),
                 reason: reason.name().into(),
                 drop: reason.is_drop(),

@@ -1,0 +1,128 @@
+//! The local API: newline-delimited JSON over a Unix socket (see
+//! `dataplane_common::api`). Endpoint adds and deletes run one at a time,
+//! their slow part (attaching programs) on a blocking thread, so neither a
+//! burst of CNI ADDs nor a slow attach holds up the reconciler.
+
+use std::{path::Path, sync::Arc, time::Instant};
+
+use anyhow::{Context as _, Result};
+use dataplane_common::api::{AgentStatus, EndpointStatus, Request, Response};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{debug, warn};
+
+use super::{Agent, endpoints, lock};
+use crate::telemetry;
+
+pub(super) fn bind(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => debug!("removed stale socket {}", socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale {}", socket.display()));
+        }
+    }
+    UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))
+}
+
+pub(super) async fn serve(stream: UnixStream, agent: Arc<Agent>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => handle(&agent, request).await,
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    Ok(())
+}
+
+async fn handle(agent: &Arc<Agent>, request: Request) -> Response {
+    let started = Instant::now();
+    let changes = matches!(
+        request,
+        Request::EndpointAdd(_) | Request::EndpointDel { .. }
+    );
+    let response = match handle_request(agent, request).await {
+        Ok(r) => r,
+        Err(e) if e.downcast_ref::<endpoints::NotReady>().is_some() => Response::NotReady {
+            message: format!("{e:#}"),
+        },
+        Err(e) => Response::Error {
+            message: format!("{e:#}"),
+        },
+    };
+    if changes {
+        telemetry::reconciled(&agent.telemetry, "endpoint", started.elapsed());
+    }
+    match &response {
+        Response::Error { message } => {
+            telemetry::error(&agent.telemetry, "api_request");
+            warn!("API request refused: {message}");
+        }
+        Response::NotReady { message } => debug!("API request deferred: {message}"),
+        _ => {}
+    }
+    response
+}
+
+async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response> {
+    Ok(match request {
+        Request::Status => {
+            let ready = agent.update_ready()?;
+            // One lock at a time: an attach in progress holds the programs.
+            let attach_mode = lock(&agent.datapath)?.mode().name().to_owned();
+            let endpoints = lock(&agent.registry)?.len();
+            let st = lock(&agent.status)?;
+            Response::Status(Box::new(AgentStatus {
+                node: agent.node.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                attach_mode,
+                pin_dir: agent.pin_dir.display().to_string(),
+                endpoints,
+                pod_cidr: st.own_cidr.map(|c| c.to_string()),
+                pod_mtu: agent.pod_mtu,
+                mode: agent.net.mode.name().to_owned(),
+                node_ip: agent.net.node_ip.to_string(),
+                nodes: st.nodes,
+                ready,
+                xdp: st.xdp.to_owned(),
+                cgroup: agent.cgroup.as_ref().map(|c| c.display().to_string()),
+            }))
+        }
+        Request::EndpointAdd(spec) => {
+            let _one = agent.api_lock.lock().await;
+            endpoints::add(agent, spec).await?;
+            Response::Ok
+        }
+        Request::EndpointDel { container_id } => {
+            let _one = agent.api_lock.lock().await;
+            let a = agent.clone();
+            tokio::task::spawn_blocking(move || endpoints::remove(&a, &container_id))
+                .await
+                .context("endpoint worker")??;
+            endpoints::save_registry(agent)?;
+            Response::Ok
+        }
+        Request::EndpointList => {
+            let mut endpoints: Vec<_> = lock(&agent.registry)?
+                .values()
+                .map(|e| EndpointStatus {
+                    spec: e.spec.clone(),
+                    ifindex: e.ifindex,
+                })
+                .collect();
+            endpoints.sort_by(|a, b| a.spec.container_id.cmp(&b.spec.container_id));
+            Response::Endpoints { endpoints }
+        }
+    })
+}

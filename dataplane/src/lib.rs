@@ -1,0 +1,13 @@
+//! The node agent and the inspection code behind the `dataplane` binary,
+//! as a library so that the golden-packet tests load the same object and
+//! use the same map modules.
+
+pub mod agent;
+pub mod bpf;
+pub mod cluster;
+pub mod maps;
+pub mod nodes;
+pub mod source_dir;
+pub mod source_kube;
+pub mod sys;
+pub mod telemetry;
