@@ -62,6 +62,8 @@ struct State {
     generation: u64,
     down: bool,
     requests: Vec<String>,
+    /// The resourceVersion of every BOOKMARK sent.
+    bookmarks: Vec<u64>,
 }
 
 pub struct ApiServer {
@@ -212,6 +214,16 @@ impl ApiServer {
     }
 
     /// Request lines received so far (`GET /api/v1/pods?watch=true&...`).
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.with(|st| st.rv)
+    }
+
+    /// How many BOOKMARKs carried a resourceVersion of at least `rv`.
+    pub fn bookmarks_since(&self, rv: u64) -> usize {
+        self.with(|st| st.bookmarks.iter().filter(|b| **b >= rv).count())
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.with(|st| st.requests.clone())
     }
@@ -363,6 +375,7 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::i
                     &mut conn,
                     &json!({"type": "BOOKMARK", "object": {"kind": item_kind, "apiVersion": api, "metadata": {"resourceVersion": from.to_string()}}}),
                 )?;
+                lock().bookmarks.push(from);
                 last_bookmark = Instant::now();
             }
             if started.elapsed() > Duration::from_secs(timeout) {

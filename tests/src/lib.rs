@@ -79,6 +79,8 @@ pub struct LabSpec {
     /// Wait for each agent to be ready (and its pods created) before `up`
     /// returns; off to test the window before readiness.
     pub wait_ready: bool,
+    /// Node objects carry `spec.podCIDR` (as a cluster's node IPAM sets it).
+    pub publish_pod_cidrs: bool,
 }
 
 impl LabSpec {
@@ -110,6 +112,7 @@ impl LabSpec {
             ipv6: false,
             cgroups: true,
             wait_ready: true,
+            publish_pod_cidrs: true,
         })
     }
 }
@@ -220,6 +223,7 @@ pub struct Lab {
     armed: bool,
     ipv6: bool,
     node_suffix: String,
+    publish_pod_cidrs: std::sync::atomic::AtomicBool,
     /// What [`Lab::publish`] last sent to the API server, per kind.
     published: Mutex<std::collections::BTreeMap<String, Vec<(String, String)>>>,
 }
@@ -361,6 +365,7 @@ impl Lab {
             armed: true,
             ipv6: spec.ipv6,
             node_suffix: spec.node_suffix.clone(),
+            publish_pod_cidrs: spec.publish_pod_cidrs.into(),
             api: None,
             published: Mutex::default(),
         };
@@ -667,10 +672,18 @@ impl Lab {
 
     fn node_object(&self, i: usize) -> Result<Value> {
         let cidr = format!("10.244.{i}.0/24");
+        let spec = if self
+            .publish_pod_cidrs
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            serde_json::json!({"podCIDR": cidr, "podCIDRs": [cidr]})
+        } else {
+            serde_json::json!({})
+        };
         Ok(serde_json::json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": format!("{}-n{i}{}", self.state.id, self.node_suffix)},
-            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+            "spec": spec,
             "status": {"addresses": [{"type": "InternalIP", "address": Self::node_ip(i)?.to_string()}]},
         }))
     }
@@ -752,6 +765,15 @@ impl Lab {
     fn write_pods_file(&self) -> Result<()> {
         let pods = self.state.pods.iter().map(|p| self.pod_object(p)).collect();
         self.publish("pods.yaml", "Pod", pods)
+    }
+
+    /// Publishes the Node objects with (or without) their pod CIDRs, as a
+    /// cluster's node IPAM assigns them.
+    pub fn publish_pod_cidrs(&self, on: bool) -> Result<()> {
+        self.publish_pod_cidrs
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        let all: Vec<usize> = (0..self.state.nodes.len()).collect();
+        self.write_nodes_file(self.state.nodes.len(), &all)
     }
 
     /// Lists only the nodes `listed` in the agents' manifests, without waiting
@@ -1026,6 +1048,25 @@ impl Lab {
         ])
     }
 
+    /// The addresses in node `node`'s endpoint map, read straight from the
+    /// pinned map (fast enough to poll at millisecond intervals).
+    pub fn endpoint_keys(
+        &self,
+        node: usize,
+    ) -> Result<std::collections::BTreeSet<std::net::IpAddr>> {
+        use aya::maps::{HashMap, Map, MapData};
+        use dataplane_common::{EndpointInfo, EndpointKey, MAP_ENDPOINTS, MapSpec};
+        let spec = MapSpec::by_name(MAP_ENDPOINTS).context("contract")?;
+        let path = self.state.nodes[node].pin_dir.join(spec.pin_name());
+        let map: HashMap<MapData, EndpointKey, EndpointInfo> =
+            HashMap::try_from(Map::from_map_data(MapData::from_pin(&path)?)?)?;
+        let mut out = std::collections::BTreeSet::new();
+        for k in map.keys() {
+            out.extend(k?.ip());
+        }
+        Ok(out)
+    }
+
     /// Runs the `dataplane` CLI against node `node`'s pins; returns stdout.
     pub fn cli(&self, node: usize, args: &[&str]) -> Result<String> {
         let n = &self.state.nodes[node];
@@ -1296,7 +1337,7 @@ pub fn echo_server(netns: &str, port: u16, stop: &std::sync::atomic::AtomicBool)
 }
 
 /// Connects, retrying while the server is still coming up (refused).
-fn connect(to: std::net::SocketAddr) -> Result<std::net::TcpStream> {
+pub fn connect(to: std::net::SocketAddr) -> Result<std::net::TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
@@ -1321,6 +1362,16 @@ pub fn tcp_echo(netns: &str, to: std::net::SocketAddr, line: &str) -> Result<Str
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         Ok(out.trim_end().to_owned())
+    })?
+}
+
+/// Sends one UDP datagram from `netns` (for forged packets: the payload is
+/// whatever the test built).
+pub fn send_udp(netns: &str, to: std::net::SocketAddr, payload: &[u8]) -> Result<()> {
+    in_netns_thread(netns, || -> Result<()> {
+        let s = std::net::UdpSocket::bind(("0.0.0.0", 0))?;
+        s.send_to(payload, to)?;
+        Ok(())
     })?
 }
 

@@ -44,7 +44,7 @@ fn metric(rows: &[Value], direction: &str, reason: &str) -> u64 {
 }
 
 #[test]
-fn pod_to_pod_across_node_counters_are_exact() {
+fn pod_to_pod_on_one_node_counters_are_exact() {
     let lab = lab(1, 2);
     let (a, b) = (lab.pod("pod-0-0").clone(), lab.pod("pod-0-1").clone());
     let (ia, ib) = (ifindex_of(&lab, "pod-0-0"), ifindex_of(&lab, "pod-0-1"));
@@ -385,6 +385,52 @@ fn cli_names_unknown_maps_and_lists_the_real_ones() {
 }
 
 #[test]
+fn node_names_with_dots_work_and_the_cli_finds_them() {
+    let mut spec = LabSpec::new(2, 1).expect("spec");
+    spec.node_suffix = ".example.com".into();
+    let lab = Lab::up(&spec).expect("lab up");
+    let n0 = lab.state.nodes[0].clone();
+    assert!(n0.name.ends_with(".example.com"), "{}", n0.name);
+    // bpffs refuses dots in names: the directory is escaped.
+    let dir = n0
+        .pin_dir
+        .file_name()
+        .expect("dir")
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(dir, n0.name.replace('.', "%2e"));
+    assert!(n0.pin_dir.is_dir());
+    let (a, c) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    assert_eq!(
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+    // The CLI finds a node's pins from its name.
+    let out = lab::run(
+        Command::new(&lab.state.dataplane_bin)
+            .args([
+                "map",
+                "dump",
+                "dp_endpoints",
+                "-o",
+                "json",
+                "--node",
+                &n0.name,
+            ])
+            .args(["--pin-root", lab::PIN_ROOT]),
+    )
+    .expect("dataplane map dump --node");
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(rows.iter().any(|r| r["ip"] == a.ip.to_string()), "{rows:?}");
+    let status: Value =
+        serde_json::from_str(&lab.cli(0, &["status", "-o", "json"]).expect("status"))
+            .expect("json");
+    assert_eq!(status["node"], n0.name.as_str());
+}
+
+#[test]
 fn teardown_leaves_nothing_behind() {
     let lab = lab(2, 1);
     let state = lab.state.clone();
@@ -415,4 +461,8 @@ fn teardown_leaves_nothing_behind() {
         }
     }
     assert!(!state.run_dir.exists());
+    for cg in &state.cgroups {
+        assert!(!cg.exists(), "cgroup {} left", cg.display());
+    }
+    assert!(!state.cgroups.is_empty());
 }

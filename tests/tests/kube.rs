@@ -125,8 +125,12 @@ fn watches_survive_drops_410_and_an_outage() {
         "the watch did not reconnect"
     );
 
-    // Bookmarks let a resumed watch start from the latest version.
-    std::thread::sleep(Duration::from_millis(1200));
+    // Bookmarks let a resumed watch start from the latest version: once
+    // every watch (six kinds, two agents) has had one at the current version.
+    let rv = api.resource_version();
+    wait_for("a bookmark on every watch", || {
+        api.bookmarks_since(rv) >= 12
+    });
     let before = api.requests().len();
     api.drop_watches();
     wait_for("watches to resume", || api.requests().len() >= before + 12);
@@ -149,8 +153,24 @@ fn watches_survive_drops_410_and_an_outage() {
         .expect("apply");
     api.delete("Pod", "web", "after-drop").expect("delete");
     api.compact();
-    // While the API server is down the datapath is left as it was.
-    std::thread::sleep(Duration::from_millis(1500));
+    // While the API server is down the datapath is left as it was, even
+    // after the agent has failed to reach it.
+    let errors = || {
+        lab::http_get(
+            &lab.state.nodes[0].netns,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 9963)),
+            "/metrics",
+        )
+        .map(|(_, m)| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("dataplane_errors_total{kind=\"kube_watch\"} "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .unwrap_or(0.0)
+    };
+    let seen = errors();
+    wait_for("the agent to hit the outage", || errors() >= seen + 6.0);
     assert!(
         has_endpoint(&lab, 0, "10.244.1.70"),
         "an outage must not remove state"
@@ -171,8 +191,23 @@ fn watches_survive_drops_410_and_an_outage() {
         count(&api.requests(), "/api/v1/pods", false) > lists,
         "no relist after 410"
     );
+    // The outage was seen: watch errors logged by kind and counted.
+    let log = lab.agent_log(0);
     assert!(
-        lab.agent_log(0).contains("watch"),
-        "errors during the outage should be logged"
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("watch: ") && l.contains("kind=\"Pod\"")),
+        "no watch error logged for Pods during the outage:\n{log}"
     );
+    let (_, metrics) = lab::http_get(
+        &lab.state.nodes[0].netns,
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9963)),
+        "/metrics",
+    )
+    .expect("metrics");
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dataplane_errors_total{kind=\"kube_watch\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors >= 1.0, "watch errors not counted:\n{metrics}");
 }

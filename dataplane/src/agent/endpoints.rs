@@ -151,7 +151,9 @@ fn install(
         uninstall(agent, &id, &mut live);
         return Err(e.context(format!("endpoint {id}")));
     }
-    info!(endpoint = %id, ifname = %live.spec.host_ifname, ifindex, ips = ?live.spec.ips, "endpoint added");
+    if fresh {
+        info!(endpoint = %id, ifname = %live.spec.host_ifname, ifindex, ips = ?live.spec.ips, "endpoint added");
+    }
     lock(&agent.registry)?.insert(id, live);
     telemetry_count(agent);
     Ok(())

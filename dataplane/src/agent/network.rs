@@ -61,6 +61,13 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
         // Replies from remote pods to this node come back on the uplink,
         // not the device the request left by.
         sys::write_sysctl(&format!("net/ipv4/conf/{dev}/rp_filter"), "0")?;
+        // The tunnel carries the datapath's IPv4 only: no router
+        // solicitations or MLD reports of the node's own into it (they would
+        // be dropped there as unsupported). Absent when IPv6 is off.
+        let v6 = format!("net/ipv6/conf/{dev}/disable_ipv6");
+        if std::path::Path::new("/proc/sys").join(&v6).exists() {
+            sys::write_sysctl(&v6, "1")?;
+        }
     }
     let net = Net {
         mode: args.mode,
