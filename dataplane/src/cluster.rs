@@ -363,6 +363,9 @@ pub struct Cluster {
     pods_by_label: HashMap<(String, String, String), BTreeSet<Key>>,
     /// EndpointSlices per Service (namespace, name).
     slices_by_service: HashMap<(String, String), BTreeSet<Key>>,
+    /// Services per (namespace, selector key, selector value): a pod looks
+    /// only at the Services that select on one of its labels.
+    services_by_selector: HashMap<(String, String, String), BTreeSet<Key>>,
 }
 
 /// Adds `key` to (or with `add` false, removes it from) the set under `k`.
@@ -496,7 +499,15 @@ impl Cluster {
                     ch.services.insert(svc);
                 }
             }
-            Object::Service(_) => {
+            Object::Service(svc) => {
+                for (k, v) in &svc.selector {
+                    index_op(
+                        add,
+                        &mut self.services_by_selector,
+                        (key.namespace.clone(), k.clone(), v.clone()),
+                        key,
+                    );
+                }
                 ch.services
                     .insert((key.namespace.clone(), key.name.clone()));
             }
@@ -512,29 +523,29 @@ impl Cluster {
     }
 
     /// Services of `namespace` whose selector matches `labels`: only the
-    /// namespace's Services are looked at.
+    /// Services selecting on one of these labels are looked at.
     pub fn services_selecting(
         &self,
         namespace: &str,
         labels: &BTreeMap<String, String>,
     ) -> Vec<(String, String)> {
-        let Some(keys) = self
-            .by_namespace
-            .get(&(Kind::Service, namespace.to_owned()))
-        else {
-            return Vec::new();
-        };
-        keys.iter()
-            .filter_map(|k| match self.objects.get(k) {
-                Some(Object::Service(s))
-                    if !s.selector.is_empty()
-                        && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v)) =>
+        let mut out = BTreeSet::new();
+        for (k, v) in labels {
+            let Some(keys) =
+                self.services_by_selector
+                    .get(&(namespace.to_owned(), k.clone(), v.clone()))
+            else {
+                continue;
+            };
+            for key in keys {
+                if let Some(Object::Service(s)) = self.objects.get(key)
+                    && s.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
                 {
-                    Some((k.namespace.clone(), k.name.clone()))
+                    out.insert((key.namespace.clone(), key.name.clone()));
                 }
-                _ => None,
-            })
-            .collect()
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Pods of `namespace` with every label of `selector`, from the label

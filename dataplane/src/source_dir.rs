@@ -23,8 +23,11 @@ use crate::{
     telemetry,
 };
 
+/// When a file last changed, as far as a scan can tell: mtime and size.
+type Stamp = (SystemTime, u64);
+
 struct FileState {
-    stamp: (SystemTime, u64),
+    stamp: Stamp,
     objects: BTreeMap<Key, Object>,
 }
 
@@ -33,8 +36,6 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileState>,
     /// The files defining each object; the first by name wins.
     owners: HashMap<Key, BTreeSet<PathBuf>>,
-    /// What was last reported for each object.
-    current: HashMap<Key, Object>,
     /// Objects defined twice, as last reported (reported once, not per scan).
     duplicates: BTreeSet<Key>,
 }
@@ -57,7 +58,6 @@ impl DirSource {
             dir,
             files: BTreeMap::new(),
             owners: HashMap::new(),
-            current: HashMap::new(),
             duplicates: BTreeSet::new(),
         }
     }
@@ -138,18 +138,17 @@ impl DirSource {
                 self.files.keys().cloned().collect()
             }
         };
-        let mut affected: BTreeSet<Key> = BTreeSet::new();
+        // First read what changed, then note what each affected object was
+        // (the winning definition), then apply: no copy of every object is
+        // kept besides the files' own.
         let gone: Vec<PathBuf> = self
             .files
             .keys()
             .filter(|p| !paths.contains(*p))
             .cloned()
             .collect();
-        for path in gone {
-            if let Some(f) = self.files.remove(&path) {
-                self.disown(&path, f.objects.keys(), &mut affected);
-            }
-        }
+        // None: the file does not parse (its last good objects stay).
+        let mut parsed: Vec<(PathBuf, Stamp, Option<BTreeMap<Key, Object>>)> = Vec::new();
         for path in paths {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
@@ -170,17 +169,40 @@ impl DirSource {
                 }
             };
             let previous = self.files.get(&path).map(|f| &f.objects);
-            match Self::parse_file(&path, &text, previous, &mut errors) {
+            let objects = Self::parse_file(&path, &text, previous, &mut errors);
+            parsed.push((path, stamp, objects));
+        }
+        let mut affected: BTreeSet<Key> = BTreeSet::new();
+        for path in &gone {
+            affected.extend(self.files[path].objects.keys().cloned());
+        }
+        for (path, _, objects) in &parsed {
+            if let Some(objects) = objects {
+                affected.extend(objects.keys().cloned());
+                if let Some(old) = self.files.get(path) {
+                    affected.extend(old.objects.keys().cloned());
+                }
+            }
+        }
+        let before: Vec<Option<Object>> =
+            affected.iter().map(|k| self.winner(k).cloned()).collect();
+
+        for path in gone {
+            if let Some(f) = self.files.remove(&path) {
+                self.disown(&path, f.objects.keys());
+            }
+        }
+        for (path, stamp, objects) in parsed {
+            match objects {
                 Some(objects) => {
                     if let Some(old) = self.files.remove(&path) {
-                        self.disown(&path, old.objects.keys(), &mut affected);
+                        self.disown(&path, old.objects.keys());
                     }
                     for k in objects.keys() {
                         self.owners
                             .entry(k.clone())
                             .or_default()
                             .insert(path.clone());
-                        affected.insert(k.clone());
                     }
                     self.files.insert(path, FileState { stamp, objects });
                 }
@@ -194,11 +216,8 @@ impl DirSource {
             }
         }
         let mut updates = Vec::new();
-        for key in affected {
+        for (key, before) in affected.into_iter().zip(before) {
             let owners = self.owners.get(&key);
-            let winner = owners
-                .and_then(|o| o.first())
-                .and_then(|p| self.files.get(p)?.objects.get(&key));
             if owners.is_some_and(|o| o.len() > 1) {
                 if self.duplicates.insert(key.clone()) {
                     errors += 1;
@@ -215,28 +234,25 @@ impl DirSource {
             } else {
                 self.duplicates.remove(&key);
             }
-            match winner {
-                Some(obj) if self.current.get(&key) != Some(obj) => {
-                    self.current.insert(key.clone(), obj.clone());
+            match self.winner(&key) {
+                Some(obj) if before.as_ref() != Some(obj) => {
                     updates.push(Update::Upsert(key, obj.clone()));
                 }
                 Some(_) => {}
-                None => {
-                    if self.current.remove(&key).is_some() {
-                        updates.push(Update::Delete(key));
-                    }
-                }
+                None if before.is_some() => updates.push(Update::Delete(key)),
+                None => {}
             }
         }
         (updates, errors)
     }
 
-    fn disown<'a>(
-        &mut self,
-        path: &Path,
-        keys: impl Iterator<Item = &'a Key>,
-        affected: &mut BTreeSet<Key>,
-    ) {
+    /// The definition of `key` in effect: from the first file defining it.
+    fn winner(&self, key: &Key) -> Option<&Object> {
+        let path = self.owners.get(key)?.first()?;
+        self.files.get(path)?.objects.get(key)
+    }
+
+    fn disown<'a>(&mut self, path: &Path, keys: impl Iterator<Item = &'a Key>) {
         for k in keys {
             if let Some(o) = self.owners.get_mut(k) {
                 o.remove(path);
@@ -244,7 +260,6 @@ impl DirSource {
                     self.owners.remove(k);
                 }
             }
-            affected.insert(k.clone());
         }
     }
 }

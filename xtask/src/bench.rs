@@ -1,0 +1,192 @@
+//! `cargo xtask bench`: the agent's control-plane numbers for both sources,
+//! with release binaries. A single change's latency is measured on an empty
+//! cluster and again after loading 10,000 pods, 5,000 Services and 1,000
+//! NetworkPolicies, in the same run: the ratio says whether it stays flat.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lab::{Lab, LabSpec};
+
+use crate::testing::prepare_lab_with;
+
+/// Single changes timed per phase.
+const CHANGES: u32 = 200;
+
+pub(crate) fn bench() -> Result<()> {
+    prepare_lab_with(true)?;
+    let mut rows = Vec::new();
+    for source in ["dir", "kube"] {
+        rows.push(bench_source(source)?);
+    }
+    println!(
+        "\n== agent control plane, release build; a single Pod change, timed from publish to its entry in dp_endpoints"
+    );
+    println!(
+        "   (goals: p99 under 100 ms and flat (p50 at scale within 2x of empty), full sync under 5 s, RSS under 150 MiB)"
+    );
+    println!(
+        "{:<6} {:>19} {:>23} {:>9} {:>12} {:>9}   verdict",
+        "source", "empty p50/p99 ms", "at scale p50/p99 ms", "p50 x", "full sync s", "RSS MiB"
+    );
+    for r in &rows {
+        let ratio = r.scale.p50 / r.empty.p50;
+        let ok = r.scale.p99 < 100.0 && ratio < 2.0 && r.sync < 5.0 && r.rss < 150.0;
+        println!(
+            "{:<6} {:>9.1} / {:>7.1} {:>11.1} / {:>9.1} {:>9.2} {:>12.2} {:>9.1}   {}",
+            r.source,
+            r.empty.p50,
+            r.empty.p99,
+            r.scale.p50,
+            r.scale.p99,
+            ratio,
+            r.sync,
+            r.rss,
+            if ok { "meets" } else { "MISSES" }
+        );
+    }
+    println!(
+        "(scale: 10,000 pods on 40 nodes, 5,000 Services, 1,000 NetworkPolicies, published at once; full sync is timed"
+    );
+    println!(" until every pod entry is in the map and /metrics counts every object)");
+    Ok(())
+}
+
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+struct BenchRow {
+    source: &'static str,
+    empty: Latency,
+    scale: Latency,
+    sync: f64,
+    rss: f64,
+}
+
+fn bench_source(source: &'static str) -> Result<BenchRow> {
+    use aya::maps::{HashMap, Map, MapData};
+    use dataplane_common::{EndpointInfo, EndpointKey, MAP_ENDPOINTS, MapSpec};
+
+    let lab = Lab::up(&LabSpec {
+        source: source.into(),
+        ..LabSpec::new(1, 0)?
+    })?;
+    let node = lab.state.nodes[0].clone();
+    let spec = MapSpec::by_name(MAP_ENDPOINTS).context("contract")?;
+    let map_path = node.pin_dir.join(spec.pin_name());
+    let open = || -> Result<HashMap<MapData, EndpointKey, EndpointInfo>> {
+        Ok(HashMap::try_from(Map::from_map_data(MapData::from_pin(
+            &map_path,
+        )?)?)?)
+    };
+    let map = open()?;
+    // One object: a manifest file of its own, or an API object.
+    let publish = |file: &str, objects: Vec<serde_json::Value>| -> Result<()> {
+        match &lab.api {
+            Some(api) => objects.into_iter().try_for_each(|o| api.apply(o)),
+            None => {
+                let docs: Vec<String> = objects.iter().map(ToString::to_string).collect();
+                lab.write_manifest(file, &docs.join("\n---\n"))
+            }
+        }
+    };
+    let pod = |name: &str, node: &str, ip: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"nodeName": node, "containers": []}, "status": {"podIPs": [{"ip": ip}]}})
+    };
+    let latency = |from: u32| -> Result<Latency> {
+        let mut lat = Vec::new();
+        for i in from..from + CHANGES {
+            let ip: IpAddr = format!("10.250.{}.{}", i / 250, i % 250 + 1).parse()?;
+            let key = EndpointKey::from(ip);
+            let started = Instant::now();
+            publish(
+                &format!("lat-{i}.yaml"),
+                vec![pod(&format!("lat-{i}"), "elsewhere", &ip.to_string())],
+            )?;
+            while map.get(&key, 0).is_err() {
+                if started.elapsed() > Duration::from_secs(5) {
+                    bail!("{source}: change {i} not applied after 5 s");
+                }
+                std::hint::spin_loop();
+            }
+            lat.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        Ok(Latency {
+            p50: pct(0.50),
+            p99: pct(0.99),
+        })
+    };
+
+    let empty = latency(0)?;
+
+    let mut nodes = Vec::new();
+    let mut pods = Vec::new();
+    for n in 1..=40u32 {
+        let cidr = format!("10.244.{n}.0/24");
+        nodes.push(serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("bench-{n}")},
+            "spec": {"podCIDR": cidr}, "status": {"addresses": [{"type": "InternalIP", "address": format!("172.21.0.{n}")}]}}));
+        for p in 1..=250u32 {
+            pods.push(pod(
+                &format!("p-{n}-{p}"),
+                &format!("bench-{n}"),
+                &format!("10.244.{n}.{p}"),
+            ));
+        }
+    }
+    let services: Vec<serde_json::Value> = (0..5000u32)
+        .map(|i| serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("s{i}"), "namespace": "bench"},
+            "spec": {"clusterIPs": [format!("10.96.{}.{}", i / 250, i % 250 + 1)], "selector": {"app": format!("a{i}")}}}))
+        .collect();
+    let policies: Vec<serde_json::Value> = (0..1000u32)
+        .map(|i| serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": format!("np{i}"), "namespace": "bench"},
+            "spec": {"podSelector": {"matchLabels": {"app": format!("a{i}")}}, "ingress": [{"from": [{"podSelector": {}}]}]}}))
+        .collect();
+    let started = Instant::now();
+    publish("sync-nodes.yaml", nodes)?;
+    for (i, chunk) in pods.chunks(1000).enumerate() {
+        publish(&format!("sync-pods-{i}.yaml"), chunk.to_vec())?;
+    }
+    publish("sync-services.yaml", services)?;
+    publish("sync-policies.yaml", policies)?;
+    let target = 10_000 + CHANGES as usize;
+    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9963));
+    loop {
+        if open()?.keys().count() >= target {
+            let (_, body) = lab::http_get(&node.netns, metrics_addr, "/metrics")?;
+            if body.contains("dataplane_objects{kind=\"Service\"} 5000")
+                && body.contains("dataplane_objects{kind=\"NetworkPolicy\"} 1000")
+            {
+                break;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("{source}: full sync not done after 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sync = started.elapsed().as_secs_f64();
+
+    let scale = latency(CHANGES)?;
+
+    let pid = node.agent_pid.context("agent pid")?;
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    Ok(BenchRow {
+        source,
+        empty,
+        scale,
+        sync,
+        rss: rss_kib as f64 / 1024.0,
+    })
+}
