@@ -26,9 +26,12 @@ use crate::{
 /// When a file last changed, as far as a scan can tell: mtime and size.
 type Stamp = (SystemTime, u64);
 
+/// The objects of one file, by key.
+type Objects = BTreeMap<Key, Object>;
+
 struct FileState {
     stamp: Stamp,
-    objects: BTreeMap<Key, Object>,
+    objects: Objects,
 }
 
 pub struct DirSource {
@@ -148,7 +151,7 @@ impl DirSource {
             .cloned()
             .collect();
         // None: the file does not parse (its last good objects stay).
-        let mut parsed: Vec<(PathBuf, Stamp, Option<BTreeMap<Key, Object>>)> = Vec::new();
+        let mut parsed: Vec<(PathBuf, Stamp, Option<Objects>)> = Vec::new();
         for path in paths {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
