@@ -58,6 +58,13 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         &format!("pod-0-0 {} -> pod-1-0 {} (across nodes)", a.ip, c.ip),
         &[],
     )?;
+    let n1 = lab.state.nodes[1].ip;
+    ping(
+        "pod-0-0",
+        &n1.to_string(),
+        &format!("pod-0-0 {} -> node 1 {n1} (another node's own address)", a.ip),
+        &[],
+    )?;
     let frames = cap.finish()?;
     let r = lab::ping(&lab.state.nodes[1].netns, &a.ip.to_string(), 10, &[])?;
     println!(
@@ -91,23 +98,49 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         &[],
     )?;
 
-    println!("\n== what node 0's underlay port carried for the cross-node pings");
-    for f in frames.iter().take(2) {
-        if let Some((src, dst, proto, ihl)) = lab::ipv4_of(f) {
-            if proto == 17 && f.len() >= 14 + ihl + 16 {
-                let udp = &f[14 + ihl..];
-                let vni = u32::from_be_bytes([0, udp[12], udp[13], udp[14]]);
-                let inner = lab::ipv4_of(&udp[16..])
-                    .map(|(s, d, _, _)| format!("{s} -> {d}"))
-                    .unwrap_or_default();
-                println!(
-                    "  {src} -> {dst} UDP dport {} VXLAN VNI {vni}, inside: {inner}",
-                    u16::from_be_bytes([udp[2], udp[3]])
-                );
-            } else {
-                println!("  {src} -> {dst} protocol {proto} (no encapsulation)");
-            }
+    println!("\n== traceroute from pod-0-0 to pod-1-0: every node on the way answers TTL expiry");
+    for ttl in 1..=3 {
+        let out = lab::in_netns(&a.netns, "ping")
+            .args(["-n", "-c", "1", "-W", "2", "-t", &ttl.to_string()])
+            .arg(c.ip.to_string())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("From ") || l.contains("bytes from"))
+            .unwrap_or("(no answer)");
+        println!("  TTL {ttl}: {line}");
+    }
+
+    println!("\n== what node 0's underlay port carried for the cross-node pings (outer, then inner headers)");
+    let mut shown = std::collections::BTreeSet::new();
+    for d in frames.iter().filter_map(|f| lab::decode(f, 8472)) {
+        let line = match (d.vni, d.inner) {
+            (Some(vni), Some((s, t, _))) => format!(
+                "  {} -> {} UDP dport 8472 VXLAN VNI {vni}, inside: {s} -> {t}",
+                d.src, d.dst
+            ),
+            _ => format!("  {} -> {} protocol {} (no encapsulation)", d.src, d.dst, d.proto),
+        };
+        if shown.insert(line.clone()) {
+            println!("{line}");
         }
+    }
+
+    if mode == "vxlan" {
+        println!("\n== a VXLAN packet forged by the external host, claiming to carry node 1's pod");
+        let ext = lab.state.external.clone().map(|e| e.netns).unwrap_or_default();
+        let mut forged = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        forged.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
+        let inner: [u8; 28] = [
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 244, 1, 77, 10, 244, 0, 2, 8, 0, 0xf7, 0xff, 0, 0, 0, 0,
+        ];
+        forged.extend_from_slice(&inner);
+        let to = std::net::SocketAddr::from((lab.state.nodes[0].ip, 8472));
+        for _ in 0..3 {
+            lab::send_udp(&ext, to, &forged)?;
+        }
+        println!("  3 sent from the external host to node 0, UDP 8472 (dropped as unknown_tunnel_peer below)");
     }
 
     show("the agent on node 0", 0, &["status"])?;
@@ -122,7 +155,7 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         &["map", "dump", "dp_ep_metrics"],
     )?;
     show(
-        "verdicts by reason: forged source and unknown destination, dropped and named",
+        "verdicts by hook and reason: forged source, unknown destination, TTL expiry, forged tunnel packets, all named",
         0,
         &["map", "dump", "dp_metrics"],
     )?;
