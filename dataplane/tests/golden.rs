@@ -66,24 +66,31 @@ fn sh(args: &[&str]) {
     );
 }
 
-/// The datapath loaded into a private pin directory, inside a network
-/// namespace of this test's own with two stand-in devices: the pod's
-/// host-side veth and the "VXLAN device" (a veth with the tunnel's MTU).
-struct Fixture {
-    dp: Datapath,
+/// Removes a test's pins and state, also when it panics part-way.
+struct Cleanup {
     pin_dir: PathBuf,
     state_dir: PathBuf,
-    pod_if: u32,
-    peer_if: u32,
-    tunnel_if: u32,
-    uplink_if: u32,
 }
 
-impl Drop for Fixture {
+impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// The datapath loaded into a private pin directory, inside a network
+/// namespace of this test's own with stand-in devices: the pod's and a
+/// peer's host-side veths, the uplink, and the "VXLAN device" (a veth with
+/// the tunnel's MTU).
+struct Fixture {
+    dp: Datapath,
+    pin_dir: PathBuf,
+    _cleanup: Cleanup,
+    pod_if: u32,
+    peer_if: u32,
+    tunnel_if: u32,
+    uplink_if: u32,
 }
 
 fn fixture(mode: u8) -> Fixture {
@@ -113,8 +120,12 @@ fn fixture(mode: u8) -> Fixture {
     let tag = format!("{}-{n}", std::process::id());
     // No shared parent: parallel tests never race on creating or removing it.
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/dataplane-golden-{tag}"));
-    dataplane::sys::ensure_pin_dir(&pin_dir).expect("pin dir");
     let state_dir = std::env::temp_dir().join(format!("dataplane-golden-{tag}"));
+    let cleanup = Cleanup {
+        pin_dir: pin_dir.clone(),
+        state_dir: state_dir.clone(),
+    };
+    dataplane::sys::ensure_pin_dir(&pin_dir).expect("pin dir");
     // The agent's default kernel log level (info): the programs verified
     // here are the ones it runs.
     let (mut dp, logger) =
@@ -142,7 +153,7 @@ fn fixture(mode: u8) -> Fixture {
             dp
         },
         pin_dir,
-        state_dir,
+        _cleanup: cleanup,
     };
     let mut eps = EndpointMap::open(&f.pin_dir).expect("endpoints");
     let local = |ifindex, mac, host_mac| EndpointInfo {

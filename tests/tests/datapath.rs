@@ -389,4 +389,63 @@ fn xdp_and_cgroup_programs_run_where_the_table_says() {
         count(&lab, 0, "sock", "from-endpoint", "forwarded") - before,
         5
     );
+
+    // A restarted agent swaps its programs into the same XDP and cgroup
+    // links: one program on each, the new one, counting on.
+    let xdp_prog = || {
+        let out = output(Command::new("ip").args(["-n", &n0.netns, "-d", "link", "show", "eth0"]));
+        out.split("prog/xdp id ")
+            .skip(1)
+            .map(|r| r.split_whitespace().next().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let cgroup = n0.cgroup.clone().expect("node cgroup");
+    let cgroup_progs = || {
+        let out = lab::run(
+            Command::new("bpftool")
+                .args(["-j", "cgroup", "show"])
+                .arg(&cgroup),
+        )
+        .expect("bpftool cgroup show");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        v.as_array()
+            .expect("programs")
+            .iter()
+            .map(|p| {
+                (
+                    p["id"].as_u64().unwrap_or(0),
+                    p["name"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let (xdp_old, cg_old) = (xdp_prog(), cgroup_progs());
+    assert_eq!(xdp_old.len(), 1, "{xdp_old:?}");
+    assert_eq!(cg_old.len(), 1, "{cg_old:?}");
+    let mut lab = lab;
+    lab.signal_agent(0, libc::SIGKILL).expect("kill -9");
+    lab.start_agent_again(0).expect("restart");
+    let (xdp_new, cg_new) = (xdp_prog(), cgroup_progs());
+    assert_eq!(
+        xdp_new.len(),
+        1,
+        "one XDP program after the restart: {xdp_new:?}"
+    );
+    assert_ne!(xdp_new, xdp_old, "the restarted agent's XDP program runs");
+    assert_eq!(
+        cg_new.len(),
+        1,
+        "one connect4 program after the restart: {cg_new:?}"
+    );
+    assert_ne!(
+        cg_new[0].0, cg_old[0].0,
+        "the restarted agent's connect4 program runs"
+    );
+    assert_eq!(cg_new[0].1, "sock_connect4");
+    let before = count(&lab, 0, "sock", "from-endpoint", "forwarded");
+    lab::run(lab.on_node(0, "bash").args(["-c", connects])).expect("bash in the node");
+    assert_eq!(
+        count(&lab, 0, "sock", "from-endpoint", "forwarded") - before,
+        5
+    );
 }

@@ -62,7 +62,10 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
     ping(
         "pod-0-0",
         &n1.to_string(),
-        &format!("pod-0-0 {} -> node 1 {n1} (another node's own address)", a.ip),
+        &format!(
+            "pod-0-0 {} -> node 1 {n1} (another node's own address)",
+            a.ip
+        ),
         &[],
     )?;
     let frames = cap.finish()?;
@@ -112,7 +115,9 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         println!("  TTL {ttl}: {line}");
     }
 
-    println!("\n== what node 0's underlay port carried for the cross-node pings (outer, then inner headers)");
+    println!(
+        "\n== what node 0's underlay port carried for the cross-node pings (outer, then inner headers)"
+    );
     let mut shown = std::collections::BTreeSet::new();
     for d in frames.iter().filter_map(|f| lab::decode(f, 8472)) {
         let line = match (d.vni, d.inner) {
@@ -120,7 +125,10 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
                 "  {} -> {} UDP dport 8472 VXLAN VNI {vni}, inside: {s} -> {t}",
                 d.src, d.dst
             ),
-            _ => format!("  {} -> {} protocol {} (no encapsulation)", d.src, d.dst, d.proto),
+            _ => format!(
+                "  {} -> {} protocol {} (no encapsulation)",
+                d.src, d.dst, d.proto
+            ),
         };
         if shown.insert(line.clone()) {
             println!("{line}");
@@ -129,18 +137,26 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
 
     if mode == "vxlan" {
         println!("\n== a VXLAN packet forged by the external host, claiming to carry node 1's pod");
-        let ext = lab.state.external.clone().map(|e| e.netns).unwrap_or_default();
+        let ext = lab
+            .state
+            .external
+            .clone()
+            .map(|e| e.netns)
+            .unwrap_or_default();
         let mut forged = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
         forged.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
         let inner: [u8; 28] = [
-            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 244, 1, 77, 10, 244, 0, 2, 8, 0, 0xf7, 0xff, 0, 0, 0, 0,
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 244, 1, 77, 10, 244, 0, 2, 8, 0, 0xf7,
+            0xff, 0, 0, 0, 0,
         ];
         forged.extend_from_slice(&inner);
         let to = std::net::SocketAddr::from((lab.state.nodes[0].ip, 8472));
         for _ in 0..3 {
             lab::send_udp(&ext, to, &forged)?;
         }
-        println!("  3 sent from the external host to node 0, UDP 8472 (dropped as unknown_tunnel_peer below)");
+        println!(
+            "  3 sent from the external host to node 0, UDP 8472 (dropped as unknown_tunnel_peer below)"
+        );
     }
 
     show("the agent on node 0", 0, &["status"])?;
