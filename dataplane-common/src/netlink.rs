@@ -98,6 +98,26 @@ pub fn route_key(
     (dst, r.header.destination_prefix_length, oif, gw, src)
 }
 
+/// How an XDP program is attached to the link, as the kernel reports it:
+/// `native`, `generic`, `offload`, `multiple`, or `off`.
+pub fn link_xdp_mode(msg: &LinkMessage) -> &'static str {
+    use rtnetlink::packet_route::link::{LinkXdp, XdpAttached};
+    let attached = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(x) => x.iter().find_map(|n| match n {
+            LinkXdp::Attached(at) => Some(*at),
+            _ => None,
+        }),
+        _ => None,
+    });
+    match attached {
+        Some(XdpAttached::Driver) => "native",
+        Some(XdpAttached::SocketBuffer) => "generic",
+        Some(XdpAttached::Hardware) => "offload",
+        Some(XdpAttached::Multiple) => "multiple",
+        _ => "off",
+    }
+}
+
 pub fn link_mtu(msg: &LinkMessage) -> Option<u32> {
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(m) => Some(*m),

@@ -88,11 +88,7 @@ pub enum Target<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attached {
     /// A link pinned at this path (tcx, XDP, cgroup).
-    Pinned {
-        path: PathBuf,
-        /// `native` or `generic` for XDP, empty otherwise.
-        how: &'static str,
-    },
+    Pinned(PathBuf),
     /// A clsact filter; its priority and handle identify it on the device.
     Clsact {
         prog: &'static str,
@@ -106,7 +102,7 @@ pub enum Attached {
 impl Attached {
     pub fn pin(&self) -> Option<&Path> {
         match self {
-            Attached::Pinned { path, .. } => Some(path),
+            Attached::Pinned(path) => Some(path),
             Attached::Clsact { .. } => None,
         }
     }
@@ -334,18 +330,13 @@ impl Datapath {
             return self.attach_clsact(spec, ifname);
         }
         let pin = self.link_pin(spec.name, &target);
-        let how = if spec.kind == ProgKind::Xdp {
-            "pinned"
-        } else {
-            ""
-        };
         if let Some(link) = sys::bpf_obj_get(&pin)? {
             let prog = self.program(spec.name)?;
             sys::bpf_link_update(link.as_fd(), prog.fd()?.as_fd())
                 .with_context(|| format!("swapping {} into {}", spec.name, pin.display()))?;
-            return Ok(Attached::Pinned { path: pin, how });
+            return Ok(Attached::Pinned(pin));
         }
-        let (fd, how): (FdLink, &'static str) = match (spec.kind, target) {
+        let fd: FdLink = match (spec.kind, target) {
             (ProgKind::TcIngress | ProgKind::TcEgress, Target::Iface(ifname)) => {
                 let dir = tc_direction(spec.kind);
                 let prog: &mut SchedClassifier = self.program(spec.name)?.try_into()?;
@@ -356,32 +347,32 @@ impl Datapath {
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
                     .with_context(|| format!("attaching {} to {ifname} (tcx)", spec.name))?;
-                (prog.take_link(id)?.try_into()?, "")
+                prog.take_link(id)?.try_into()?
             }
             (ProgKind::Xdp, Target::Iface(ifname)) => {
                 let prog: &mut Xdp = self.program(spec.name)?.try_into()?;
-                let modes: &[(XdpMode, &str)] = match xdp {
-                    XdpSetting::Native => &[(XdpMode::Driver, "native")],
-                    XdpSetting::Generic => &[(XdpMode::Skb, "generic")],
-                    XdpSetting::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+                let modes: &[XdpMode] = match xdp {
+                    XdpSetting::Native => &[XdpMode::Driver],
+                    XdpSetting::Generic => &[XdpMode::Skb],
+                    XdpSetting::Auto => &[XdpMode::Driver, XdpMode::Skb],
                     XdpSetting::Off => bail!("XDP is off"),
                 };
                 let mut last = None;
                 let mut made = None;
-                for (m, name) in modes {
+                for m in modes {
                     match prog.attach(ifname, *m) {
                         Ok(id) => {
-                            made = Some((id, *name));
+                            made = Some(id);
                             break;
                         }
                         Err(e) => last = Some(e),
                     }
                 }
-                let Some((id, name)) = made else {
+                let Some(id) = made else {
                     return Err(anyhow::Error::from(last.context("no XDP mode")?))
                         .with_context(|| format!("attaching {} to {ifname} (XDP)", spec.name));
                 };
-                (prog.take_link(id)?.try_into()?, name)
+                prog.take_link(id)?.try_into()?
             }
             (kind, Target::Cgroup(cgroup)) if kind.is_cgroup() => {
                 let file = std::fs::File::open(cgroup)
@@ -394,7 +385,7 @@ impl Datapath {
                     .with_context(|| {
                         format!("attaching {} to cgroup {}", spec.name, cgroup.display())
                     })?;
-                (prog.take_link(id)?.try_into()?, "")
+                prog.take_link(id)?.try_into()?
             }
             (kind, target) => bail!(
                 "{} ({}) cannot attach to {target:?}",
@@ -407,7 +398,7 @@ impl Datapath {
         }
         fd.pin(&pin)
             .with_context(|| format!("pinning {}", pin.display()))?;
-        Ok(Attached::Pinned { path: pin, how })
+        Ok(Attached::Pinned(pin))
     }
 
     /// Undoes [`Datapath::attach`]. A link whose device or cgroup is gone is
@@ -445,7 +436,7 @@ impl Datapath {
                     Err(_) => Ok(()),
                 }
             }
-            Attached::Pinned { path, .. } => {
+            Attached::Pinned(path) => {
                 if let Some(link) = sys::bpf_obj_get(&path)? {
                     // Detach now, even if another process still holds the link.
                     if let Err(e) = sys::bpf_link_detach(link.as_fd()) {

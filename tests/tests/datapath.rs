@@ -442,6 +442,13 @@ fn xdp_and_cgroup_programs_run_where_the_table_says() {
         "the restarted agent's connect4 program runs"
     );
     assert_eq!(cg_new[0].1, "sock_connect4");
+    let status: Value =
+        serde_json::from_str(&lab.cli(0, &["status", "-o", "json"]).expect("status"))
+            .expect("json");
+    assert_eq!(
+        status["xdp"], "native",
+        "as the kernel reports it: {status}"
+    );
     let before = count(&lab, 0, "sock", "from-endpoint", "forwarded");
     lab::run(lab.on_node(0, "bash").args(["-c", connects])).expect("bash in the node");
     assert_eq!(

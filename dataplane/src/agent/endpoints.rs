@@ -291,7 +291,7 @@ pub(super) fn sweep_unclaimed(agent: &Agent) -> Result<()> {
         for pin in dir.flatten().map(|e| e.path()) {
             if !claimed.contains(&pin) {
                 info!(pin = %pin.display(), "removing an unclaimed link");
-                lock(&agent.datapath)?.detach(Attached::Pinned { path: pin, how: "" })?;
+                lock(&agent.datapath)?.detach(Attached::Pinned(pin))?;
             }
         }
     }

@@ -351,8 +351,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     endpoints::restore(&agent).await?;
     network::attach_node_programs(&agent)?;
     endpoints::sweep_unclaimed(&agent)?;
+    let xdp = network::xdp_mode(&agent).await?;
     {
         let mut st = lock(&agent.status)?;
+        st.xdp = xdp;
         st.restored = true;
     }
     info!(mode = agent.net.mode.name(), uplink = %agent.net.uplink, node_ip = %agent.net.node_ip, pod_mtu, "node datapath ready");

@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::{Agent, AgentArgs, Mode, Net, VXLAN_OVERHEAD, lock};
 use crate::{
-    bpf::{Attached, Target, XdpSetting},
+    bpf::{Target, XdpSetting},
     nodes::RemoteNode,
     sys,
 };
@@ -99,7 +99,6 @@ pub(super) fn datapath_config(net: &Net) -> DatapathConfig {
 /// uplink (XDP and tc), the VXLAN device in VXLAN mode, the cgroup.
 pub(super) fn attach_node_programs(agent: &Agent) -> Result<()> {
     let mut links = Vec::new();
-    let mut xdp = "off";
     for prog in PROGRAMS {
         let target = match prog.attach {
             AttachPoint::EndpointVeth => continue,
@@ -116,18 +115,21 @@ pub(super) fn attach_node_programs(agent: &Agent) -> Result<()> {
         if prog.kind == ProgKind::Xdp && agent.xdp == XdpSetting::Off {
             continue;
         }
-        let link = lock(&agent.datapath)?.attach(prog, target, agent.xdp)?;
-        if prog.kind == ProgKind::Xdp {
-            xdp = match &link {
-                Attached::Pinned { how, .. } if !how.is_empty() => how,
-                _ => "attached",
-            };
-        }
-        links.push(link);
+        links.push(lock(&agent.datapath)?.attach(prog, target, agent.xdp)?);
     }
-    lock(&agent.status)?.xdp = xdp;
     *lock(&agent.node_links)? = links;
     Ok(())
+}
+
+/// How XDP sits on the uplink, from the kernel (an adopted link does not
+/// say whether it was made in native or generic mode).
+pub(super) async fn xdp_mode(agent: &Agent) -> Result<&'static str> {
+    let link = agent
+        .nl
+        .link(&agent.net.uplink)
+        .await?
+        .with_context(|| format!("--uplink {} vanished", agent.net.uplink))?;
+    Ok(dataplane_common::netlink::link_xdp_mode(&link))
 }
 
 fn route_for(net: &Net, node: &RemoteNode) -> RouteMessage {
