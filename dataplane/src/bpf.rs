@@ -181,8 +181,14 @@ fn prepare_pins(pin_dir: &Path) -> Result<()> {
         let prefix = format!("{}_v", spec.name);
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(version) = name.strip_prefix(&prefix) else {
-                continue;
+            // Agents before layout versions pinned the bare name: version 0.
+            let version = if name == spec.name {
+                "0"
+            } else {
+                match name.strip_prefix(&prefix) {
+                    Some(v) => v,
+                    None => continue,
+                }
             };
             if version.parse::<u32>().is_ok_and(|v| v != spec.version) {
                 warn!(

@@ -316,6 +316,8 @@ fn a_pinned_map_of_another_layout_is_replaced_while_traffic_flows() {
         ],
     );
     let stale = pin_dir.join("dp_metrics_v1");
+    // And an unversioned pin, as agents before layout versions left them.
+    let legacy = pin_dir.join("dp_endpoints");
     create(
         &stale,
         &[
@@ -329,6 +331,21 @@ fn a_pinned_map_of_another_layout_is_replaced_while_traffic_flows() {
             "1024",
             "name",
             "dp_metrics",
+        ],
+    );
+    create(
+        &legacy,
+        &[
+            "type",
+            "hash",
+            "key",
+            "20",
+            "value",
+            "28",
+            "entries",
+            "65536",
+            "name",
+            "dp_endpoints",
         ],
     );
 
@@ -355,6 +372,11 @@ fn a_pinned_map_of_another_layout_is_replaced_while_traffic_flows() {
         "{log}"
     );
     assert!(!stale.exists(), "the old layout's pin is still there");
+    assert!(!legacy.exists(), "the unversioned pin is still there");
+    assert!(
+        log.contains("layout v0 pinned by an earlier agent is replaced by layout v1"),
+        "{log}"
+    );
     let out = lab::run(
         Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
