@@ -176,6 +176,30 @@ fn sigterm_leaves_the_datapath_running_and_cleanup_removes_it() {
         !String::from_utf8_lossy(&links.stdout).contains("dp_vxlan"),
         "VXLAN device left after --cleanup"
     );
+    let uplink =
+        lab::run(Command::new("ip").args(["-n", &node.netns, "-d", "link", "show", "eth0"]))
+            .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&uplink.stdout).contains("prog/xdp"),
+        "XDP program left on the uplink after --cleanup"
+    );
+    let cgroup = node.cgroup.clone().expect("node cgroup");
+    let progs = lab::run(
+        Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&cgroup),
+    )
+    .expect("bpftool");
+    let progs: Value = serde_json::from_slice(&progs.stdout).unwrap_or(Value::Null);
+    assert!(
+        progs.as_array().is_none_or(Vec::is_empty),
+        "cgroup programs left after --cleanup: {progs}"
+    );
+    assert_eq!(
+        own_routes(&lab, 0),
+        Vec::<String>::new(),
+        "routes left after --cleanup"
+    );
     assert_eq!(
         ping(&a.netns, &c.ip.to_string(), 3, &[])
             .expect("ping")
