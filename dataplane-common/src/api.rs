@@ -70,6 +70,14 @@ pub struct AgentStatus {
     /// The cgroup the socket programs are attached to, if any.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// Service frontends and backends in the maps.
+    #[serde(default)]
+    pub frontends: usize,
+    #[serde(default)]
+    pub backends: usize,
+    /// Egress masquerade to the node's address.
+    #[serde(default)]
+    pub masquerade: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,8 +85,13 @@ pub struct AgentStatus {
 pub enum Request {
     Status,
     EndpointAdd(EndpointSpec),
-    EndpointDel { container_id: String },
+    EndpointDel {
+        container_id: String,
+    },
     EndpointList,
+    /// Removes every conntrack entry (established Service and masqueraded
+    /// flows lose their translation).
+    CtFlush,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +101,9 @@ pub enum Response {
     Status(Box<AgentStatus>),
     Endpoints {
         endpoints: Vec<EndpointStatus>,
+    },
+    Flushed {
+        removed: usize,
     },
     Error {
         message: String,

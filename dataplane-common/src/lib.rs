@@ -15,6 +15,7 @@
     no_std
 )]
 
+pub mod lb;
 pub mod maps;
 pub mod progs;
 pub mod reason;
@@ -31,6 +32,7 @@ pub mod api;
 #[cfg(feature = "netlink")]
 pub mod netlink;
 
+pub use lb::*;
 pub use maps::*;
 #[cfg(any(feature = "user", feature = "api"))]
 pub use pin::pin_dir;

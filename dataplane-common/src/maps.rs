@@ -28,27 +28,31 @@ pub const MAP_CONFIG: &str = "dp_config";
 
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const EP_METRICS_MAX: u32 = 16_384;
-pub const METRICS_MAX: u32 = 3 << 10;
+pub const METRICS_MAX: u32 = 3 << 11;
 pub const IPCACHE_MAX: u32 = 16_384;
 
 /// The kernel map types the datapath uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapKind {
     Hash,
+    LruHash,
     PerCpuHash,
     Array,
     PerCpuArray,
     LpmTrie,
+    HashOfMaps,
 }
 
 impl MapKind {
     pub const fn name(self) -> &'static str {
         match self {
             MapKind::Hash => "hash",
+            MapKind::LruHash => "lru_hash",
             MapKind::PerCpuHash => "percpu_hash",
             MapKind::Array => "array",
             MapKind::PerCpuArray => "percpu_array",
             MapKind::LpmTrie => "lpm_trie",
+            MapKind::HashOfMaps => "hash_of_maps",
         }
     }
 }
@@ -104,7 +108,7 @@ pub const MAPS: &[MapSpec] = &[
     },
     MapSpec {
         name: MAP_METRICS,
-        version: 2,
+        version: 3,
         kind: MapKind::PerCpuArray,
         key_size: 4,
         value_size: size::<Counter>(),
@@ -123,12 +127,84 @@ pub const MAPS: &[MapSpec] = &[
     },
     MapSpec {
         name: MAP_CONFIG,
-        version: 2,
+        version: 3,
         kind: MapKind::Array,
         key_size: 4,
         value_size: size::<DatapathConfig>(),
         max_entries: 1,
-        description: "datapath settings (mode, VNI, devices, node address)",
+        description: "datapath settings (mode, VNI, devices, node address, masquerade)",
+    },
+    MapSpec {
+        name: crate::lb::MAP_SERVICES,
+        version: 1,
+        kind: MapKind::Hash,
+        key_size: size::<crate::lb::ServiceKey>(),
+        value_size: size::<crate::lb::ServiceValue>(),
+        max_entries: crate::lb::SERVICES_MAX,
+        description: "Service frontends and their backend slots",
+    },
+    MapSpec {
+        name: crate::lb::MAP_BACKENDS,
+        version: 1,
+        kind: MapKind::Hash,
+        key_size: 4,
+        value_size: size::<crate::lb::Backend>(),
+        max_entries: crate::lb::BACKENDS_MAX,
+        description: "Service backends by id",
+    },
+    MapSpec {
+        name: crate::lb::MAP_MAGLEV,
+        version: 1,
+        kind: MapKind::HashOfMaps,
+        key_size: 4,
+        value_size: 4,
+        max_entries: crate::lb::MAGLEV_MAX,
+        description: "Maglev tables of externally reachable frontends",
+    },
+    MapSpec {
+        name: crate::lb::MAP_AFFINITY,
+        version: 1,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::lb::AffinityKey>(),
+        value_size: size::<crate::lb::AffinityValue>(),
+        max_entries: crate::lb::AFFINITY_MAX,
+        description: "session affinity: client and frontend -> backend",
+    },
+    MapSpec {
+        name: crate::lb::MAP_CT,
+        version: 1,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::lb::CtKey>(),
+        value_size: size::<crate::lb::CtEntry>(),
+        max_entries: crate::lb::CT_MAX,
+        description: "connection tracking and NAT, both directions of each flow",
+    },
+    MapSpec {
+        name: crate::lb::MAP_CT_SCRATCH,
+        version: 1,
+        kind: MapKind::PerCpuArray,
+        key_size: 4,
+        value_size: size::<crate::lb::CtScratch>(),
+        max_entries: 1,
+        description: "per-CPU scratch space where programs build new flows' entries",
+    },
+    MapSpec {
+        name: crate::lb::MAP_CT_STATS,
+        version: 1,
+        kind: MapKind::PerCpuArray,
+        key_size: 4,
+        value_size: 8,
+        max_entries: crate::lb::CT_STATS_MAX,
+        description: "conntrack counters (entries created, NAT ports exhausted)",
+    },
+    MapSpec {
+        name: crate::lb::MAP_FRAGS,
+        version: 1,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::lb::FragKey>(),
+        value_size: size::<crate::lb::FragValue>(),
+        max_entries: crate::lb::FRAGS_MAX,
+        description: "IPv4 fragments: the ports of their datagram",
     },
 ];
 
@@ -211,6 +287,11 @@ pub const IPCACHE_KIND_HOST: u8 = 4;
 /// to `tunnel_endpoint` (the node itself), so pod addresses never cross the
 /// underlay bare.
 pub const IPCACHE_KIND_REMOTE_HOST: u8 = 5;
+/// The Service range: only addresses and ports of Services exist there;
+/// the rest is dropped (`no_service`), never routed out.
+pub const IPCACHE_KIND_SERVICES: u8 = 6;
+/// Outside the cluster, and never masqueraded (`--non-masquerade-cidr`).
+pub const IPCACHE_KIND_NO_MASQUERADE: u8 = 7;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -243,10 +324,16 @@ pub struct DatapathConfig {
     /// The node's uplink.
     pub uplink_ifindex: u32,
     /// The node's own IPv4 address (network byte order): the source of the
-    /// ICMP errors the datapath generates.
+    /// ICMP errors the datapath generates, and of masqueraded traffic.
     pub node_ipv4: [u8; 4],
+    /// `DP_F_*`.
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 20);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+
+/// Pods' traffic to addresses outside the cluster leaves with the node's
+/// address (egress masquerade).
+pub const DP_F_MASQUERADE: u32 = 1 << 0;
 
 /// The endpoint runs on this node (its `ifindex` is valid here).
 pub const EP_F_LOCAL: u32 = 1 << 0;
@@ -302,7 +389,7 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 /// Index into [`MAP_METRICS`] for a (hook, direction, reason) triple.
 #[inline(always)]
 pub const fn metrics_index(hook: Hook, direction: Direction, reason: Reason) -> u32 {
-    ((hook as u32) << 10) | ((direction as u32) << 8) | reason as u32
+    ((hook as u32) << 11) | ((direction as u32) << 8) | reason as u32
 }
 
 /// Inverse of [`metrics_index`]; `None` for slots no triple maps to.
@@ -311,8 +398,8 @@ pub const fn metrics_slot(index: u32) -> Option<(Hook, Direction, Reason)> {
         return None;
     }
     match (
-        Hook::from_code((index >> 10) as u8),
-        Direction::from_code(((index >> 8) & 3) as u8),
+        Hook::from_code((index >> 11) as u8),
+        Direction::from_code(((index >> 8) & 7) as u8),
         Reason::from_code((index & 0xff) as u8),
     ) {
         (Some(h), Some(d), Some(r)) => Some((h, d, r)),
@@ -334,6 +421,16 @@ mod user {
     unsafe impl aya::Pod for IpcacheKey {}
     unsafe impl aya::Pod for IpcacheEntry {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for crate::lb::ServiceKey {}
+    unsafe impl aya::Pod for crate::lb::ServiceValue {}
+    unsafe impl aya::Pod for crate::lb::Backend {}
+    unsafe impl aya::Pod for crate::lb::AffinityKey {}
+    unsafe impl aya::Pod for crate::lb::AffinityValue {}
+    unsafe impl aya::Pod for crate::lb::CtKey {}
+    unsafe impl aya::Pod for crate::lb::CtEntry {}
+    unsafe impl aya::Pod for crate::lb::CtScratch {}
+    unsafe impl aya::Pod for crate::lb::FragKey {}
+    unsafe impl aya::Pod for crate::lb::FragValue {}
 
     impl IpcacheKey {
         /// The key and LPM prefix length for `net` (address bits plus
@@ -377,6 +474,8 @@ mod user {
                 IPCACHE_KIND_REMOTE_PODS => "remote-pods",
                 IPCACHE_KIND_HOST => "host",
                 IPCACHE_KIND_REMOTE_HOST => "remote-host",
+                IPCACHE_KIND_SERVICES => "services",
+                IPCACHE_KIND_NO_MASQUERADE => "no-masquerade",
                 _ => "unknown",
             }
         }
@@ -471,7 +570,7 @@ mod tests {
             assert!(names.insert(m.name), "{} twice", m.name);
             assert!(m.key_size > 0 && m.value_size > 0 && m.max_entries > 0);
         }
-        assert_eq!(MapSpec::by_name(MAP_CONFIG).map(|m| m.value_size), Some(20));
+        assert_eq!(MapSpec::by_name(MAP_CONFIG).map(|m| m.value_size), Some(24));
     }
 
     #[cfg(feature = "user")]

@@ -188,6 +188,17 @@ impl Nl {
             .map_err(err(format!("creating veth {host}/{peer}")))
     }
 
+    /// A veth pair with both ends in this namespace.
+    pub async fn add_veth_local(&self, name: &str, peer: &str) -> Result<()> {
+        let msg = LinkVeth::new(name, peer).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(err(format!("creating veth {name}/{peer}")))
+    }
+
     /// A VXLAN device in external (collect_md) mode: the tunnel key of each
     /// packet, set by a program, picks the remote end.
     pub async fn add_vxlan_external(&self, name: &str, port: u16, mtu: u32) -> Result<()> {

@@ -11,6 +11,8 @@ pub const PROG_OVERLAY_IN: &str = "overlay_in";
 pub const PROG_OVERLAY_OUT: &str = "overlay_out";
 pub const PROG_HOST_IN: &str = "host_in";
 pub const PROG_HOST_XDP: &str = "host_xdp";
+pub const PROG_HOST_OUT: &str = "host_out";
+pub const PROG_FROM_HOST: &str = "from_host";
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
 
 /// How a program hooks into the kernel.
@@ -62,6 +64,9 @@ pub enum AttachPoint {
     Uplink,
     /// The VXLAN device, in VXLAN mode only.
     TunnelDevice,
+    /// The node's host device (`dp_host`): the node's own traffic to
+    /// Services is routed into it.
+    HostDevice,
     /// The node's cgroup v2 root (`--cgroup-root`).
     Cgroup,
 }
@@ -72,6 +77,7 @@ impl AttachPoint {
             AttachPoint::EndpointVeth => "pod veth",
             AttachPoint::Uplink => "uplink",
             AttachPoint::TunnelDevice => "vxlan device",
+            AttachPoint::HostDevice => "host device",
             AttachPoint::Cgroup => "cgroup",
         }
     }
@@ -115,6 +121,18 @@ pub const PROGRAMS: &[ProgSpec] = &[
         kind: ProgKind::TcIngress,
         attach: AttachPoint::Uplink,
         description: "traffic arriving on the uplink: native delivery to pods",
+    },
+    ProgSpec {
+        name: PROG_HOST_OUT,
+        kind: ProgKind::TcEgress,
+        attach: AttachPoint::Uplink,
+        description: "leaving by the uplink: egress masquerade of pods' traffic",
+    },
+    ProgSpec {
+        name: PROG_FROM_HOST,
+        kind: ProgKind::TcEgress,
+        attach: AttachPoint::HostDevice,
+        description: "the node's own traffic to Services: translation and forwarding",
     },
     ProgSpec {
         name: PROG_HOST_XDP,

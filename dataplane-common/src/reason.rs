@@ -69,6 +69,18 @@ reasons! {
     TunnelVniMismatch = 12, "unknown_vni", "VXLAN packet with a VNI this node does not use";
     /// IPv6 from a pod, from an address it owns: not routed yet.
     Ipv6Unsupported = 13, "ipv6_unsupported", "IPv6 is not routed by the datapath yet";
+    /// To the Service range, but no Service has that address and port.
+    NoService = 14, "no_service", "no Service at this address and port";
+    /// A Service with no usable endpoint: refused (ICMP port unreachable).
+    ServiceNoBackend = 15, "service_no_backend", "Service has no usable endpoint; the client was refused";
+    /// externalTrafficPolicy Local, and no endpoint on this node.
+    NoLocalBackend = 16, "no_local_backend", "traffic policy Local and no endpoint on this node";
+    /// A non-first IPv4 fragment whose first fragment was not seen.
+    FragNotTracked = 17, "frag_not_tracked", "fragment of a datagram whose first fragment was not seen";
+    /// No free NAT port toward that remote endpoint.
+    NatPortsExhausted = 18, "nat_ports_exhausted", "no free NAT port toward the remote endpoint";
+    /// TCP/UDP/ICMP header shorter than the protocol needs.
+    L4Malformed = 19, "l4_malformed", "transport header truncated";
 }
 
 impl Reason {
@@ -123,6 +135,8 @@ pub enum Direction {
     FromNetwork = 2,
     /// Leaving to the network on a node device.
     ToNetwork = 3,
+    /// Sent by the node's own processes into the datapath (its host device).
+    FromHost = 4,
 }
 
 impl Direction {
@@ -131,6 +145,7 @@ impl Direction {
         Direction::ToEndpoint,
         Direction::FromNetwork,
         Direction::ToNetwork,
+        Direction::FromHost,
     ];
 
     pub const fn from_code(code: u8) -> Option<Direction> {
@@ -139,6 +154,7 @@ impl Direction {
             1 => Some(Direction::ToEndpoint),
             2 => Some(Direction::FromNetwork),
             3 => Some(Direction::ToNetwork),
+            4 => Some(Direction::FromHost),
             _ => None,
         }
     }
@@ -149,6 +165,7 @@ impl Direction {
             Direction::ToEndpoint => "to-endpoint",
             Direction::FromNetwork => "from-network",
             Direction::ToNetwork => "to-network",
+            Direction::FromHost => "from-host",
         }
     }
 }

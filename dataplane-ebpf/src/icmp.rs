@@ -4,7 +4,8 @@
 //! the tunnel (path MTU discovery).
 //!
 //! The packet is rewritten in place into the error (RFC 792: the original IP
-//! header and the first 8 bytes of its payload follow the ICMP header),
+//! header and the first 8 bytes of its payload follow the ICMP header; all
+//! of a TCP header),
 //! sourced from the node's address, and sent back the way it came. No error
 //! answers an ICMP error, a non-first fragment or a non-unicast source
 //! (RFC 1122 3.2.2).
@@ -26,11 +27,12 @@ use crate::{
 };
 
 pub const DEST_UNREACH: u8 = 3;
+pub const PORT_UNREACH: u8 = 3;
 pub const FRAG_NEEDED: u8 = 4;
 pub const TIME_EXCEEDED: u8 = 11;
 
-/// The longest quote: a 60-byte IP header and 8 bytes of payload.
-const MAX_QUOTE: usize = 68;
+/// The longest quote: a 60-byte IP header and a 20-byte TCP header.
+const MAX_QUOTE: usize = 80;
 /// What the error puts in front of the quote: IPv4 (20) and ICMP (8).
 const HDRS: usize = 28;
 
@@ -48,6 +50,13 @@ impl Error {
     #[inline(always)]
     pub const fn time_exceeded() -> Self {
         Error((TIME_EXCEEDED as u32) << 24)
+    }
+
+    /// A Service without endpoints refuses, as kube-proxy's REJECT does;
+    /// the error comes from the Service's address.
+    #[inline(always)]
+    pub const fn port_unreachable() -> Self {
+        Error(((DEST_UNREACH as u32) << 24) | ((PORT_UNREACH as u32) << 16))
     }
 
     #[inline(always)]
@@ -73,24 +82,33 @@ impl Error {
     /// What the packet the error answers is counted under.
     #[inline(always)]
     fn reason(self) -> Reason {
-        if self.kind() == TIME_EXCEEDED {
-            Reason::TtlExceeded
-        } else {
-            Reason::FragNeeded
+        match (self.kind(), self.code()) {
+            (TIME_EXCEEDED, _) => Reason::TtlExceeded,
+            (DEST_UNREACH, PORT_UNREACH) => Reason::ServiceNoBackend,
+            _ => Reason::FragNeeded,
         }
+    }
+
+    /// The error speaks for the packet's destination (the Service), not for
+    /// a router on the way.
+    #[inline(always)]
+    fn from_destination(self) -> bool {
+        self.kind() == DEST_UNREACH && self.code() == PORT_UNREACH
     }
 }
 
-/// Answers a packet a local pod sent: the error goes back out of the pod's
-/// veth (`ifindex`), into the pod.
+/// Answers a packet a local pod (or the node, through its host device)
+/// sent: the error goes back through the device it came by (`ifindex`):
+/// out of a pod's veth, into the pod, or (`flags` BPF_F_INGRESS) into the
+/// host device, to the node's stack.
 #[inline(never)]
-pub fn answer_pod(ctx: &mut TcContext, ifindex: u32, err: u32) -> Verdict {
+pub fn answer_pod(ctx: &mut TcContext, ifindex: u32, err: u32, flags: u64) -> Verdict {
     let err = Error(err);
     if let Err(reason) = rewrite(ctx, err) {
         return Verdict::drop(reason);
     }
     // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(ifindex, 0) };
+    let action = unsafe { bpf_redirect(ifindex, flags) };
     if action != i64::from(TC_ACT_REDIRECT) {
         return Verdict::drop(Reason::HelperFailed);
     }
@@ -172,7 +190,15 @@ fn rewrite(ctx: &mut TcContext, err: Error) -> Result<(), Reason> {
             return Err(err.reason());
         }
     }
-    let mut quote = ihl + 8;
+    // RFC 792 asks for 8 bytes of payload; a TCP header is quoted whole.
+    // The kernel will not cut a packet whose checksum it still has to fill
+    // in (a pod's own TCP, CHECKSUM_PARTIAL) short of that checksum field.
+    let mut quote = ihl
+        + if ip.protocol == dataplane_common::IPPROTO_TCP {
+            20
+        } else {
+            8
+        };
     let tot = ip.tot_len();
     if tot < quote {
         quote = tot;
@@ -212,7 +238,11 @@ fn rewrite(ctx: &mut TcContext, err: Error) -> Result<(), Reason> {
         .map_err(|_| Reason::HelperFailed)?;
 
     let total = ((HDRS + quote) as u16).to_be_bytes();
-    let [n0, n1, n2, n3] = cfg.node_ipv4;
+    let [n0, n1, n2, n3] = if err.from_destination() {
+        ip.daddr
+    } else {
+        cfg.node_ipv4
+    };
     let [o0, o1, o2, o3] = ip.saddr;
     let mut hdr: [u8; 20] = [
         0x45,

@@ -7,9 +7,9 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, EndpointKey, Reason};
 
 use crate::{
-    arp, deliver, encap, endpoints, icmp, metrics,
-    parse::{self, IP_DF},
+    arp, endpoints, fwd, icmp, l4, metrics, parse,
     route::{self, Route},
+    svc::{self, Nat},
     verdict::{self, Verdict},
 };
 
@@ -19,22 +19,46 @@ pub fn lxc_from_ctr(mut ctx: TcContext) -> i32 {
     let mut v = from_ctr(&mut ctx);
     if let Some(err) = v.wants_answer() {
         let ifindex = ifindex(&ctx);
-        v = icmp::answer_pod(&mut ctx, ifindex, err);
+        v = icmp::answer_pod(&mut ctx, ifindex, err, 0);
     }
     verdict::tc_exit(&ctx, Direction::FromEndpoint, len, v)
 }
 
 #[classifier]
-pub fn lxc_to_ctr(ctx: TcContext) -> i32 {
-    let counted = match parse::ethertype(&ctx) {
+pub fn lxc_to_ctr(mut ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let v = to_ctr(&mut ctx);
+    verdict::tc_exit(&ctx, Direction::ToEndpoint, len, v)
+}
+
+/// What the host stack delivers to a pod. Replies from a Service backend
+/// in the node's own network (a host-network endpoint) are translated back
+/// here.
+#[inline(never)]
+fn to_ctr(ctx: &mut TcContext) -> Verdict {
+    let counted = match parse::ethertype(ctx) {
         Some(parse::ETH_P_IP) => true,
-        Some(parse::ETH_P_IPV6) => !ipv6_link_local(&ctx),
+        Some(parse::ETH_P_IPV6) => !ipv6_link_local(ctx),
         _ => false,
     };
     if counted {
-        metrics::count_endpoint(&ctx, ifindex(&ctx), Direction::ToEndpoint, ctx.len());
+        metrics::count_endpoint(ctx, ifindex(ctx), Direction::ToEndpoint, ctx.len());
     }
-    verdict::tc_exit(&ctx, Direction::ToEndpoint, ctx.len(), Verdict::pass())
+    if parse::ethertype(ctx) != Some(parse::ETH_P_IP) {
+        return Verdict::pass();
+    }
+    Verdict::from_result(host_replies(ctx))
+}
+
+#[inline(always)]
+fn host_replies(ctx: &mut TcContext) -> Result<Verdict, Reason> {
+    let ip = parse::ipv4(ctx)?;
+    let mut flow = l4::flow(ctx, &ip)?;
+    let mut n = Nat::none();
+    if svc::replies(&flow, ctx.len(), &mut n) == svc::NAT {
+        svc::apply(ctx, &mut flow, &n)?;
+    }
+    Ok(Verdict::pass())
 }
 
 #[inline(always)]
@@ -50,17 +74,24 @@ fn ifindex(ctx: &TcContext) -> u32 {
 fn from_ctr(ctx: &mut TcContext) -> Verdict {
     let ifindex = ifindex(ctx);
     match parse::ethertype(ctx) {
-        Some(parse::ETH_P_IP) => Verdict::from_result(from_ctr_v4(ctx, ifindex)),
+        Some(parse::ETH_P_IP) => from_ctr_v4_verdict(ctx, ifindex),
         Some(parse::ETH_P_ARP) => arp::from_pod(ctx, ifindex),
-        Some(parse::ETH_P_IPV6) => Verdict::from_result(from_ctr_v6(ctx, ifindex)),
+        Some(parse::ETH_P_IPV6) => from_ctr_v6_verdict(ctx, ifindex),
         Some(_) => Verdict::drop(Reason::UnsupportedL3),
         None => Verdict::drop(Reason::Malformed),
     }
 }
 
-/// IPv4 must carry an address the agent assigned to this very endpoint,
-/// then goes where [`route::v4`] says. Where the datapath forwards itself it
-/// is a router hop: TTL, and the tunnel's MTU, answered with ICMP errors.
+#[inline(never)]
+fn from_ctr_v4_verdict(ctx: &mut TcContext, ifindex: u32) -> Verdict {
+    Verdict::from_result(from_ctr_v4(ctx, ifindex))
+}
+
+/// IPv4 must carry an address the agent assigned to this very endpoint.
+/// Then Services and known flows are translated ([`svc::from_endpoint`]),
+/// and the packet goes where [`route::v4`] says for its (new) destination.
+/// Where the datapath forwards itself it is a router hop: TTL, and the
+/// tunnel's MTU, answered with ICMP errors.
 #[inline(always)]
 fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
     let ip = parse::ipv4(ctx)?;
@@ -68,35 +99,32 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
         Some(ep) if ep.ifindex == ifindex => {}
         _ => return Err(Reason::SourceSpoofed),
     }
-    let route = route::v4(ip.daddr)?;
-    metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, ctx.len());
+    let mut flow = l4::flow(ctx, &ip)?;
+    let len = ctx.len();
+    let mut n = Nat::none();
+    let code = svc::from_endpoint(&flow, len, &mut n);
+    match code & 0xff {
+        svc::REJECT => {
+            metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
+            return Ok(icmp::Error::port_unreachable().verdict());
+        }
+        svc::DROP => return Err(svc::dropped_reason(code)),
+        _ => {}
+    }
+    let route = route::v4(n.daddr(&flow))?;
+    metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
     match route {
-        // The stack routes (and answers TTL and MTU itself).
-        Route::Stack => Ok(Verdict::pass()),
-        Route::Local(ep) => {
-            if parse::ipv4_dec_ttl(ctx).is_err() {
-                return Ok(icmp::Error::time_exceeded().verdict());
-            }
-            Ok(deliver::to_local(ctx, ep))
+        Route::Host => {
+            svc::apply(ctx, &mut flow, &n)?;
+            Ok(Verdict::pass())
         }
-        Route::Tunnel(node, cfg) => {
-            if let Err(mtu) = encap::fits(ctx, cfg) {
-                if ip.frag_off() & IP_DF != 0 {
-                    return Ok(icmp::Error::frag_needed(mtu).verdict());
-                }
-                // Too big but fragmentable: the stack fragments and routes
-                // it into the tunnel device (other nodes' pods only: it
-                // would send a node's own address out of the uplink).
-                if node.kind == dataplane_common::IPCACHE_KIND_REMOTE_PODS {
-                    return Ok(Verdict::pass());
-                }
-                return Err(Reason::FragNeeded);
-            }
-            if parse::ipv4_dec_ttl(ctx).is_err() {
-                return Ok(icmp::Error::time_exceeded().verdict());
-            }
-            encap::redirect(ctx, node, cfg)
-        }
+        // The stack routes (and answers TTL and MTU itself), unless the
+        // packet was rewritten: a reply from a Service may now come from
+        // this node's own address, which the stack would refuse.
+        Route::Stack if !n.translates() => Ok(Verdict::pass()),
+        Route::Stack => Ok(fwd::uplink(ctx, &ip, &mut flow, &n)),
+        Route::Local(ep) => Ok(fwd::local(ctx, &ip, &mut flow, &n, ep)),
+        Route::Tunnel(node, _) => Ok(fwd::tunnel(ctx, &ip, &mut flow, &n, node)),
     }
 }
 
@@ -104,6 +132,11 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
 /// between the pod and its veth: passed, not a drop because a node has
 /// IPv6 on. Anything else must come from an address this endpoint owns,
 /// and is then refused as not routed yet.
+#[inline(never)]
+fn from_ctr_v6_verdict(ctx: &mut TcContext, ifindex: u32) -> Verdict {
+    Verdict::from_result(from_ctr_v6(ctx, ifindex))
+}
+
 #[inline(always)]
 fn from_ctr_v6(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
     if ipv6_link_local(ctx) {

@@ -1,8 +1,8 @@
 //! Kernel programs, one module per attach point, features as modules.
 //!
 //! Attach points: `lxc` (a pod's host-side veth), `host` (the node's
-//! uplink: XDP and tc), `overlay` (the VXLAN device), `sock` (the node's
-//! cgroup). Each program is a thin entry point; the per-packet work sits in
+//! uplink: XDP and tc), `overlay` (the VXLAN device), `hostdev` (the
+//! node's host device), `sock` (the node's cgroup). Each program is a thin entry point; the per-packet work sits in
 //! `#[inline(never)]` functions that become BPF-to-BPF calls, so the
 //! verifier checks each once and the programs stay small as features grow.
 #![no_std]
@@ -10,18 +10,25 @@
 
 mod arp;
 mod config;
+mod ct;
 mod deliver;
 mod encap;
 mod endpoints;
+mod fwd;
 mod host;
+mod hostdev;
 mod icmp;
 mod ipcache;
+mod l4;
+mod lb;
 mod lxc;
 mod metrics;
+mod nat;
 mod overlay;
 mod parse;
 mod route;
 mod sock;
+mod svc;
 mod verdict;
 
 #[cfg(not(test))]

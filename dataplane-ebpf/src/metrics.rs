@@ -21,7 +21,7 @@ static EP_METRICS: PerCpuHashMap<EpMetricsKey, Counter, { EP_METRICS_MAX as usiz
 /// [`dataplane_common::metrics_index`].
 #[inline(always)]
 pub fn count_verdict(hook: Hook, direction: Direction, reason: u32, len: u32) {
-    let index = ((hook as u32) << 10) | ((direction as u32) << 8) | (reason & 0xff);
+    let index = ((hook as u32) << 11) | ((direction as u32) << 8) | (reason & 0xff);
     if let Some(c) = METRICS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot of a preallocated array; programs do not
         // migrate CPUs while running, so nothing else writes it concurrently.
@@ -32,8 +32,9 @@ pub fn count_verdict(hook: Hook, direction: Direction, reason: u32, len: u32) {
     }
 }
 
-/// Counts one packet for the endpoint behind `ifindex`.
-#[inline(always)]
+/// Counts one packet for the endpoint behind `ifindex`. A subprogram: its
+/// log record's stack stays off the packet path's frames.
+#[inline(never)]
 pub fn count_endpoint<C: EbpfContext>(ctx: &C, ifindex: u32, direction: Direction, len: u32) {
     let key = EpMetricsKey::new(ifindex, direction);
     match EP_METRICS.get_ptr_mut(&key) {

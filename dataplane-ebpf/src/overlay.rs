@@ -1,15 +1,14 @@
 //! Programs on the node's VXLAN device (external mode).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{
-    Direction, IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, Reason,
-};
+use dataplane_common::{Direction, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, Reason};
 
 use crate::{
     config,
-    deliver::{self, PACKET_HOST},
-    encap, icmp, ipcache, parse,
+    deliver::PACKET_HOST,
+    encap, fwd, icmp, ipcache, l4, parse,
     route::{self, Route},
+    svc::{self, Nat},
     verdict::{self, Verdict},
 };
 
@@ -53,25 +52,26 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
                 && e.tunnel_endpoint[..4] == peer => {}
         _ => return Err(Reason::TunnelSourceMismatch),
     }
-    match route::v4(ip.daddr)? {
-        Route::Local(ep) => {
-            if parse::ipv4_dec_ttl(ctx).is_err() {
-                return Ok(icmp::Error::time_exceeded().verdict());
-            }
-            Ok(deliver::to_local(ctx, ep))
-        }
+    // Replies of flows this node translated come back here.
+    let mut flow = l4::flow(ctx, &ip)?;
+    let mut n = Nat::none();
+    svc::replies(&flow, ctx.len(), &mut n);
+    match route::v4(n.daddr(&flow))? {
+        Route::Local(ep) => Ok(fwd::local(ctx, &ip, &mut flow, &n, ep)),
         // A pod of another node talking to this node. Its frame still
         // carries the MACs of the sending pod's veth: without PACKET_HOST the
         // stack would take it for someone else's and drop it silently.
-        Route::Stack => match ipcache::lookup_v4(ip.daddr) {
-            Some(e) if e.kind == IPCACHE_KIND_HOST => {
-                ctx.change_type(PACKET_HOST)
-                    .map_err(|_| Reason::HelperFailed)?;
-                Ok(Verdict::pass())
-            }
-            _ => Err(Reason::UnknownDestination),
-        },
-        Route::Tunnel(..) => Err(Reason::UnknownDestination),
+        Route::Host => {
+            svc::apply(ctx, &mut flow, &n)?;
+            ctx.change_type(PACKET_HOST)
+                .map_err(|_| Reason::HelperFailed)?;
+            Ok(Verdict::pass())
+        }
+        // A NodePort reply, back to the client: outside, or (VXLAN mode)
+        // another node.
+        Route::Stack if n.translates() => Ok(fwd::uplink(ctx, &ip, &mut flow, &n)),
+        Route::Tunnel(node, _) if n.translates() => Ok(fwd::tunnel(ctx, &ip, &mut flow, &n, node)),
+        _ => Err(Reason::UnknownDestination),
     }
 }
 

@@ -3,7 +3,8 @@
 
 use dataplane_common::{
     DatapathConfig, EP_F_LOCAL, EndpointInfo, EndpointKey, IPCACHE_KIND_HOST,
-    IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, MODE_VXLAN, Reason,
+    IPCACHE_KIND_NO_MASQUERADE, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS,
+    IPCACHE_KIND_SERVICES, IpcacheEntry, MODE_VXLAN, Reason,
 };
 
 use crate::{config, endpoints, ipcache};
@@ -14,8 +15,10 @@ pub enum Route {
     /// VXLAN mode to the node's own address too, so that a pod's address
     /// never crosses the underlay outside the tunnel.
     Tunnel(&'static IpcacheEntry, &'static DatapathConfig),
-    /// The host stack: this node's addresses, other nodes in native routing
-    /// (the agent's routes), and addresses outside the cluster.
+    /// This node's own addresses.
+    Host,
+    /// The host stack routes: other nodes in native routing (the agent's
+    /// routes), and addresses outside the cluster.
     Stack,
 }
 
@@ -28,7 +31,10 @@ pub fn v4(dst: [u8; 4]) -> Result<Route, Reason> {
     }
     match ipcache::lookup_v4(dst) {
         None => Ok(Route::Stack),
-        Some(e) if e.kind == IPCACHE_KIND_HOST => Ok(Route::Stack),
+        Some(e) if e.kind == IPCACHE_KIND_HOST => Ok(Route::Host),
+        Some(e) if e.kind == IPCACHE_KIND_NO_MASQUERADE => Ok(Route::Stack),
+        // What was not translated to a backend has no business here.
+        Some(e) if e.kind == IPCACHE_KIND_SERVICES => Err(Reason::NoService),
         Some(e) if e.kind == IPCACHE_KIND_REMOTE_PODS || e.kind == IPCACHE_KIND_REMOTE_HOST => {
             let cfg = config::get()?;
             if cfg.mode == MODE_VXLAN {

@@ -44,6 +44,20 @@ impl Verdict {
         if e == 0 { None } else { Some(e) }
     }
 
+    /// Not a kernel action: the entry point goes on with the packet (no
+    /// TC_ACT_* and no XDP action is this large).
+    pub const CONTINUE: i32 = 0x7fff;
+
+    #[inline(always)]
+    pub const fn cont() -> Self {
+        Self::new(Self::CONTINUE, Reason::Forwarded)
+    }
+
+    #[inline(always)]
+    pub const fn continues(self) -> bool {
+        self.action() == Self::CONTINUE
+    }
+
     /// To the host stack.
     #[inline(always)]
     pub const fn pass() -> Self {

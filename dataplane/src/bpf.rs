@@ -129,6 +129,8 @@ pub struct Datapath {
 fn aya_map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::HashOfMaps => MapType::HashOfMaps,
         MapKind::PerCpuHash => MapType::PerCpuHash,
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,
@@ -136,8 +138,21 @@ fn aya_map_type(kind: MapKind) -> MapType {
     }
 }
 
-/// How a pinned map differs from `spec`, if it does.
-pub fn layout_mismatch(path: &Path, spec: &MapSpec) -> Result<Option<String>> {
+/// The size of `spec` as this agent creates it: its own, or a setting's.
+fn max_entries(spec: &MapSpec, sizes: &[(&str, u32)]) -> u32 {
+    sizes
+        .iter()
+        .find(|(n, _)| *n == spec.name)
+        .map_or(spec.max_entries, |(_, m)| *m)
+}
+
+/// How a pinned map differs from `spec` (with `max_entries`), if it does.
+/// `max_entries` `None`: any size (a map the agent sizes by a setting).
+pub fn layout_mismatch(
+    path: &Path,
+    spec: &MapSpec,
+    max_entries: Option<u32>,
+) -> Result<Option<String>> {
     let info = aya::maps::MapInfo::from_pin(path)
         .with_context(|| format!("reading {}", path.display()))?;
     let mut diffs = Vec::new();
@@ -149,7 +164,11 @@ pub fn layout_mismatch(path: &Path, spec: &MapSpec) -> Result<Option<String>> {
     for (what, have, want) in [
         ("key size", info.key_size(), spec.key_size),
         ("value size", info.value_size(), spec.value_size),
-        ("max entries", info.max_entries(), spec.max_entries),
+        (
+            "max entries",
+            info.max_entries(),
+            max_entries.unwrap_or(info.max_entries()),
+        ),
     ] {
         if have != want {
             diffs.push(format!("{what} {have}, expected {want}"));
@@ -162,11 +181,11 @@ pub fn layout_mismatch(path: &Path, spec: &MapSpec) -> Result<Option<String>> {
 /// pins of other layout versions are removed. Programs of the previous agent
 /// keep their own references to the old maps and keep forwarding until ours
 /// are swapped in; the agent rebuilds the new maps' entries before that.
-fn prepare_pins(pin_dir: &Path) -> Result<()> {
+fn prepare_pins(pin_dir: &Path, sizes: &[(&str, u32)]) -> Result<()> {
     for spec in MAPS {
         let path = pin_dir.join(spec.pin_name());
         if path.exists()
-            && let Some(diff) = layout_mismatch(&path, spec)?
+            && let Some(diff) = layout_mismatch(&path, spec, Some(max_entries(spec, sizes)))?
         {
             warn!(
                 map = spec.name,
@@ -207,15 +226,16 @@ fn prepare_pins(pin_dir: &Path) -> Result<()> {
 impl Datapath {
     /// Loads every program and creates (or reuses, when already pinned with
     /// the same layout) every map under `pin_dir`. `log_level` is aya-log's
-    /// level (1 error .. 5 trace).
+    /// level (1 error .. 5 trace). `sizes` overrides maps' sizes (by name).
     pub fn load(
         pin_dir: &Path,
         state_dir: &Path,
         mode: AttachMode,
         log_level: u8,
+        sizes: &[(&'static str, u32)],
     ) -> Result<(Datapath, aya_log::EbpfLogger<&'static dyn log::Log>)> {
         let mode = mode.resolve();
-        prepare_pins(pin_dir)?;
+        prepare_pins(pin_dir, sizes)?;
         let paths: Vec<(&'static str, PathBuf)> = MAPS
             .iter()
             .map(|s| (s.name, pin_dir.join(s.pin_name())))
@@ -223,6 +243,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
+        }
+        for (name, size) in sizes {
+            loader.map_max_entries(name, *size);
         }
         loader.override_global("AYA_LOG_LEVEL", &log_level, false);
         let mut ebpf = loader
@@ -588,7 +611,9 @@ pub fn open_pinned(pin_dir: &Path, spec: &MapSpec) -> Result<Map> {
             });
         }
     };
-    if let Some(diff) = layout_mismatch(&path, spec)? {
+    // Sizes set by the agent's flags are whatever that agent chose.
+    let size = (spec.name != dataplane_common::MAP_CT).then_some(spec.max_entries);
+    if let Some(diff) = layout_mismatch(&path, spec, size)? {
         bail!(
             "{} does not have this program's layout ({diff})",
             path.display()

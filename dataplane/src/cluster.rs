@@ -101,14 +101,85 @@ pub struct PodInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {
     pub type_: String,
+    /// Empty for a headless Service.
     pub cluster_ips: Vec<IpAddr>,
     pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortInfo>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub lb_ips: Vec<IpAddr>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// `externalTrafficPolicy: Local`.
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+}
+
+/// The target of a Service port: a number, or a container port's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub name: String,
+    /// `IPPROTO_*`; SCTP (132) is kept for policy but never served.
+    pub proto: u8,
+    pub port: u16,
+    pub target: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (unset means ready).
+    pub ready: bool,
+    /// `conditions.serving` (unset means as `ready`).
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// The Service port's name this endpoint port serves.
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
+    /// `kubernetes.io/service-name`.
     pub service: String,
-    pub addresses: Vec<IpAddr>,
+    pub endpoints: Vec<SliceEndpoint>,
+    pub ports: Vec<SlicePort>,
+}
+
+pub const IPPROTO_SCTP: u8 = 132;
+
+fn protocol(key: &Key, field: &str, p: Option<&str>) -> Result<u8, Invalid> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(dataplane_common::IPPROTO_TCP),
+        "UDP" => Ok(dataplane_common::IPPROTO_UDP),
+        "SCTP" => Ok(IPPROTO_SCTP),
+        other => Err(invalid(
+            key,
+            field,
+            format!("protocol {other:?} is not TCP, UDP or SCTP"),
+        )),
+    }
+}
+
+fn port_number(key: &Key, field: &str, p: i32) -> Result<u16, Invalid> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(key, field, format!("port {p} is out of range 1-65535")))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -264,20 +335,100 @@ pub fn convert(kind: Kind, value: serde_json::Value) -> Result<(Key, Object), In
             let s: Service = serde_path_to_error::deserialize(value).map_err(typed)?;
             let key = key_of(kind, &s.metadata)?;
             let spec = s.spec.unwrap_or_default();
+            let mut raw_cluster_ips = spec.cluster_ips.clone().unwrap_or_default();
+            if raw_cluster_ips.is_empty()
+                && let Some(ip) = &spec.cluster_ip
+            {
+                raw_cluster_ips.push(ip.clone());
+            }
             let cluster_ips = ips(
                 &key,
                 "spec.clusterIPs",
-                spec.cluster_ips
+                raw_cluster_ips
+                    .into_iter()
+                    .filter(|i| i != "None" && !i.is_empty()),
+            )?;
+            let mut ports = Vec::new();
+            for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+                let field = format!("spec.ports[{i}]");
+                let target = match p.target_port {
+                    None => {
+                        TargetPort::Number(port_number(&key, &format!("{field}.port"), p.port)?)
+                    }
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                        TargetPort::Number(port_number(&key, &format!("{field}.targetPort"), n)?)
+                    }
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n)) => {
+                        TargetPort::Name(n)
+                    }
+                };
+                ports.push(ServicePortInfo {
+                    name: p.name.unwrap_or_default(),
+                    proto: protocol(&key, &format!("{field}.protocol"), p.protocol.as_deref())?,
+                    port: port_number(&key, &format!("{field}.port"), p.port)?,
+                    target,
+                    node_port: p
+                        .node_port
+                        .map(|n| port_number(&key, &format!("{field}.nodePort"), n))
+                        .transpose()?,
+                });
+            }
+            let external_ips = ips(
+                &key,
+                "spec.externalIPs",
+                spec.external_ips.unwrap_or_default(),
+            )?;
+            let lb_ips = ips(
+                &key,
+                "status.loadBalancer.ingress",
+                s.status
+                    .and_then(|st| st.load_balancer)
+                    .and_then(|lb| lb.ingress)
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|i| i != "None"),
+                    .filter_map(|i| i.ip),
             )?;
+            let affinity_timeout = match spec.session_affinity.as_deref() {
+                Some("ClientIP") => Some(
+                    spec.session_affinity_config
+                        .and_then(|c| c.client_ip)
+                        .and_then(|c| c.timeout_seconds)
+                        .map(|t| {
+                            u32::try_from(t)
+                                .ok()
+                                .filter(|t| (1..=86_400).contains(t))
+                                .ok_or_else(|| {
+                                    invalid(
+                                        &key,
+                                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                                        format!("{t} is out of range 1-86400"),
+                                    )
+                                })
+                        })
+                        .transpose()?
+                        .unwrap_or(10_800),
+                ),
+                None | Some("None") => None,
+                Some(other) => {
+                    return Err(invalid(
+                        &key,
+                        "spec.sessionAffinity",
+                        format!("{other:?} is not None or ClientIP"),
+                    ));
+                }
+            };
             Ok((
                 key,
                 Object::Service(ServiceInfo {
                     type_: spec.type_.unwrap_or_else(|| "ClusterIP".into()),
                     cluster_ips,
                     selector: spec.selector.unwrap_or_default(),
+                    ports,
+                    external_ips,
+                    lb_ips,
+                    affinity_timeout,
+                    external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+                    internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
                 }),
             ))
         }
@@ -287,15 +438,49 @@ pub fn convert(kind: Kind, value: serde_json::Value) -> Result<(Key, Object), In
             let service = s
                 .metadata
                 .labels
+                .clone()
                 .unwrap_or_default()
                 .remove("kubernetes.io/service-name")
-                .unwrap_or_default();
-            let addresses = ips(
-                &key,
-                "endpoints[].addresses",
-                s.endpoints.into_iter().flat_map(|e| e.addresses),
-            )?;
-            Ok((key, Object::EndpointSlice(SliceInfo { service, addresses })))
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        &key,
+                        "metadata.labels[kubernetes.io/service-name]",
+                        "missing: the slice names no Service",
+                    )
+                })?;
+            let mut endpoints = Vec::new();
+            // Hostnames are for DNS, not for the datapath.
+            let fqdn = s.address_type == "FQDN";
+            for (i, e) in s.endpoints.into_iter().enumerate().filter(|_| !fqdn) {
+                let c = e.conditions.unwrap_or_default();
+                let ready = c.ready.unwrap_or(true);
+                endpoints.push(SliceEndpoint {
+                    addresses: ips(&key, &format!("endpoints[{i}].addresses"), e.addresses)?,
+                    ready,
+                    serving: c.serving.unwrap_or(ready),
+                    terminating: c.terminating.unwrap_or(false),
+                    node: e.node_name,
+                });
+            }
+            let mut ports = Vec::new();
+            for (i, p) in s.ports.unwrap_or_default().into_iter().enumerate() {
+                let field = format!("ports[{i}]");
+                let Some(n) = p.port else { continue };
+                ports.push(SlicePort {
+                    name: p.name.unwrap_or_default(),
+                    proto: protocol(&key, &format!("{field}.protocol"), p.protocol.as_deref())?,
+                    port: port_number(&key, &format!("{field}.port"), n)?,
+                });
+            }
+            Ok((
+                key,
+                Object::EndpointSlice(SliceInfo {
+                    service,
+                    endpoints,
+                    ports,
+                }),
+            ))
         }
         Kind::NetworkPolicy => {
             let p: NetworkPolicy = serde_path_to_error::deserialize(value).map_err(typed)?;
@@ -672,6 +857,43 @@ impl Cluster {
     /// Every address some pod claims (for a full resync).
     pub fn pod_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.pods_by_ip.keys().copied()
+    }
+
+    /// Every Service, and every Service name an EndpointSlice points at
+    /// (for a full resync).
+    pub fn service_names(&self) -> BTreeSet<(String, String)> {
+        self.objects
+            .keys()
+            .filter(|k| k.kind == Kind::Service)
+            .map(|k| (k.namespace.clone(), k.name.clone()))
+            .chain(self.slices_by_service.keys().cloned())
+            .collect()
+    }
+
+    /// A Service (if it exists) and the EndpointSlices that name it.
+    pub fn service(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> (Key, Option<&ServiceInfo>, Vec<(Key, &SliceInfo)>) {
+        let key = Key {
+            kind: Kind::Service,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let svc = match self.objects.get(&key) {
+            Some(Object::Service(s)) => Some(s),
+            _ => None,
+        };
+        let slices = self
+            .slices_of(namespace, name)
+            .into_iter()
+            .filter_map(|k| match self.objects.get(&k) {
+                Some(Object::EndpointSlice(s)) => Some((k, s)),
+                _ => None,
+            })
+            .collect();
+        (key, svc, slices)
     }
 }
 

@@ -35,7 +35,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Ask the running agent how it is.
     Status {
         #[command(flatten)]
@@ -49,6 +49,48 @@ enum Command {
     /// Inspect the pinned BPF maps.
     #[command(subcommand)]
     Map(MapCmd),
+    /// Service frontends as the datapath has them.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Connection tracking and NAT.
+    #[command(subcommand)]
+    Ct(CtCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Every frontend (address or NodePort, port, protocol, scope) with its
+    /// backends in slot order.
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CtCmd {
+    /// Every tracked flow direction with its rewrite, state and counters.
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// The programs' conntrack counters.
+    Stats {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// Remove every entry, through the agent (established translated flows
+    /// lose their translation).
+    Flush {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -186,7 +228,7 @@ fn run(cli: Cli) -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(agent::run(args)),
+            .block_on(agent::run(*args)),
         Command::Status { socket, output } => {
             match call(&socket, &Request::Status)? {
                 Response::Status(st) if output == maps::Format::Json => {
@@ -238,12 +280,15 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(n) => n.to_string(),
                     Err(e) => format!("unavailable: {e:#}"),
                 };
+                // As created (some sizes are agent settings).
+                let max = aya::maps::MapInfo::from_pin(dir.join(spec.pin_name()))
+                    .map_or(spec.max_entries, |i| i.max_entries());
                 rows.push(vec![
                     spec.name.to_owned(),
                     format!("v{}", spec.version),
                     spec.kind.name().to_owned(),
                     entries,
-                    spec.max_entries.to_string(),
+                    max.to_string(),
                     spec.description.to_owned(),
                 ]);
             }
@@ -258,6 +303,34 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Map(MapCmd::Dump { name, pin, output }) => {
             print!("{}", maps::dump(&pin.resolve()?, &name, output)?);
+            Ok(())
+        }
+        Command::Service(ServiceCmd::List { pin, output }) => {
+            print!(
+                "{}",
+                maps::render(&maps::services::rows(&pin.resolve()?)?, output)?
+            );
+            Ok(())
+        }
+        Command::Ct(CtCmd::List { pin, output }) => {
+            print!(
+                "{}",
+                maps::render(&maps::ct::rows(&pin.resolve()?)?, output)?
+            );
+            Ok(())
+        }
+        Command::Ct(CtCmd::Stats { pin, output }) => {
+            print!(
+                "{}",
+                maps::render(&maps::ct::stat_rows(&pin.resolve()?)?, output)?
+            );
+            Ok(())
+        }
+        Command::Ct(CtCmd::Flush { socket }) => {
+            let Response::Flushed { removed } = call(&socket, &Request::CtFlush)? else {
+                bail!("unexpected response");
+            };
+            println!("removed {removed} conntrack entries");
             Ok(())
         }
     }

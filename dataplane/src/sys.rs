@@ -2,8 +2,9 @@
 //! namespace, making sure bpffs is mounted, finding cgroup v2, interface
 //! indexes from the current network namespace (never from /sys, which
 //! belongs to the mount namespace and may describe another network
-//! namespace), and the three link syscalls aya does not expose for every
-//! link kind.
+//! namespace), the three link syscalls aya does not expose for every
+//! link kind, and batched map reads and writes (one syscall for many
+//! entries, which aya does not offer).
 
 use std::{
     ffi::CString,
@@ -121,7 +122,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 4]) -> io::Result<libc::c_long> {
+fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a zero-padded bpf_attr prefix of the size passed.
     let rc = unsafe {
         libc::syscall(
@@ -167,6 +168,137 @@ pub fn bpf_link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
         &mut [u64::from(link.as_raw_fd() as u32), 0, 0, 0],
     )
     .map(drop)
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Entries per batched call.
+const BATCH: usize = 4096;
+
+/// `union bpf_attr` for the batch commands: in_batch, out_batch, keys,
+/// values, count | map_fd << 32, elem_flags, flags.
+fn batch_attr(
+    map: BorrowedFd<'_>,
+    in_b: u64,
+    out_b: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+) -> [u64; 7] {
+    [
+        in_b,
+        out_b,
+        keys,
+        values,
+        u64::from(count) | (u64::from(map.as_raw_fd() as u32) << 32),
+        0,
+        0,
+    ]
+}
+
+/// Every entry of a hash, LRU hash or array map, a batch per syscall.
+/// Entries that change meanwhile may be seen old or new, as with any walk.
+pub fn map_entries<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    map_walk::<K, V>(map, |batch| out.extend_from_slice(batch))?;
+    Ok(out)
+}
+
+/// How many entries a hash or LRU hash map holds, a batch per syscall
+/// (nothing kept).
+pub fn map_count<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n = 0;
+    map_walk::<K, V>(map, |batch| n += batch.len())?;
+    Ok(n)
+}
+
+/// Hands every entry of a hash, LRU hash or array map to `f`, a batch at a
+/// time.
+pub fn map_walk<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    mut f: impl FnMut(&[(K, V)]),
+) -> io::Result<()> {
+    // SAFETY: K and V are plain-old-data map types (aya::Pod): all-zero is
+    // a valid value and the kernel writes whole values.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    // SAFETY: as above.
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    // The token is at most a key's size (arrays) or a u32 (hash maps).
+    let mut token_in = [0u8; 64];
+    let mut token_out = [0u8; 64];
+    let mut first = true;
+    let mut pairs = Vec::with_capacity(BATCH);
+    loop {
+        let mut attr = batch_attr(
+            map,
+            if first { 0 } else { token_in.as_ptr() as u64 },
+            token_out.as_mut_ptr() as u64,
+            keys.as_mut_ptr() as u64,
+            values.as_mut_ptr() as u64,
+            BATCH as u32,
+        );
+        let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = ((attr[4] & 0xffff_ffff) as usize).min(BATCH);
+        pairs.clear();
+        pairs.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        f(&pairs);
+        match rc {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// Writes `entries` (all of them or an error), a batch per syscall.
+pub fn map_update<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    entries: &[(K, V)],
+) -> io::Result<()> {
+    for chunk in entries.chunks(BATCH) {
+        let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+        let mut attr = batch_attr(
+            map,
+            0,
+            0,
+            keys.as_ptr() as u64,
+            values.as_ptr() as u64,
+            chunk.len() as u32,
+        );
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
+
+/// Removes `keys` from a hash map, a batch per syscall; keys already gone
+/// are skipped. Returns how many were removed.
+pub fn map_delete<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let n = rest.len().min(BATCH);
+        let mut attr = batch_attr(map, 0, 0, rest.as_ptr() as u64, 0, n as u32);
+        let rc = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        // On ENOENT the count says how many went before the missing key.
+        let done = ((attr[4] & 0xffff_ffff) as usize).min(n);
+        removed += done;
+        match rc {
+            Ok(_) => rest = &rest[n..],
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[done + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

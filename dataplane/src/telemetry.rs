@@ -66,6 +66,9 @@ pub struct Telemetry {
     objects: Family<KindLabel, Gauge>,
     errors: Family<KindLabel, Counter>,
     reconcile: Family<WhatLabel, Histogram, fn() -> Histogram>,
+    ct_collected: Counter,
+    ct_evicted: Counter,
+    ct_live: Gauge,
 }
 
 pub type Shared = Arc<Telemetry>;
@@ -109,7 +112,29 @@ impl Collector for Datapath {
             let labels = MapLabel {
                 map: spec.name.into(),
             };
-            ConstGauge::new(i64::from(spec.max_entries)).encode(family.encode_family(&labels)?)?;
+            // As created: some sizes are the agent's settings (--ct-max).
+            let max = aya::maps::MapInfo::from_pin(self.pin_dir.join(spec.pin_name()))
+                .map(|i| i.max_entries())
+                .unwrap_or(spec.max_entries);
+            ConstGauge::new(i64::from(max)).encode(family.encode_family(&labels)?)?;
+        }
+        if let Ok(s) = maps::ct::stats(&self.pin_dir) {
+            for (name, help, v) in [
+                (
+                    "dataplane_ct_created",
+                    "Conntrack entries the programs created.",
+                    s.created,
+                ),
+                (
+                    "dataplane_nat_ports_exhausted",
+                    "New NAT flows refused because no port toward their destination was free.",
+                    s.nat_exhausted,
+                ),
+            ] {
+                let metric = ConstCounter::new(v);
+                let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+                metric.encode(enc)?;
+            }
         }
         let rows = maps::metrics::rows(&self.pin_dir).unwrap_or_else(|e| {
             warn!("metrics: dp_metrics: {e:#}");
@@ -167,6 +192,24 @@ impl Telemetry {
             "Time to apply one change to the maps.",
             reconcile.clone(),
         );
+        let ct_collected = Counter::default();
+        registry.register(
+            "dataplane_ct_collected",
+            "Expired conntrack entries the agent removed.",
+            ct_collected.clone(),
+        );
+        let ct_evicted = Counter::default();
+        registry.register(
+            "dataplane_ct_evicted",
+            "Conntrack entries the full table's LRU evicted (counted at each collection).",
+            ct_evicted.clone(),
+        );
+        let ct_live = Gauge::default();
+        registry.register(
+            "dataplane_ct_entries",
+            "Conntrack entries after the last collection.",
+            ct_live.clone(),
+        );
         registry.register_collector(Box::new(Datapath { pin_dir }));
         Arc::new(Telemetry {
             registry,
@@ -175,6 +218,9 @@ impl Telemetry {
             objects,
             errors,
             reconcile,
+            ct_collected,
+            ct_evicted,
+            ct_live,
         })
     }
 
@@ -213,6 +259,14 @@ pub fn reconciled(t: &Shared, what: &str, took: Duration) {
     t.reconcile
         .get_or_create(&WhatLabel { what: what.into() })
         .observe(took.as_secs_f64());
+}
+
+/// One conntrack collection: entries removed as expired, evicted since the
+/// last one, live now.
+pub fn ct_collected(t: &Shared, removed: u64, evicted: u64, live: usize) {
+    t.ct_collected.inc_by(removed);
+    t.ct_evicted.inc_by(evicted);
+    t.ct_live.set(i64::try_from(live).unwrap_or(i64::MAX));
 }
 
 async fn healthz() -> &'static str {

@@ -34,6 +34,7 @@ use std::sync::Mutex;
 
 pub mod apiserver;
 pub mod cni;
+pub mod services;
 
 /// Where lab state, agent logs and API sockets live.
 pub const RUN_ROOT: &str = "/run/dataplane-lab";
@@ -81,6 +82,8 @@ pub struct LabSpec {
     pub wait_ready: bool,
     /// Node objects carry `spec.podCIDR` (as a cluster's node IPAM sets it).
     pub publish_pod_cidrs: bool,
+    /// Extra arguments for every agent (e.g. `--ct-max 256`).
+    pub agent_args: Vec<String>,
 }
 
 impl LabSpec {
@@ -113,6 +116,7 @@ impl LabSpec {
             cgroups: true,
             wait_ready: true,
             publish_pod_cidrs: true,
+            agent_args: Vec::new(),
         })
     }
 }
@@ -545,6 +549,7 @@ impl Lab {
             args.push("--pod-cidr".into());
             args.push(node.pod_cidr.clone());
         }
+        args.extend(spec.agent_args.iter().cloned());
         if spec.source == "kube" {
             args.push("--kubeconfig".into());
             args.push(self.state.run_dir.join("kubeconfig").display().to_string());
@@ -700,7 +705,7 @@ impl Lab {
     /// Publishes `objects` as the lab's cluster state for one file/kind:
     /// a manifest file (JSON documents are YAML too), or API objects
     /// (those no longer present are deleted).
-    fn publish(&self, file: &str, kind: &str, objects: Vec<Value>) -> Result<()> {
+    pub(crate) fn publish(&self, file: &str, kind: &str, objects: Vec<Value>) -> Result<()> {
         match &self.api {
             None => {
                 let docs: Vec<String> = objects.iter().map(Value::to_string).collect();
@@ -1072,16 +1077,30 @@ impl Lab {
         let n = &self.state.nodes[node];
         let mut cmd = Command::new(&self.state.dataplane_bin);
         cmd.args(args);
-        match args.first() {
-            Some(&"map") => {
-                cmd.arg("--pin-dir").arg(&n.pin_dir);
-            }
-            Some(&"status" | &"endpoint") => {
+        match args {
+            ["ct", "flush", ..] | ["status" | "endpoint", ..] => {
                 cmd.arg("--socket").arg(&n.api_socket);
+            }
+            ["map" | "service" | "ct", ..] => {
+                cmd.arg("--pin-dir").arg(&n.pin_dir);
             }
             _ => {}
         }
         Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
+    }
+
+    /// The value of a Prometheus series (`name` or `name{labels}`, as the
+    /// text format prints it) from node `node`'s `/metrics`.
+    pub fn metric(&self, node: usize, series: &str) -> Result<Option<f64>> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9963));
+        let (code, body) = http_get(&self.state.nodes[node].netns, addr, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        Ok(body.lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        }))
     }
 
     /// `dataplane map dump <map> -o json` on node `node`, parsed.

@@ -282,6 +282,7 @@ fn maps_hold_exactly_the_desired_state_after_changes_made_while_down() {
     assert_eq!(
         ipcache,
         [
+            ("10.96.0.0/12", "services"),
             ("10.244.0.0/16", "cluster-unassigned"),
             ("10.244.0.0/24", "local-pods"),
             ("10.244.1.0/24", "remote-pods"),
@@ -290,7 +291,7 @@ fn maps_hold_exactly_the_desired_state_after_changes_made_while_down() {
         ]
         .map(|(p, k)| (p.to_owned(), k.to_owned()))
     );
-    assert_eq!(own_routes(&lab, 0), ["10.244.1.0/24"]);
+    assert_eq!(own_routes(&lab, 0), ["10.96.0.0/12", "10.244.1.0/24"]);
     let counters = lab.dump(0, "dp_ep_metrics").expect("dump");
     assert!(
         counters.iter().all(|r| r["ifindex"] != gone_ifindex),
@@ -392,7 +393,7 @@ fn a_pinned_map_of_another_layout_is_replaced_while_traffic_flows() {
         "{log}"
     );
     assert!(
-        log.contains("layout v1 pinned by an earlier agent is replaced by layout v2"),
+        log.contains("layout v1 pinned by an earlier agent is replaced by layout v3"),
         "{log}"
     );
     assert!(!stale.exists(), "the old layout's pin is still there");

@@ -97,6 +97,9 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 ready,
                 xdp: st.xdp.to_owned(),
                 cgroup: agent.cgroup.as_ref().map(|c| c.display().to_string()),
+                frontends: st.frontends,
+                backends: st.backends,
+                masquerade: agent.net.masquerade,
             }))
         }
         Request::EndpointAdd(spec) => {
@@ -112,6 +115,13 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 .context("endpoint worker")??;
             endpoints::save_registry(agent)?;
             Response::Ok
+        }
+        Request::CtFlush => {
+            let a = agent.clone();
+            let removed = tokio::task::spawn_blocking(move || super::services::flush(&a))
+                .await
+                .context("conntrack worker")??;
+            Response::Flushed { removed }
         }
         Request::EndpointList => {
             let mut endpoints: Vec<_> = lock(&agent.registry)?

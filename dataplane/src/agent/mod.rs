@@ -10,17 +10,20 @@
 //! and the reconciler never takes the programs' lock.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
 };
 
 use anyhow::{Result, bail};
+use aya::maps::{MapData, PerCpuArray};
 use dataplane_common::netlink::Nl;
 use ipnetwork::IpNetwork;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 use tracing::{info, warn};
 
@@ -28,12 +31,19 @@ mod api;
 mod endpoints;
 mod network;
 mod reconcile;
+mod services;
 
 use crate::{
     bpf::{AttachMode, Attached, Datapath, XdpSetting},
     maps::{
-        config::ConfigMap, endpoints::EndpointMap, endpoints::Endpoints, ep_metrics::EpMetricsMap,
-        ipcache::Ipcache, ipcache::IpcacheMap,
+        config::ConfigMap,
+        ct::{AffinityMap, CtMap},
+        endpoints::EndpointMap,
+        endpoints::Endpoints,
+        ep_metrics::EpMetricsMap,
+        ipcache::Ipcache,
+        ipcache::IpcacheMap,
+        services::{BackendsMap, MaglevMap, Services, ServicesMap},
     },
     source_dir, source_kube, sys, telemetry,
 };
@@ -114,6 +124,30 @@ pub struct AgentArgs {
     /// Most verbose kernel log level that reaches the agent's log.
     #[arg(long, value_enum, default_value = "info")]
     pub bpf_log_level: BpfLogLevel,
+    /// Pods' traffic to addresses outside the cluster (pod range, nodes,
+    /// Services and --non-masquerade-cidr) leaves with the node's address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+    /// Destinations outside the cluster that pods reach with their own
+    /// address (repeat for several).
+    #[arg(long = "non-masquerade-cidr")]
+    pub non_masquerade_cidrs: Vec<String>,
+    /// The Service range: ClusterIPs live there, and an address or port in
+    /// it that no Service has is dropped (`no_service`).
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: String,
+    /// Maglev table size for externally reachable frontends (a prime up to
+    /// 65521).
+    #[arg(long, default_value_t = dataplane_common::MAGLEV_DEFAULT_SIZE)]
+    pub maglev_table_size: u32,
+    /// Conntrack table size (entries; a flow takes two). When full, the
+    /// least recently used entries are evicted and counted. Changing it
+    /// replaces the table (tracked flows are forgotten).
+    #[arg(long, default_value_t = dataplane_common::CT_MAX)]
+    pub ct_max: u32,
+    /// How often expired conntrack entries are removed.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ct_gc_interval: std::time::Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +210,10 @@ pub(crate) struct Net {
     vxlan_ifindex: u32,
     node_ip: Ipv4Addr,
     vni: u32,
+    masquerade: bool,
+    /// The host device (`dp_host`).
+    hostdev_ifindex: u32,
+    service_cidr: ipnetwork::Ipv4Network,
 }
 
 /// What the status answer and readiness are made of.
@@ -188,6 +226,8 @@ pub(crate) struct Status {
     synced: bool,
     /// How XDP went on: `native`, `generic` or `off`.
     xdp: &'static str,
+    frontends: usize,
+    backends: usize,
 }
 
 impl Status {
@@ -213,8 +253,18 @@ pub(crate) struct Agent {
     endpoints: Mutex<Endpoints>,
     ep_metrics: Mutex<EpMetricsMap>,
     ipcache: Mutex<Ipcache>,
+    services: Mutex<Services>,
+    ct: Mutex<CtMap>,
+    affinity: Mutex<AffinityMap>,
+    ct_stats: Mutex<PerCpuArray<MapData, u64>>,
+    /// Entries removed by flushes since the collector's last pass.
+    ct_flushed: Mutex<usize>,
+    /// (frontend id, backend id) pairs whose flows the collector purges.
+    ct_purge: mpsc::UnboundedSender<BTreeSet<(u32, u32)>>,
     /// Local endpoints by container id.
     registry: Mutex<std::collections::BTreeMap<String, endpoints::LiveEndpoint>>,
+    /// What the routes are made of (see `network::sync_routes`).
+    routes: Mutex<network::RouteWants>,
     /// Links of the node-level programs.
     node_links: Mutex<Vec<Attached>>,
     status: Mutex<Status>,
@@ -258,11 +308,24 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
     let pin_dir = dataplane_common::pin_dir(&args.pin_root, &args.node);
     sys::ensure_pin_dir(&pin_dir)?;
+    if !crate::lb::is_prime(args.maglev_table_size)
+        || args.maglev_table_size > dataplane_common::MAGLEV_MAX_SIZE
+    {
+        bail!(
+            "--maglev-table-size {}: must be a prime up to {}",
+            args.maglev_table_size,
+            dataplane_common::MAGLEV_MAX_SIZE
+        );
+    }
+    if args.ct_max < 64 {
+        bail!("--ct-max {}: at least 64 entries", args.ct_max);
+    }
     let (mut datapath, logger) = Datapath::load(
         &pin_dir,
         &args.state_dir,
         args.attach_mode,
         args.bpf_log_level.code(),
+        &[(dataplane_common::MAP_CT, args.ct_max)],
     )?;
     info!(node = %args.node, pin_dir = %pin_dir.display(), attach_mode = datapath.mode().name(), "datapath loaded");
     for s in datapath.stats()? {
@@ -319,9 +382,28 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         cluster_cidr,
         net.node_ip,
     );
+    let no_masquerade = args
+        .non_masquerade_cidrs
+        .iter()
+        .map(|c| {
+            dataplane_common::api::parse_cidr(c)
+                .map_err(|e| anyhow::anyhow!("--non-masquerade-cidr {c}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ipcache.set_fixed(IpNetwork::V4(net.service_cidr), &no_masquerade)?;
     ipcache.set_own_cidr(pod_cidr)?;
     let endpoint_map = EndpointMap::new(datapath.take_map(dataplane_common::MAP_ENDPOINTS)?)?;
     let ep_metrics = EpMetricsMap::new(datapath.take_map(dataplane_common::MAP_EP_METRICS)?)?;
+    let services = Services::new(
+        ServicesMap::new(datapath.take_map(dataplane_common::MAP_SERVICES)?)?,
+        BackendsMap::new(datapath.take_map(dataplane_common::MAP_BACKENDS)?)?,
+        MaglevMap::new(datapath.take_map(dataplane_common::MAP_MAGLEV)?)?,
+        args.maglev_table_size,
+    )?;
+    let ct = CtMap::new(datapath.take_map(dataplane_common::MAP_CT)?)?;
+    let affinity = AffinityMap::new(datapath.take_map(dataplane_common::MAP_AFFINITY)?)?;
+    let ct_stats = PerCpuArray::try_from(datapath.take_map(dataplane_common::MAP_CT_STATS)?)?;
+    let (ct_purge, purges) = mpsc::unbounded_channel();
 
     let telemetry = telemetry::Telemetry::new(pin_dir.clone());
     let agent = Arc::new(Agent {
@@ -339,7 +421,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         endpoints: Mutex::new(Endpoints::new(endpoint_map)),
         ep_metrics: Mutex::new(ep_metrics),
         ipcache: Mutex::new(ipcache),
+        services: Mutex::new(services),
+        ct: Mutex::new(ct),
+        affinity: Mutex::new(affinity),
+        ct_stats: Mutex::new(ct_stats),
+        ct_flushed: Mutex::new(0),
+        ct_purge,
         registry: Mutex::new(Default::default()),
+        routes: Mutex::new(Default::default()),
         node_links: Mutex::new(Vec::new()),
         status: Mutex::new(Status {
             own_cidr: pod_cidr,
@@ -376,6 +465,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     {
         let agent = agent.clone();
         tokio::spawn(async move { reconcile::run(rx, agent).await });
+    }
+    {
+        let agent = agent.clone();
+        let every = args.ct_gc_interval;
+        tokio::spawn(async move { services::collector(agent, every, purges).await });
     }
 
     let listener = api::bind(&args.api_socket)?;

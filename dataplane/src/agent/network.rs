@@ -13,6 +13,11 @@ use rtnetlink::packet_route::route::RouteMessage;
 use tracing::info;
 
 use super::{Agent, AgentArgs, Mode, Net, VXLAN_OVERHEAD, lock};
+
+/// The node's host device and its peer.
+pub(super) const HOST_DEVICE: &str = "dp_host";
+const HOST_DEVICE_PEER: &str = "dp_net";
+
 use crate::{
     bpf::{Target, XdpSetting},
     nodes::RemoteNode,
@@ -69,6 +74,39 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
             sys::write_sysctl(&v6, "1")?;
         }
     }
+    // The host device: the Service range is routed into it, so the node's
+    // own traffic to Services meets the datapath. Its peer only carries it.
+    let service_cidr = match dataplane_common::api::parse_cidr(&args.service_cidr)
+        .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?
+    {
+        ipnetwork::IpNetwork::V4(v4) => v4,
+        ipnetwork::IpNetwork::V6(_) => {
+            anyhow::bail!("--service-cidr: IPv6 Services are not supported yet")
+        }
+    };
+    if nl.link(HOST_DEVICE).await?.is_none() {
+        nl.add_veth_local(HOST_DEVICE, HOST_DEVICE_PEER).await?;
+    }
+    let mut hostdev_ifindex = 0;
+    for name in [HOST_DEVICE, HOST_DEVICE_PEER] {
+        let link = nl
+            .link(name)
+            .await?
+            .with_context(|| format!("{name} vanished after creation"))?;
+        for (key, value) in [
+            ("net/ipv4/conf/{}/rp_filter", "0"),
+            ("net/ipv6/conf/{}/disable_ipv6", "1"),
+        ] {
+            let key = key.replace("{}", name);
+            if std::path::Path::new("/proc/sys").join(&key).exists() {
+                sys::write_sysctl(&key, value)?;
+            }
+        }
+        nl.set_up_noarp(link.header.index).await?;
+        if name == HOST_DEVICE {
+            hostdev_ifindex = link.header.index;
+        }
+    }
     let net = Net {
         mode: args.mode,
         uplink: args.uplink.clone(),
@@ -77,6 +115,9 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
         vxlan_ifindex,
         node_ip,
         vni: args.vni,
+        masquerade: args.masquerade,
+        hostdev_ifindex,
+        service_cidr,
     };
     Ok((net, uplink_mtu))
 }
@@ -92,6 +133,11 @@ pub(super) fn datapath_config(net: &Net) -> DatapathConfig {
         vxlan_ifindex: net.vxlan_ifindex,
         uplink_ifindex: net.uplink_ifindex,
         node_ipv4: net.node_ip.octets(),
+        flags: if net.masquerade {
+            dataplane_common::DP_F_MASQUERADE
+        } else {
+            0
+        },
     }
 }
 
@@ -107,6 +153,7 @@ pub(super) fn attach_node_programs(agent: &Agent) -> Result<()> {
                 Target::Iface(&agent.net.vxlan_device)
             }
             AttachPoint::TunnelDevice => continue,
+            AttachPoint::HostDevice => Target::Iface(HOST_DEVICE),
             AttachPoint::Cgroup => match &agent.cgroup {
                 Some(c) => Target::Cgroup(c),
                 None => continue,
@@ -132,6 +179,15 @@ pub(super) async fn xdp_mode(agent: &Agent) -> Result<&'static str> {
     Ok(dataplane_common::netlink::link_xdp_mode(&link))
 }
 
+/// The routes' inputs, set by the reconciler as it learns them.
+#[derive(Default)]
+pub(super) struct RouteWants {
+    /// Other nodes; `None` until the cluster state is first complete.
+    pub nodes: Option<BTreeMap<String, RemoteNode>>,
+    /// Service addresses (those outside the Service range get a route).
+    pub external: std::collections::BTreeSet<std::net::Ipv4Addr>,
+}
+
 fn route_for(net: &Net, node: &RemoteNode) -> RouteMessage {
     let cidr = node.pod_cidr;
     match net.mode {
@@ -153,13 +209,28 @@ fn route_for(net: &Net, node: &RemoteNode) -> RouteMessage {
 }
 
 /// Brings the kernel's routes tagged with [`ROUTE_PROTOCOL`] to exactly one
-/// per remote node: missing or different ones are replaced first, then the
-/// rest is removed.
-pub(super) async fn sync_routes(
-    agent: &Agent,
-    nodes: &BTreeMap<String, RemoteNode>,
-) -> Result<(usize, usize)> {
-    let want: Vec<RouteMessage> = nodes.values().map(|n| route_for(&agent.net, n)).collect();
+/// per remote node, the Service range and each Service address outside it
+/// (external and LoadBalancer IPs: the node's own traffic to them meets
+/// the datapath on the host device): missing or different ones are
+/// replaced first, then the rest is removed. Nothing happens until the
+/// nodes are known.
+pub(super) async fn sync_routes(agent: &Agent) -> Result<(usize, usize)> {
+    let (nodes, external) = {
+        let r = lock(&agent.routes)?;
+        let Some(nodes) = r.nodes.clone() else {
+            return Ok((0, 0));
+        };
+        (nodes, r.external.clone())
+    };
+    let mut want: Vec<RouteMessage> = nodes.values().map(|n| route_for(&agent.net, n)).collect();
+    let svc = agent.net.service_cidr;
+    let into_host = |ip: std::net::Ipv4Addr, len: u8| {
+        Nl::pod_cidr_route(ip, len, agent.net.hostdev_ifindex, None, agent.net.node_ip)
+    };
+    want.push(into_host(svc.network(), svc.prefix()));
+    for ip in external.iter().filter(|ip| !svc.contains(**ip)) {
+        want.push(into_host(*ip, 32));
+    }
     let have = agent.nl.own_routes().await?;
     let have_keys: Vec<_> = have.iter().map(route_key).collect();
     let want_keys: Vec<_> = want.iter().map(route_key).collect();
@@ -200,6 +271,7 @@ pub(super) async fn cleanup(agent: &Agent) -> Result<()> {
     if agent.net.mode == Mode::Vxlan {
         agent.nl.del_link(agent.net.vxlan_ifindex).await?;
     }
+    agent.nl.del_link(agent.net.hostdev_ifindex).await?;
     info!(protocol = ROUTE_PROTOCOL, "datapath removed");
     Ok(())
 }

@@ -32,10 +32,10 @@ const BATCH: usize = 4096;
 /// Problems found in the cluster state, by topic; each is reported when it
 /// appears and when it is resolved, not on every change.
 #[derive(Default)]
-struct Problems(BTreeMap<String, BTreeSet<String>>);
+pub(super) struct Problems(BTreeMap<String, BTreeSet<String>>);
 
 impl Problems {
-    fn set(&mut self, t: &telemetry::Shared, topic: String, now: BTreeSet<String>) {
+    pub(super) fn set(&mut self, t: &telemetry::Shared, topic: String, now: BTreeSet<String>) {
         let old = self.0.remove(&topic).unwrap_or_default();
         for p in now.difference(&old) {
             telemetry::error(t, "object_conflict");
@@ -119,7 +119,8 @@ async fn apply(
             }
         }
         let stats = tokio::task::block_in_place(|| lock(&agent.ipcache)?.set_nodes(nodes.clone()))?;
-        let (added, removed) = network::sync_routes(agent, &nodes).await?;
+        lock(&agent.routes)?.nodes = Some(nodes.clone());
+        let (added, removed) = network::sync_routes(agent).await?;
         if !stats.is_empty() || added + removed > 0 {
             info!(
                 nodes = nodes.len(),
@@ -175,5 +176,26 @@ async fn apply(
         }
         Ok(())
     })?;
+    if full || !ch.services.is_empty() {
+        let external = tokio::task::block_in_place(|| {
+            super::services::apply(agent, cluster, &ch.services, full, problems)
+        })?;
+        let changed = {
+            let mut r = lock(&agent.routes)?;
+            let changed = r.external != external;
+            r.external = external;
+            changed
+        };
+        if changed || full {
+            let (added, removed) = network::sync_routes(agent).await?;
+            if added + removed > 0 {
+                info!(
+                    routes_added = added,
+                    routes_removed = removed,
+                    "routes to Service addresses applied"
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -15,8 +15,8 @@ use aya::maps::{
 };
 use dataplane_common::{
     FAMILY_IPV4, IPCACHE_KIND_CLUSTER, IPCACHE_KIND_HOST, IPCACHE_KIND_LOCAL_PODS,
-    IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, IPCACHE_STATIC_PREFIX, IpcacheEntry,
-    IpcacheKey, MAP_IPCACHE,
+    IPCACHE_KIND_NO_MASQUERADE, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS,
+    IPCACHE_KIND_SERVICES, IPCACHE_STATIC_PREFIX, IpcacheEntry, IpcacheKey, MAP_IPCACHE,
 };
 use ipnetwork::{IpNetwork, Ipv4Network};
 use serde::Serialize;
@@ -120,6 +120,8 @@ pub struct Ipcache {
     map: IpcacheMap,
     cluster: IpNetwork,
     node_ip: Ipv4Addr,
+    /// The Service range and the ranges never masqueraded: fixed at start.
+    fixed: BTreeMap<Prefix, IpcacheEntry>,
     own_cidr: Option<IpNetwork>,
     /// `None` until the cluster state is known: until then the other
     /// nodes' entries an earlier agent left stay as they are.
@@ -132,6 +134,7 @@ impl Ipcache {
             map,
             cluster,
             node_ip,
+            fixed: BTreeMap::new(),
             own_cidr: None,
             nodes: None,
         }
@@ -141,8 +144,28 @@ impl Ipcache {
         Prefix(IpNetwork::V4(Ipv4Network::from(ip)))
     }
 
+    /// The Service range (`services`, where only Services exist) and the
+    /// destinations pods reach with their own address (`no_masquerade`).
+    pub fn set_fixed(
+        &mut self,
+        services: IpNetwork,
+        no_masquerade: &[IpNetwork],
+    ) -> Result<SyncStats> {
+        let old: Vec<Prefix> = self.fixed.keys().copied().collect();
+        self.fixed.clear();
+        for n in no_masquerade {
+            self.fixed
+                .insert(Prefix(*n), entry(IPCACHE_KIND_NO_MASQUERADE, None));
+        }
+        self.fixed
+            .insert(Prefix(services), entry(IPCACHE_KIND_SERVICES, None));
+        let desired = self.desired();
+        let keys: Vec<Prefix> = old.into_iter().chain(self.fixed.keys().copied()).collect();
+        sync_keys(&mut self.map, &desired, keys)
+    }
+
     fn desired(&self) -> BTreeMap<Prefix, IpcacheEntry> {
-        let mut d = BTreeMap::new();
+        let mut d = self.fixed.clone();
         d.insert(Prefix(self.cluster), entry(IPCACHE_KIND_CLUSTER, None));
         if let Some(c) = self.own_cidr {
             d.insert(Prefix(c), entry(IPCACHE_KIND_LOCAL_PODS, None));
@@ -169,6 +192,7 @@ impl Ipcache {
             return sync_all(&mut self.map, &desired);
         }
         let mut keys = vec![Prefix(self.cluster), Self::host(self.node_ip)];
+        keys.extend(self.fixed.keys().copied());
         keys.extend(self.own_cidr.map(Prefix));
         keys.extend(also.map(Prefix));
         sync_keys(&mut self.map, &desired, keys)

@@ -5,10 +5,12 @@
 //! the map really holds.
 
 pub mod config;
+pub mod ct;
 pub mod endpoints;
 pub mod ep_metrics;
 pub mod ipcache;
 pub mod metrics;
+pub mod services;
 
 use std::{collections::BTreeMap, fmt::Display, path::Path};
 
@@ -76,6 +78,16 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_METRICS => render(&metrics::rows(pin_dir)?, format),
         dataplane_common::MAP_IPCACHE => render(&ipcache::rows(pin_dir)?, format),
         dataplane_common::MAP_CONFIG => render(&config::rows(pin_dir)?, format),
+        dataplane_common::MAP_SERVICES => render(&services::rows(pin_dir)?, format),
+        dataplane_common::MAP_BACKENDS => render(&services::backend_rows(pin_dir)?, format),
+        dataplane_common::MAP_MAGLEV => render(&services::maglev_rows(pin_dir)?, format),
+        dataplane_common::MAP_CT => render(&ct::rows(pin_dir)?, format),
+        dataplane_common::MAP_CT_STATS => render(&ct::stat_rows(pin_dir)?, format),
+        dataplane_common::MAP_AFFINITY => render(&ct::affinity_rows(pin_dir)?, format),
+        dataplane_common::MAP_FRAGS => render(&ct::frag_rows(pin_dir)?, format),
+        dataplane_common::MAP_CT_SCRATCH => {
+            bail!("dp_ct_scratch is the programs' per-CPU work space; it holds nothing to read")
+        }
         _ => bail!(
             "no map named {name:?}; maps: {}",
             dataplane_common::MAPS
@@ -96,6 +108,14 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         // Sparse array: the slots in use are the non-zero ones.
         dataplane_common::MAP_METRICS => metrics::rows(pin_dir)?.len(),
         dataplane_common::MAP_CONFIG => config::rows(pin_dir)?.len(),
+        dataplane_common::MAP_SERVICES
+        | dataplane_common::MAP_BACKENDS
+        | dataplane_common::MAP_MAGLEV => services::count(pin_dir, name)?,
+        dataplane_common::MAP_CT
+        | dataplane_common::MAP_CT_STATS
+        | dataplane_common::MAP_AFFINITY
+        | dataplane_common::MAP_FRAGS
+        | dataplane_common::MAP_CT_SCRATCH => ct::count(pin_dir, name)?,
         _ => bail!("no map named {name:?}"),
     })
 }

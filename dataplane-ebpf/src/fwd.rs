@@ -1,0 +1,156 @@
+//! Sending a packet on once its route and rewrite are known: the checks a
+//! router makes (TTL, and the tunnel's MTU) look at the packet as it came,
+//! so an ICMP error quotes what the sender sent; then the rewrite, then the
+//! hop.
+
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_neigh, programs::TcContext};
+use dataplane_common::{EndpointInfo, IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, Reason};
+
+use crate::{
+    config, deliver, encap, icmp,
+    l4::Flow,
+    parse::{self, IP_DF, Ipv4Hdr},
+    svc::{self, Nat},
+    verdict::Verdict,
+};
+
+/// A packet's state, kept in the entry point's frame while the steps run.
+pub struct Pkt {
+    pub ip: Ipv4Hdr,
+    pub flow: Flow,
+    pub nat: Nat,
+    /// This node's address (wire bytes).
+    pub node: u32,
+}
+
+impl Pkt {
+    #[inline(always)]
+    pub fn new() -> Self {
+        Pkt {
+            ip: Ipv4Hdr {
+                version_ihl: 0,
+                tos: 0,
+                tot_len: [0; 2],
+                id: [0; 2],
+                frag_off: [0; 2],
+                ttl: 0,
+                protocol: 0,
+                check: [0; 2],
+                saddr: [0; 4],
+                daddr: [0; 4],
+            },
+            flow: Flow {
+                saddr: 0,
+                daddr: 0,
+                sport: 0,
+                dport: 0,
+                proto: 0,
+                tcp_flags: 0,
+                frag: 0,
+                has_ports: false,
+                l4_off: 0,
+            },
+            nat: Nat::none(),
+            node: 0,
+        }
+    }
+}
+
+/// To a pod on this node: one hop.
+#[inline(never)]
+pub fn local(
+    ctx: &mut TcContext,
+    ip: &Ipv4Hdr,
+    flow: &mut Flow,
+    n: &Nat,
+    ep: &EndpointInfo,
+) -> Verdict {
+    Verdict::from_result(try_local(ctx, ip, flow, n, ep))
+}
+
+#[inline(always)]
+fn try_local(
+    ctx: &mut TcContext,
+    ip: &Ipv4Hdr,
+    flow: &mut Flow,
+    n: &Nat,
+    ep: &EndpointInfo,
+) -> Result<Verdict, Reason> {
+    if ip.ttl <= 1 {
+        return Ok(icmp::Error::time_exceeded().verdict());
+    }
+    svc::apply(ctx, flow, n)?;
+    parse::ipv4_dec_ttl(ctx)?;
+    Ok(deliver::to_local(ctx, ep))
+}
+
+/// Into the tunnel toward `node`: one hop, within the tunnel's MTU.
+#[inline(never)]
+pub fn tunnel(
+    ctx: &mut TcContext,
+    ip: &Ipv4Hdr,
+    flow: &mut Flow,
+    n: &Nat,
+    node: &IpcacheEntry,
+) -> Verdict {
+    Verdict::from_result(try_tunnel(ctx, ip, flow, n, node))
+}
+
+#[inline(always)]
+fn try_tunnel(
+    ctx: &mut TcContext,
+    ip: &Ipv4Hdr,
+    flow: &mut Flow,
+    n: &Nat,
+    node: &IpcacheEntry,
+) -> Result<Verdict, Reason> {
+    let cfg = config::get()?;
+    if let Err(mtu) = encap::fits(ctx, cfg) {
+        if ip.frag_off() & IP_DF != 0 {
+            return Ok(icmp::Error::frag_needed(mtu).verdict());
+        }
+        // Too big but fragmentable, and nothing to rewrite: the stack
+        // fragments it and routes it into the tunnel device (other nodes'
+        // pods only: it would send a node's own address out of the uplink).
+        if node.kind == IPCACHE_KIND_REMOTE_PODS && !n.translates() {
+            return Ok(Verdict::pass());
+        }
+        return Err(Reason::FragNeeded);
+    }
+    if ip.ttl <= 1 {
+        return Ok(icmp::Error::time_exceeded().verdict());
+    }
+    svc::apply(ctx, flow, n)?;
+    parse::ipv4_dec_ttl(ctx)?;
+    encap::redirect(ctx, node, cfg)
+}
+
+/// Out of the uplink, next hop from the kernel's FIB: for rewritten
+/// packets the host stack must not see (their source may be this node's
+/// own address).
+#[inline(never)]
+pub fn uplink(ctx: &mut TcContext, ip: &Ipv4Hdr, flow: &mut Flow, n: &Nat) -> Verdict {
+    Verdict::from_result(try_uplink(ctx, ip, flow, n))
+}
+
+#[inline(always)]
+fn try_uplink(
+    ctx: &mut TcContext,
+    ip: &Ipv4Hdr,
+    flow: &mut Flow,
+    n: &Nat,
+) -> Result<Verdict, Reason> {
+    let cfg = config::get()?;
+    if ip.ttl <= 1 {
+        return Ok(icmp::Error::time_exceeded().verdict());
+    }
+    svc::apply(ctx, flow, n)?;
+    parse::ipv4_dec_ttl(ctx)?;
+    // SAFETY: plain helper call; no parameters: FIB lookup, then neighbour.
+    let action = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    if action == i64::from(TC_ACT_REDIRECT) {
+        Ok(Verdict::redirect())
+    } else {
+        Err(Reason::HelperFailed)
+    }
+}

@@ -1,0 +1,808 @@
+//! Golden packets for Services, conntrack and NAT, in Katran's style: a
+//! table of cases, each {what, program, device, input packet, expected
+//! verdict, expected output packet, the counter it is booked under}, run in
+//! order through `BPF_PROG_TEST_RUN` against maps the agent's own Service
+//! code filled. Later cases rely on the flows earlier ones created (a reply
+//! after its request), as real traffic would.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use dataplane::{
+    cluster::{self, Kind, Object},
+    lb,
+    maps::{
+        ct::{AffinityMap, CtMap},
+        services::{BackendsMap, MaglevMap, Services, ServicesMap},
+    },
+};
+use dataplane_common::{HAIRPIN_IPV4, MODE_VXLAN, NAT_PORT_MAX, NAT_PORT_MIN, flow_hash};
+use etherparse::{
+    Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, SlicedPacket,
+    TransportSlice, icmpv4::DestUnreachableHeader,
+};
+use serde_json::json;
+
+const EXT: [u8; 4] = [172, 20, 0, 100];
+const EXT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const WEB: [u8; 4] = [10, 96, 0, 10];
+const REMOTE_SVC: [u8; 4] = [10, 96, 0, 11];
+const SELF_SVC: [u8; 4] = [10, 96, 0, 12];
+const EMPTY_SVC: [u8; 4] = [10, 96, 0, 13];
+const STICKY_SVC: [u8; 4] = [10, 96, 0, 15];
+const LB_IP: [u8; 4] = [192, 0, 2, 50];
+const OUTSIDE: [u8; 4] = [198, 51, 100, 7];
+const OWN_NODE: &str = "n0";
+/// A small prime: the tables are exact whatever their size.
+const MAGLEV_SIZE: u32 = 251;
+
+/// A TCP segment; `syn` for a connection's first packet, else an ACK with
+/// `payload`.
+#[allow(clippy::too_many_arguments)]
+fn tcp(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    syn: bool,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, ttl, IpNumber::TCP, src.0, dst.0).expect("ipv4");
+    ip.dont_fragment = true;
+    ip.options = Ipv4Options::try_from(options).expect("options");
+    let b = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(src.1, dst.1, 1000, 64_000);
+    let b = if syn { b.syn() } else { b.ack(2000) };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build");
+    out
+}
+
+fn udp(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, ttl, IpNumber::UDP, src.0, dst.0).expect("ipv4");
+    ip.dont_fragment = true;
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .udp(src.1, dst.1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+/// The same UDP datagram without a checksum (0: "none", allowed in IPv4).
+fn no_checksum(mut p: Vec<u8>) -> Vec<u8> {
+    p[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    p
+}
+
+/// Splits a UDP datagram (`p`, IP without options) into a first fragment
+/// with the UDP header and `first` payload bytes, and the rest, both with
+/// IP id `id`.
+fn fragments(p: &[u8], first: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    let (eth, ip, l4) = (&p[..14], &p[14..34], &p[34..]);
+    let mut h = Ipv4Header::from_slice(ip).expect("ip").0;
+    h.identification = id;
+    h.dont_fragment = false;
+    let cut = 8 + first;
+    assert_eq!(cut % 8, 0);
+    let mut build = |more: bool, offset: usize, body: &[u8]| {
+        h.more_fragments = more;
+        h.fragment_offset = etherparse::IpFragOffset::try_new((offset / 8) as u16).expect("offset");
+        h.set_payload_len(body.len()).expect("len");
+        h.header_checksum = h.calc_header_checksum();
+        let mut out = eth.to_vec();
+        h.write(&mut out).expect("ip");
+        out.extend_from_slice(body);
+        out
+    };
+    (build(true, 0, &l4[..cut]), build(false, cut, &l4[cut..]))
+}
+
+/// A case's own check of the packet out.
+type Checker = Box<dyn Fn(&[u8])>;
+
+/// What a case expects to come out.
+enum Out {
+    /// Exactly these bytes.
+    Exact(Vec<u8>),
+    /// The input, untouched.
+    Same,
+    /// Checked by the case itself.
+    Check(Checker),
+}
+
+struct Case {
+    what: &'static str,
+    prog: &'static str,
+    ifindex: u32,
+    input: Vec<u8>,
+    verdict: u32,
+    out: Out,
+    /// (direction, reason) the packet is counted under at tc.
+    counted: (&'static str, &'static str),
+}
+
+fn run(f: &Fixture, cases: Vec<Case>) {
+    for c in cases {
+        let before = f.counted();
+        let (rc, out) = f.tc(c.prog, c.ifindex, &c.input);
+        assert_eq!(rc, c.verdict, "{}: verdict", c.what);
+        match c.out {
+            Out::Exact(want) => assert_eq!(
+                out,
+                want,
+                "{}: packet out\n got {}\nwant {}",
+                c.what,
+                show(&out),
+                show(&want)
+            ),
+            Out::Same => assert_eq!(out, c.input, "{}: the packet must pass untouched", c.what),
+            Out::Check(check) => check(&out),
+        }
+        let after = f.counted();
+        let key = (
+            "tc".to_string(),
+            c.counted.0.to_string(),
+            c.counted.1.to_string(),
+        );
+        let n = |rows: &Vec<(String, String, String, u64)>| {
+            rows.iter()
+                .find(|r| (&r.0, &r.1, &r.2) == (&key.0, &key.1, &key.2))
+                .map_or(0, |r| r.3)
+        };
+        assert_eq!(
+            n(&after),
+            n(&before) + 1,
+            "{}: counted under {:?}: {after:?}",
+            c.what,
+            c.counted
+        );
+    }
+}
+
+/// A packet, decoded for failure messages.
+fn show(p: &[u8]) -> String {
+    match SlicedPacket::from_ethernet(p) {
+        Ok(s) => {
+            let ip = match &s.net {
+                Some(etherparse::NetSlice::Ipv4(v4)) => {
+                    let h = v4.header();
+                    format!(
+                        "{}->{} ttl {} csum {:#06x} ",
+                        h.source_addr(),
+                        h.destination_addr(),
+                        h.ttl(),
+                        h.header_checksum()
+                    )
+                }
+                _ => String::new(),
+            };
+            let l4 = match &s.transport {
+                Some(TransportSlice::Tcp(t)) => format!(
+                    "tcp {}->{} csum {:#06x}",
+                    t.source_port(),
+                    t.destination_port(),
+                    t.checksum()
+                ),
+                Some(TransportSlice::Udp(u)) => format!(
+                    "udp {}->{} csum {:#06x}",
+                    u.source_port(),
+                    u.destination_port(),
+                    u.checksum()
+                ),
+                _ => String::new(),
+            };
+            format!("{ip}{l4} ({} bytes)", p.len())
+        }
+        Err(e) => format!("undecodable ({e}): {p:02x?}"),
+    }
+}
+
+/// Installs a Service and its endpoints (address, node) through the
+/// agent's own code: the model's parsing, the frontend computation and the
+/// map writer.
+fn service(
+    svcs: &mut Services,
+    name: &str,
+    spec: serde_json::Value,
+    endpoints: &[([u8; 4], &str)],
+    ports: serde_json::Value,
+) {
+    let (key, svc) = match cluster::convert(
+        Kind::Service,
+        json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec["spec"], "status": spec["status"]}),
+    )
+    .expect("a valid Service")
+    {
+        (k, Object::Service(s)) => (k, s),
+        _ => unreachable!(),
+    };
+    let eps: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(ip, node)| json!({"addresses": [Ipv4Addr::from(*ip).to_string()], "nodeName": node, "conditions": {"ready": true}}))
+        .collect();
+    let slice = match cluster::convert(
+        Kind::EndpointSlice,
+        json!({"metadata": {"name": format!("{name}-1"), "namespace": "default",
+                            "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4", "endpoints": eps, "ports": ports}),
+    )
+    .expect("a valid EndpointSlice")
+    {
+        (_, Object::EndpointSlice(s)) => s,
+        _ => unreachable!(),
+    };
+    let computed = lb::compute(&key, &svc, &[&slice], OWN_NODE);
+    assert!(computed.problems.is_empty(), "{:?}", computed.problems);
+    let out = svcs
+        .apply(&("default".into(), name.into()), Some(&computed))
+        .expect("apply");
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+}
+
+fn services(f: &Fixture) -> Services {
+    let mut s = Services::new(
+        ServicesMap::open(&f.pin_dir).expect("dp_services"),
+        BackendsMap::open(&f.pin_dir).expect("dp_backends"),
+        MaglevMap::open(&f.pin_dir).expect("dp_maglev"),
+        MAGLEV_SIZE,
+    )
+    .expect("services");
+    let tcp80 = json!([{"port": 8080, "protocol": "TCP"}]);
+    service(
+        &mut s,
+        "web",
+        json!({"spec": {"clusterIP": "10.96.0.10", "ports": [
+        {"name": "http", "port": 80, "targetPort": 8080},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}}),
+        &[(PEER, OWN_NODE)],
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+    );
+    service(
+        &mut s,
+        "remote",
+        json!({"spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}}),
+        &[(REMOTE_POD, "n1")],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "self",
+        json!({"spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}}),
+        &[(POD, OWN_NODE)],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "empty",
+        json!({"spec": {"clusterIP": "10.96.0.13", "ports": [{"port": 80}]}}),
+        &[],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "np-local",
+        json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.20",
+        "ports": [{"port": 80, "nodePort": 30081}]}}),
+        &[(PEER, OWN_NODE)],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "np-remote",
+        json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.21",
+        "ports": [{"port": 80, "nodePort": 30082}]}}),
+        &[(REMOTE_POD, "n1")],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "np-etp",
+        json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.22",
+        "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30083}]}}),
+        &[(REMOTE_POD, "n1")],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "sticky",
+        json!({"spec": {"clusterIP": "10.96.0.15", "ports": [{"port": 80}],
+        "sessionAffinity": "ClientIP"}}),
+        &[
+            (PEER, OWN_NODE),
+            (REMOTE_POD, "n1"),
+            ([10, 244, 1, 11], "n1"),
+        ],
+        tcp80.clone(),
+    );
+    service(
+        &mut s,
+        "lb",
+        json!({"spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.23",
+        "ports": [{"port": 80, "nodePort": 30084}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.50"}]}}}),
+        &[(PEER, OWN_NODE), (POD, OWN_NODE), (REMOTE_POD, "n1")],
+        tcp80,
+    );
+    s
+}
+
+/// Where a packet out of a program is going, and from where.
+fn addrs(p: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let s = SlicedPacket::from_ethernet(p).expect("decodable");
+    let Some(etherparse::NetSlice::Ipv4(v4)) = &s.net else {
+        panic!("not IPv4: {}", show(p))
+    };
+    let h = v4.header();
+    let (sp, dp) = match &s.transport {
+        Some(TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port()),
+        Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port()),
+        _ => (0, 0),
+    };
+    ((h.source(), sp), (h.destination(), dp))
+}
+
+#[test]
+fn service_translation_table() {
+    let f = fixture(MODE_VXLAN);
+    let _svcs = services(&f);
+    let pod = (POD_MAC, HOST_MAC);
+    let to_pod = (HOST_MAC, POD_MAC);
+    let peer = (PEER_MAC, PEER_HOST_MAC);
+    let to_peer = (PEER_HOST_MAC, PEER_MAC);
+    let ext = (EXT_MAC, UPLINK_MAC);
+    let hello = b"hello";
+    let syn = |src, dst| tcp(pod, src, dst, 64, true, &[], &[]);
+    let nop4 = [1u8, 1, 1, 1];
+    let truncated = {
+        let mut p = syn((POD, 40010), (WEB, 80));
+        // Twelve bytes of TCP: the IP header says so too.
+        p.truncate(14 + 20 + 12);
+        p[16..18].copy_from_slice(&32u16.to_be_bytes());
+        let mut h = Ipv4Header::from_slice(&p[14..34]).expect("ip").0;
+        h.header_checksum = h.calc_header_checksum();
+        let mut fixed = p[..14].to_vec();
+        h.write(&mut fixed).expect("ip");
+        fixed.extend_from_slice(&p[34..]);
+        fixed
+    };
+    let dns_query = udp(pod, (POD, 5002), (WEB, 53), 64, &[7u8; 64]);
+    let (frag1, frag2) = fragments(&dns_query, 32, 0x4242);
+    let (frag1_out, frag2_out) = fragments(
+        &udp(to_peer, (POD, 5002), (PEER, 5353), 63, &[7u8; 64]),
+        32,
+        0x4242,
+    );
+    let (_, orphan) = fragments(&dns_query, 32, 0x4343);
+    let nat_port = |p: &[u8]| addrs(p).0.1;
+    let cases = vec![
+        Case {
+            what: "a pod's TCP SYN to a ClusterIP goes to its local backend, DNATed",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: syn((POD, 40000), (WEB, 80)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(to_peer, (POD, 40000), (PEER, 8080), 63, true, &[], &[])),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "the backend's reply comes from the ClusterIP (reverse NAT)",
+            prog: "lxc_from_ctr",
+            ifindex: f.peer_if,
+            input: tcp(peer, (PEER, 8080), (POD, 40000), 64, true, &[], &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(to_pod, (WEB, 80), (POD, 40000), 63, true, &[], &[])),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "the flow's data follows conntrack",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: tcp(pod, (POD, 40000), (WEB, 80), 64, false, &[], hello),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(
+                to_peer,
+                (POD, 40000),
+                (PEER, 8080),
+                63,
+                false,
+                &[],
+                hello,
+            )),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "UDP: a named port (dns) to its target port, checksum updated",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: udp(pod, (POD, 5000), (WEB, 53), 64, hello),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(udp(to_peer, (POD, 5000), (PEER, 5353), 63, hello)),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "UDP without a checksum keeps none",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: no_checksum(udp(pod, (POD, 5001), (WEB, 53), 64, hello)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(no_checksum(udp(
+                to_peer,
+                (POD, 5001),
+                (PEER, 5353),
+                63,
+                hello,
+            ))),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "a backend on another node: DNATed into the tunnel",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: syn((POD, 40001), (REMOTE_SVC, 80)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(
+                pod,
+                (POD, 40001),
+                (REMOTE_POD, 8080),
+                63,
+                true,
+                &[],
+                &[],
+            )),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "hairpin: a pod reaching itself sees the hairpin address",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: syn((POD, 40002), (SELF_SVC, 80)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(
+                to_pod,
+                (HAIRPIN_IPV4, 40002),
+                (POD, 8080),
+                63,
+                true,
+                &[],
+                &[],
+            )),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "hairpin reply: back from the ClusterIP",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: tcp(pod, (POD, 8080), (HAIRPIN_IPV4, 40002), 64, true, &[], &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(
+                to_pod,
+                (SELF_SVC, 80),
+                (POD, 40002),
+                63,
+                true,
+                &[],
+                &[],
+            )),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "no endpoints: refused at once with ICMP port unreachable from the ClusterIP",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: syn((POD, 40003), (EMPTY_SVC, 80)),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(icmp_error_from(
+                EMPTY_SVC,
+                POD_MAC,
+                HOST_MAC,
+                POD,
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+                &syn((POD, 40003), (EMPTY_SVC, 80)),
+            )),
+            counted: ("from-endpoint", "service_no_backend"),
+        },
+        Case {
+            what: "a port no Service has in the Service range is dropped",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: syn((POD, 40004), (WEB, 81)),
+            verdict: TC_ACT_SHOT,
+            out: Out::Same,
+            counted: ("from-endpoint", "no_service"),
+        },
+        Case {
+            what: "a truncated TCP header is dropped",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: truncated,
+            verdict: TC_ACT_SHOT,
+            out: Out::Same,
+            counted: ("from-endpoint", "l4_malformed"),
+        },
+        Case {
+            what: "IP options: the TCP header is found after them",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: tcp(pod, (POD, 40005), (WEB, 80), 64, true, &nop4, &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(
+                to_peer,
+                (POD, 40005),
+                (PEER, 8080),
+                63,
+                true,
+                &nop4,
+                &[],
+            )),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "a first fragment: ports translated, the datagram's checksum updated",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: frag1,
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(frag1_out),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "a later fragment follows its first to the same backend",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: frag2,
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(frag2_out),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "a later fragment whose first was never seen",
+            prog: "lxc_from_ctr",
+            ifindex: f.pod_if,
+            input: orphan,
+            verdict: TC_ACT_SHOT,
+            out: Out::Same,
+            counted: ("from-endpoint", "frag_not_tracked"),
+        },
+        Case {
+            what: "NodePort from outside to a local backend: the client's address is kept",
+            prog: "host_in",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41000), (NODE, 30081), 64, true, &[], &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(to_peer, (EXT, 41000), (PEER, 8080), 63, true, &[], &[])),
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "its reply leaves from the node's NodePort",
+            prog: "lxc_from_ctr",
+            ifindex: f.peer_if,
+            input: tcp(peer, (PEER, 8080), (EXT, 41000), 64, true, &[], &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(peer, (NODE, 30081), (EXT, 41000), 63, true, &[], &[])),
+            counted: ("from-endpoint", "forwarded"),
+        },
+        Case {
+            what: "NodePort to a backend on another node: SNATed to this node, into the tunnel",
+            prog: "host_in",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41001), (NODE, 30082), 64, true, &[], &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Check(Box::new(move |out| {
+                let port = nat_port(out);
+                assert!(
+                    (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&port),
+                    "NAT port {port}"
+                );
+                assert_eq!(
+                    out,
+                    tcp(ext, (NODE, port), (REMOTE_POD, 8080), 63, true, &[], &[]),
+                    "{}",
+                    show(out)
+                );
+            })),
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "externalTrafficPolicy Local on a node without a local endpoint",
+            prog: "host_in",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41002), (NODE, 30083), 64, true, &[], &[]),
+            verdict: TC_ACT_SHOT,
+            out: Out::Same,
+            counted: ("from-network", "no_local_backend"),
+        },
+    ];
+    run(&f, cases);
+
+    // Conntrack holds both directions of each translated flow.
+    let ct = CtMap::open(&f.pin_dir)
+        .expect("dp_ct")
+        .entries()
+        .expect("entries");
+    let web_flow = ct
+        .iter()
+        .filter(|(k, _)| k.dport == 80u16.to_be_bytes() && k.sport == 40000u16.to_be_bytes())
+        .count();
+    assert_eq!(web_flow, 1, "the original direction of POD:40000 -> WEB:80");
+    let reply = ct
+        .iter()
+        .find(|(k, _)| k.sport == 8080u16.to_be_bytes() && k.dport == 40000u16.to_be_bytes())
+        .expect("the reply direction of POD:40000 -> WEB:80");
+    assert_eq!(reply.1.packets, 1, "the one reply seen");
+}
+
+#[test]
+fn masquerade_and_its_replies() {
+    let f = fixture(MODE_VXLAN);
+    let out_mac = (HOST_MAC, UPLINK_MAC);
+    let input = tcp(out_mac, (POD, 40100), (OUTSIDE, 443), 63, true, &[], &[]);
+    let (rc, out) = f.tc("host_out", f.uplink_if, &input);
+    assert_eq!(rc, TC_ACT_OK);
+    let port = addrs(&out).0.1;
+    assert!(
+        (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&port),
+        "NAT port {port}"
+    );
+    assert_eq!(
+        out,
+        tcp(out_mac, (NODE, port), (OUTSIDE, 443), 63, true, &[], &[]),
+        "{}",
+        show(&out)
+    );
+    // A second packet of the flow keeps its port; another flow gets another.
+    let (_, again) = f.tc(
+        "host_out",
+        f.uplink_if,
+        &tcp(out_mac, (POD, 40100), (OUTSIDE, 443), 63, false, &[], b"x"),
+    );
+    assert_eq!(addrs(&again).0, (NODE, port));
+    let (_, other) = f.tc(
+        "host_out",
+        f.uplink_if,
+        &tcp(out_mac, (POD, 40101), (OUTSIDE, 443), 63, true, &[], &[]),
+    );
+    assert_ne!(addrs(&other).0.1, port);
+    // The reply, back to the pod.
+    let reply = tcp(
+        (EXT_MAC, UPLINK_MAC),
+        (OUTSIDE, 443),
+        (NODE, port),
+        60,
+        true,
+        &[],
+        &[],
+    );
+    let (rc, back) = f.tc("host_in", f.uplink_if, &reply);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        back,
+        tcp(
+            (HOST_MAC, POD_MAC),
+            (OUTSIDE, 443),
+            (POD, 40100),
+            59,
+            true,
+            &[],
+            &[]
+        ),
+        "{}",
+        show(&back)
+    );
+    // Cluster destinations (pods, nodes, Services) are never masqueraded.
+    for dst in [REMOTE_POD, REMOTE_NODE, WEB] {
+        let input = tcp(out_mac, (POD, 40102), (dst, 80), 63, true, &[], &[]);
+        assert_eq!(f.tc("host_out", f.uplink_if, &input), (TC_ACT_OK, input));
+    }
+}
+
+#[test]
+fn affinity_keeps_a_client_on_its_backend() {
+    let f = fixture(MODE_VXLAN);
+    let _svcs = services(&f);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 42000..42020 {
+        let input = tcp(
+            (POD_MAC, HOST_MAC),
+            (POD, sport),
+            (STICKY_SVC, 80),
+            64,
+            true,
+            &[],
+            &[],
+        );
+        let (rc, out) = f.tc("lxc_from_ctr", f.pod_if, &input);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        seen.insert(addrs(&out).1);
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "20 new flows of one client on one backend: {seen:?}"
+    );
+    let aff = AffinityMap::open(&f.pin_dir)
+        .expect("dp_affinity")
+        .entries()
+        .expect("entries");
+    assert_eq!(aff.len(), 1, "{aff:?}");
+    // Another client may land elsewhere, but sticks too.
+    let mut other = std::collections::BTreeSet::new();
+    for sport in 42000..42010 {
+        let input = tcp(
+            (PEER_MAC, PEER_HOST_MAC),
+            (PEER, sport),
+            (STICKY_SVC, 80),
+            64,
+            true,
+            &[],
+            &[],
+        );
+        let (_, out) = f.tc("lxc_from_ctr", f.peer_if, &input);
+        other.insert(addrs(&out).1);
+    }
+    assert_eq!(other.len(), 1, "{other:?}");
+}
+
+#[test]
+fn external_flows_follow_the_maglev_table() {
+    let f = fixture(MODE_VXLAN);
+    let _svcs = services(&f);
+    let lb_key = dataplane_common::ServiceKey::v4(
+        LB_IP,
+        80u16.to_be_bytes(),
+        6,
+        dataplane_common::SCOPE_EXTERNAL,
+        0,
+    );
+    let fe = ServicesMap::open(&f.pin_dir)
+        .expect("dp_services")
+        .entries()
+        .expect("entries")[&lb_key];
+    assert_eq!(fe.maglev_size, MAGLEV_SIZE);
+    let table = MaglevMap::open(&f.pin_dir)
+        .expect("dp_maglev")
+        .table(fe.id)
+        .expect("read")
+        .expect("the frontend's table");
+    let backends = BackendsMap::open(&f.pin_dir)
+        .expect("dp_backends")
+        .entries()
+        .expect("entries");
+    let mut hit = std::collections::BTreeSet::new();
+    for sport in 43000..43060u16 {
+        let input = tcp(
+            (EXT_MAC, UPLINK_MAC),
+            (EXT, sport),
+            (LB_IP, 80),
+            64,
+            true,
+            &[],
+            &[],
+        );
+        let (rc, out) = f.tc("host_in", f.uplink_if, &input);
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        let h = flow_hash(EXT, LB_IP, sport.to_be_bytes(), 80u16.to_be_bytes(), 6);
+        let want = backends[&table[(h % MAGLEV_SIZE) as usize]];
+        let got = addrs(&out).1;
+        assert_eq!(
+            got.0,
+            [want.addr[0], want.addr[1], want.addr[2], want.addr[3]],
+            "flow from port {sport}"
+        );
+        assert_eq!(got.1, 8080);
+        hit.insert(got.0);
+    }
+    assert_eq!(hit.len(), 3, "60 flows reach all three backends: {hit:?}");
+}
