@@ -32,6 +32,10 @@ pub const MAP_CT_STATS: &str = "dp_ct_stats";
 /// [`FragKey`] -> [`FragValue`].
 pub const MAP_FRAGS: &str = "dp_frags";
 
+/// Frontends and backends take kernel memory as they are added, not all
+/// up front: most clusters use a small part of the room.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
 pub const SERVICES_MAX: u32 = 262_144;
 pub const BACKENDS_MAX: u32 = 65_536;
 pub const MAGLEV_MAX: u32 = 8_192;

@@ -68,6 +68,9 @@ pub struct MapSpec {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// `BPF_F_*` creation flags (part of the layout: a map made with other
+    /// flags is replaced).
+    pub flags: u32,
     pub description: &'static str,
 }
 
@@ -95,6 +98,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: size::<EndpointKey>(),
         value_size: size::<EndpointInfo>(),
         max_entries: ENDPOINTS_MAX,
+        flags: 0,
         description: "endpoints (pods) by IP",
     },
     MapSpec {
@@ -104,6 +108,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: size::<EpMetricsKey>(),
         value_size: size::<Counter>(),
         max_entries: EP_METRICS_MAX,
+        flags: 0,
         description: "per-endpoint packet/byte counters (IP traffic)",
     },
     MapSpec {
@@ -113,6 +118,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size::<Counter>(),
         max_entries: METRICS_MAX,
+        flags: 0,
         description: "verdict counters by hook, direction and reason",
     },
     MapSpec {
@@ -123,6 +129,8 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4 + size::<IpcacheKey>(),
         value_size: size::<IpcacheEntry>(),
         max_entries: IPCACHE_MAX,
+        // LPM tries exist only without preallocation.
+        flags: crate::lb::BPF_F_NO_PREALLOC,
         description: "prefixes: cluster range, pod CIDRs per node, node addresses",
     },
     MapSpec {
@@ -132,24 +140,27 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size::<DatapathConfig>(),
         max_entries: 1,
+        flags: 0,
         description: "datapath settings (mode, VNI, devices, node address, masquerade)",
     },
     MapSpec {
         name: crate::lb::MAP_SERVICES,
-        version: 1,
+        version: 2,
         kind: MapKind::Hash,
         key_size: size::<crate::lb::ServiceKey>(),
         value_size: size::<crate::lb::ServiceValue>(),
         max_entries: crate::lb::SERVICES_MAX,
+        flags: crate::lb::BPF_F_NO_PREALLOC,
         description: "Service frontends and their backend slots",
     },
     MapSpec {
         name: crate::lb::MAP_BACKENDS,
-        version: 1,
+        version: 2,
         kind: MapKind::Hash,
         key_size: 4,
         value_size: size::<crate::lb::Backend>(),
         max_entries: crate::lb::BACKENDS_MAX,
+        flags: crate::lb::BPF_F_NO_PREALLOC,
         description: "Service backends by id",
     },
     MapSpec {
@@ -159,6 +170,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: 4,
         max_entries: crate::lb::MAGLEV_MAX,
+        flags: 0,
         description: "Maglev tables of externally reachable frontends",
     },
     MapSpec {
@@ -168,6 +180,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: size::<crate::lb::AffinityKey>(),
         value_size: size::<crate::lb::AffinityValue>(),
         max_entries: crate::lb::AFFINITY_MAX,
+        flags: 0,
         description: "session affinity: client and frontend -> backend",
     },
     MapSpec {
@@ -177,6 +190,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: size::<crate::lb::CtKey>(),
         value_size: size::<crate::lb::CtEntry>(),
         max_entries: crate::lb::CT_MAX,
+        flags: 2,
         description: "connection tracking and NAT, both directions of each flow",
     },
     MapSpec {
@@ -186,6 +200,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size::<crate::lb::CtScratch>(),
         max_entries: 1,
+        flags: 0,
         description: "per-CPU scratch space where programs build new flows' entries",
     },
     MapSpec {
@@ -195,6 +210,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: 8,
         max_entries: crate::lb::CT_STATS_MAX,
+        flags: 0,
         description: "conntrack counters (entries created, NAT ports exhausted)",
     },
     MapSpec {
@@ -204,6 +220,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: size::<crate::lb::FragKey>(),
         value_size: size::<crate::lb::FragValue>(),
         max_entries: crate::lb::FRAGS_MAX,
+        flags: 0,
         description: "IPv4 fragments: the ports of their datagram",
     },
 ];

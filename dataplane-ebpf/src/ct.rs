@@ -20,7 +20,7 @@ use dataplane_common::{
 use crate::l4::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 #[btf_map(name = "dp_ct")]
-static CT: LruHashMap<CtKey, CtEntry, { CT_MAX as usize }> = LruHashMap::new();
+static CT: LruHashMap<CtKey, CtEntry, { CT_MAX as usize }, 2> = LruHashMap::new();
 
 #[btf_map(name = "dp_ct_stats")]
 static STATS: PerCpuArray<u64, { CT_STATS_MAX as usize }> = PerCpuArray::new();

@@ -9,18 +9,24 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dataplane_common::{
-    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, Backend, FAMILY_IPV4,
-    MAGLEV_DEFAULT_SIZE, MAGLEV_MAX, Reason, SERVICES_MAX, SVC_F_AFFINITY, SVC_F_LOCAL,
-    SVC_F_MAGLEV, ServiceKey, ServiceValue, flow_hash,
+    AFFINITY_MAX, AffinityKey, AffinityValue, BACKENDS_MAX, BPF_F_NO_PREALLOC, Backend,
+    FAMILY_IPV4, MAGLEV_DEFAULT_SIZE, MAGLEV_MAX, Reason, SERVICES_MAX, SVC_F_AFFINITY,
+    SVC_F_LOCAL, SVC_F_MAGLEV, ServiceKey, ServiceValue, flow_hash,
 };
 
 use crate::{ct, l4::Flow};
 
 #[btf_map(name = "dp_services")]
-static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> = HashMap::new();
+static SERVICES: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { SERVICES_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 #[btf_map(name = "dp_backends")]
-static BACKENDS: HashMap<u32, Backend, { BACKENDS_MAX as usize }> = HashMap::new();
+static BACKENDS: HashMap<u32, Backend, { BACKENDS_MAX as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// BPF_F_INNER_MAP: the tables the agent inserts may have any size.
 const INNER_MAP: usize = 1 << 12;

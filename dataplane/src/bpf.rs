@@ -162,6 +162,7 @@ pub fn layout_mismatch(
         Err(e) => diffs.push(format!("type unknown ({e})")),
     }
     for (what, have, want) in [
+        ("flags", info.map_flags(), spec.flags),
         ("key size", info.key_size(), spec.key_size),
         ("value size", info.value_size(), spec.value_size),
         (

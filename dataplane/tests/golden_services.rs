@@ -806,3 +806,102 @@ fn external_flows_follow_the_maglev_table() {
     }
     assert_eq!(hit.len(), 3, "60 flows reach all three backends: {hit:?}");
 }
+
+/// Not a test: `cargo xtask bench` runs it for the per-packet cost of the
+/// Service path, measured by the kernel (TEST_RUN's own clock). A frontend
+/// whose one backend is itself makes the rewrite a no-op, so repeated runs
+/// see the same packet: it is compared with the same packet to a port no
+/// Service has, on the same forwarding path (local delivery).
+#[test]
+#[ignore = "a benchmark: cargo xtask bench"]
+fn bench_service_path_per_packet() {
+    use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+    use dataplane::maps::Table as _;
+    use dataplane::maps::services::BackendId;
+    use dataplane_common::{Backend, FAMILY_IPV4, SCOPE_INTERNAL, ServiceKey, ServiceValue};
+
+    let f = fixture(MODE_VXLAN);
+    let key = ServiceKey::v4(PEER, 9090u16.to_be_bytes(), 6, SCOPE_INTERNAL, 0);
+    let mut svcs = ServicesMap::open(&f.pin_dir).expect("dp_services");
+    svcs.put(
+        &key,
+        &ServiceValue {
+            id: 1,
+            count: 1,
+            ..Default::default()
+        },
+    )
+    .expect("frontend");
+    svcs.put(
+        &ServiceKey { slot: 1, ..key },
+        &ServiceValue {
+            id: 7,
+            ..Default::default()
+        },
+    )
+    .expect("slot");
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&PEER);
+    BackendsMap::open(&f.pin_dir)
+        .expect("dp_backends")
+        .put(
+            &BackendId(7),
+            &Backend {
+                addr,
+                port: 9090u16.to_be_bytes(),
+                proto: 6,
+                family: FAMILY_IPV4,
+                ..Default::default()
+            },
+        )
+        .expect("backend");
+    let prog: &SchedClassifier = f.program("lxc_from_ctr").try_into().expect("tc");
+    let ctx = skb_ctx(f.pod_if);
+    let run = |packet: &[u8], repeat: u32| -> f64 {
+        let mut out = vec![0u8; packet.len() + 64];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            })
+            .expect("test run");
+        assert_eq!(r.return_value, TC_ACT_REDIRECT);
+        r.duration.as_nanos() as f64
+    };
+    let pkt = |sport: u16, dport: u16| {
+        tcp(
+            (POD_MAC, HOST_MAC),
+            (POD, sport),
+            (PEER, dport),
+            255,
+            false,
+            &[],
+            b"x",
+        )
+    };
+    // Established flows: 250 runs per call (the TTL, decremented each run,
+    // starts at 255).
+    let (plain, service) = (pkt(30000, 8080), pkt(30000, 9090));
+    run(&service, 1);
+    let (mut a, mut b) = (0.0, 0.0);
+    let calls = 400;
+    for _ in 0..calls {
+        a += run(&plain, 250);
+        b += run(&service, 250);
+    }
+    let (est_plain, est_svc) = (a / calls as f64, b / calls as f64);
+    // New flows: one run per call, a new source port each time.
+    let (mut a, mut b) = (0.0, 0.0);
+    let n = 20_000u16;
+    for i in 0..n {
+        a += run(&pkt(10_000 + i, 8080), 1);
+        b += run(&pkt(10_000 + i, 9090), 1);
+    }
+    let (new_plain, new_svc) = (a / f64::from(n), b / f64::from(n));
+    println!(
+        "BENCH service-path established_ns={est_svc:.1} plain_ns={est_plain:.1} new_flow_ns={new_svc:.1} new_plain_ns={new_plain:.1}"
+    );
+}

@@ -1303,15 +1303,34 @@ pub fn ping(netns: &str, dst: &str, count: u32, extra: &[&str]) -> Result<Ping> 
     }
 }
 
+/// Runs a bind of a fixed port, retrying for up to two seconds while the
+/// port is in use. A socket this process just closed can stay bound for a
+/// moment: a child that another test thread is spawning holds a copy of
+/// its descriptor until it execs.
+pub fn bind_retrying<T>(bind: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match bind() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// TCP and UDP echo on `port` inside `netns`, until `stop` is set. Run it on
 /// a thread of its own (it blocks).
 pub fn echo_server(netns: &str, port: u16, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     use std::io::{Read as _, Write as _};
     use std::sync::atomic::Ordering;
     in_netns_thread(netns, || -> Result<()> {
-        let tcp = std::net::TcpListener::bind(("0.0.0.0", port))?;
+        let tcp = bind_retrying(|| std::net::TcpListener::bind(("0.0.0.0", port)))?;
         tcp.set_nonblocking(true)?;
-        let udp = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+        let udp = bind_retrying(|| std::net::UdpSocket::bind(("0.0.0.0", port)))?;
         udp.set_nonblocking(true)?;
         let mut buf = vec![0u8; 65536];
         while !stop.load(Ordering::Relaxed) {

@@ -176,11 +176,11 @@ pub fn identity_server(netns: &str, name: &str, ports: &[u16], stop: &AtomicBool
         let mut tcp = Vec::new();
         let mut udp = Vec::new();
         for p in ports {
-            let l = std::net::TcpListener::bind(("0.0.0.0", *p))
+            let l = crate::bind_retrying(|| std::net::TcpListener::bind(("0.0.0.0", *p)))
                 .with_context(|| format!("binding TCP {p} in {netns}"))?;
             l.set_nonblocking(true)?;
             tcp.push(l);
-            let u = UdpSocket::bind(("0.0.0.0", *p))
+            let u = crate::bind_retrying(|| UdpSocket::bind(("0.0.0.0", *p)))
                 .with_context(|| format!("binding UDP {p} in {netns}"))?;
             u.set_nonblocking(true)?;
             udp.push(u);
@@ -264,7 +264,7 @@ fn tcp_socket(src_port: u16) -> Result<socket2::Socket> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     if src_port != 0 {
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], src_port)).into())
+        crate::bind_retrying(|| s.bind(&SocketAddr::from(([0, 0, 0, 0], src_port)).into()))
             .with_context(|| format!("binding source port {src_port}"))?;
     }
     Ok(s)
@@ -307,7 +307,7 @@ pub fn who_many(netns: &str, to: SocketAddr, n: usize) -> Result<Vec<Who>> {
 /// Asks over UDP (one datagram, retried while a neighbour resolves).
 pub fn who_udp(netns: &str, to: SocketAddr, src_port: u16) -> Result<Who> {
     in_netns_thread(netns, || -> Result<Who> {
-        let s = UdpSocket::bind(("0.0.0.0", src_port))?;
+        let s = crate::bind_retrying(|| UdpSocket::bind(("0.0.0.0", src_port)))?;
         s.set_read_timeout(Some(Duration::from_millis(500)))?;
         let mut buf = [0u8; 512];
         for _ in 0..4 {

@@ -515,7 +515,7 @@ fn exhausted_range_is_a_clear_error_and_leaves_nothing() {
 fn serve(netns: String, port: u16, stop: &AtomicBool) {
     let ns = netns.clone();
     lab::in_netns_thread(&netns, || {
-        let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+        let listener = lab::bind_retrying(|| TcpListener::bind(("0.0.0.0", port))).expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         while !stop.load(Ordering::Relaxed) {
             match listener.accept() {

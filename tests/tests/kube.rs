@@ -211,3 +211,65 @@ fn watches_survive_drops_410_and_an_outage() {
         .unwrap_or(0.0);
     assert!(errors >= 1.0, "watch errors not counted:\n{metrics}");
 }
+
+/// Services and EndpointSlices through list/watch: a backend change and a
+/// deletion reach the datapath as watch events.
+#[test]
+fn services_and_endpoint_slices_from_the_api_server() {
+    use lab::services::{Ep, identity_server, service, who};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = kube_lab(2, 2);
+    let svc = service(
+        "web",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.10",
+               "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}),
+        json!({}),
+    );
+    let ports = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+    let both = [Ep::ready("pod-0-1"), Ep::ready("pod-1-1")];
+    lab.set_services(
+        vec![svc.clone()],
+        vec![lab.slice("web", "web-1", &both, ports.clone())],
+    )
+    .expect("publish");
+    for i in 0..2 {
+        lab.wait_frontend(i, "10.96.0.10:80/tcp", "internal", 2)
+            .expect("frontend");
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for p in ["pod-0-1", "pod-1-1"] {
+            let (ns, stop) = (lab.pod(p).netns.clone(), &stop);
+            s.spawn(move || identity_server(&ns, p, &[8080], stop).expect("server"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let to = std::net::SocketAddr::from(([10, 96, 0, 10], 80));
+        let client = lab.pod("pod-0-0").netns.clone();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let w = who(&client, to, 0).expect("through the ClusterIP");
+            assert!(w.name == "pod-0-1" || w.name == "pod-1-1", "{w:?}");
+            // One endpoint leaves (a watch event on the slice).
+            lab.set_services(
+                vec![svc.clone()],
+                vec![lab.slice("web", "web-1", &both[1..], ports.clone())],
+            )
+            .expect("publish");
+            for i in 0..2 {
+                lab.wait_frontend(i, "10.96.0.10:80/tcp", "internal", 1)
+                    .expect("frontend");
+            }
+            for _ in 0..10 {
+                assert_eq!(who(&client, to, 0).expect("who").name, "pod-1-1");
+            }
+            // The Service goes.
+            lab.set_services(vec![], vec![]).expect("publish");
+            for i in 0..2 {
+                lab.wait_no_frontend(i, "10.96.0.10:80/tcp").expect("gone");
+            }
+        }));
+        stop.store(true, Ordering::Relaxed);
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    });
+}

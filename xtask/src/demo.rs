@@ -1,8 +1,19 @@
 //! `cargo xtask demo`: a simulated cluster with traffic, and what the
 //! datapath saw of it.
 
-use anyhow::Result;
-use lab::{Lab, LabSpec};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use lab::{
+    Lab, LabSpec,
+    services::{Attempt, Ep, Stream, identity_server, service, who, who_many},
+};
+use serde_json::json;
 
 use crate::{labcmd::print_lab, testing::prepare_lab};
 
@@ -25,7 +36,12 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
     println!(
         "== a 2-node lab: network namespaces, one agent per node, pods created by dataplane-cni"
     );
-    let lab = Lab::up(&spec)?;
+    let mut lab = Lab::up(&spec)?;
+    // The Service section's backends: a Deployment's pods.
+    for (node, name) in [(0, "web-0"), (1, "web-1"), (1, "web-2")] {
+        lab.add_pod(node, name)?;
+    }
+    let lab = lab;
     print_lab(&lab.state);
 
     let show = |title: &str, node: usize, args: &[&str]| -> Result<()> {
@@ -159,6 +175,8 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         );
     }
 
+    services(&lab)?;
+
     show("the agent on node 0", 0, &["status"])?;
     show(
         "where every address lives: the cluster range, pod CIDRs, node addresses",
@@ -187,4 +205,140 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         println!("\nlab removed (use --keep to explore it)");
     }
     Ok(())
+}
+
+/// Counts who answered `n` connections from `netns` to `to`.
+fn spread(netns: &str, to: SocketAddr, n: usize) -> Result<String> {
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    for w in who_many(netns, to, n)? {
+        *per.entry(w.name).or_default() += 1;
+    }
+    Ok(per
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// A Deployment-like set of three pods behind a Service, reached from pods
+/// on both nodes, from a node and from the external host; one backend is
+/// removed while a stream runs.
+fn services(lab: &Lab) -> Result<()> {
+    println!(
+        "\n== Services: three web pods behind web (ClusterIP 10.96.0.10:80, NodePort 30080), served by eBPF"
+    );
+    let web = service(
+        "web",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
+               "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30080}]}),
+        json!({}),
+    );
+    let empty = service(
+        "empty",
+        json!({"clusterIP": "10.96.0.11", "ports": [{"name": "http", "port": 80}]}),
+        json!({}),
+    );
+    let ports = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+    let slice = |eps: &[&str]| {
+        let eps: Vec<Ep> = eps.iter().map(|p| Ep::ready(p)).collect();
+        lab.slice("web", "web-abc12", &eps, ports.clone())
+    };
+    let no_eps = lab.slice("empty", "empty-1", &[], ports.clone());
+    lab.set_services(
+        vec![web.clone(), empty.clone()],
+        vec![slice(&["web-0", "web-1", "web-2"]), no_eps.clone()],
+    )?;
+    for i in 0..2 {
+        lab.wait_frontend(i, "10.96.0.10:80/tcp", "internal", 3)?;
+    }
+    let stop = AtomicBool::new(false);
+    let ext = lab.state.external.clone().context("external host")?;
+    let cip = SocketAddr::from(([10, 96, 0, 10], 80));
+    let (n0, n1) = (lab.state.nodes[0].ip, lab.state.nodes[1].ip);
+    std::thread::scope(|s| -> Result<()> {
+        for p in ["web-0", "web-1", "web-2"] {
+            let (ns, stop) = (lab.pod(p).netns.clone(), &stop);
+            s.spawn(move || identity_server(&ns, p, &[8080], stop));
+        }
+        s.spawn(|| identity_server(&ext.netns, "external-host", &[8080], &stop));
+        std::thread::sleep(Duration::from_millis(100));
+        let r = (|| -> Result<()> {
+            let a = lab.pod("pod-0-0").netns.clone();
+            let c = lab.pod("pod-1-0").netns.clone();
+            println!(
+                "  30 connections to the ClusterIP, each answered by the backend that got it:"
+            );
+            println!("    from pod-0-0 (node 0): {}", spread(&a, cip, 30)?);
+            println!("    from pod-1-0 (node 1): {}", spread(&c, cip, 30)?);
+            println!(
+                "    from node 0 itself:    {}",
+                spread(&lab.state.nodes[0].netns, cip, 30)?
+            );
+            let w0 = who(&ext.netns, SocketAddr::from((n0, 30080)), 41000)?;
+            let w1 = who(&ext.netns, SocketAddr::from((n1, 30080)), 41000)?;
+            println!(
+                "  the external host, one flow (source port 41000) to NodePort 30080 on each node: {} via node 0, {} via node 1 (Maglev: same backend)",
+                w0.name, w1.name
+            );
+            let out = who(&a, SocketAddr::from((ext.ip, 8080)), 0)?;
+            println!(
+                "  pod-0-0 -> the external host: it sees {} (masqueraded to node 0)",
+                out.peer.ip()
+            );
+            match lab::services::attempt(&a, SocketAddr::from(([10, 96, 0, 11], 80)))? {
+                Attempt::Refused(t) => println!(
+                    "  pod-0-0 -> empty (no endpoints): refused in {} us (ICMP port unreachable)",
+                    t.as_micros()
+                ),
+                other => println!("  pod-0-0 -> empty: {other:?}"),
+            }
+            let row = |i: usize| -> Result<String> { lab.cli(i, &["service", "list"]) };
+            println!("\n$ dataplane service list    # node 0's frontends");
+            print!("{}", row(0)?);
+            // A stream to a backend that stays, while another goes.
+            lab::in_netns_thread(&a, || -> Result<()> {
+                let mut stream = Stream::open(cip)?;
+                let mine = stream.first.name.clone();
+                let gone = ["web-0", "web-1", "web-2"]
+                    .into_iter()
+                    .find(|b| *b != mine)
+                    .context("a backend")?;
+                let rest: Vec<&str> = ["web-0", "web-1", "web-2"]
+                    .into_iter()
+                    .filter(|b| *b != gone)
+                    .collect();
+                lab.set_services(
+                    vec![web.clone(), empty.clone()],
+                    vec![slice(&rest), no_eps.clone()],
+                )?;
+                for i in 0..2 {
+                    lab.wait_frontend(i, "10.96.0.10:80/tcp", "internal", 2)?;
+                }
+                println!(
+                    "\n== {gone} removed from the EndpointSlice while pod-0-0 streams to {mine}"
+                );
+                let answers: Vec<String> = (0..5)
+                    .map(|i| stream.ask(&format!("line {i}")))
+                    .collect::<Result<_>>()?;
+                println!(
+                    "  the stream's next 5 lines answered by: {}",
+                    answers.join(" ")
+                );
+                Ok(())
+            })??;
+            println!(
+                "  30 new connections from pod-1-0: {}",
+                spread(&c, cip, 30)?
+            );
+            println!(
+                "\n$ dataplane ct list    # node 0: both directions of each translated flow (first lines)"
+            );
+            for l in lab.cli(0, &["ct", "list"])?.lines().take(9) {
+                println!("{l}");
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
 }

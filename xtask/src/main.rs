@@ -47,7 +47,10 @@ enum Cmd {
     #[command(subcommand)]
     Lab(LabCmd),
     /// Control-plane benchmarks: change latency, full sync, agent memory.
-    Bench,
+    Bench {
+        /// Only this part: `services` or `control-plane`.
+        only: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,7 +89,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => testing::test(&args),
         Cmd::Demo { keep } => demo::demo(keep),
         Cmd::Lab(cmd) => labcmd::lab_cmd(cmd),
-        Cmd::Bench => bench::bench(),
+        Cmd::Bench { only } => bench::bench(only.as_deref()),
     }
 }
 

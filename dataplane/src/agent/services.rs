@@ -42,6 +42,7 @@ pub(super) fn apply(
     let mut stats = SyncStats::default();
     let mut ended = BTreeSet::new();
     let mut applied = 0usize;
+    let started = std::time::Instant::now();
     let mut svcs = lock(&agent.services)?;
     while let Some(name) = queue.pop_front() {
         // A Service handed a frontend by another is applied once more at
@@ -108,6 +109,7 @@ pub(super) fn apply(
             added = stats.added,
             changed = stats.changed,
             removed = stats.removed,
+            took_ms = started.elapsed().as_millis() as u64,
             "Services applied"
         );
     }

@@ -13,11 +13,22 @@ use lab::{Lab, LabSpec};
 
 use crate::testing::prepare_lab_with;
 
+mod services;
+
 /// Single changes timed per phase.
 const CHANGES: u32 = 200;
 
-pub(crate) fn bench() -> Result<()> {
+pub(crate) fn bench(only: Option<&str>) -> Result<()> {
+    if only.is_some_and(|o| o != "services" && o != "control-plane") {
+        bail!("cargo xtask bench [services|control-plane]");
+    }
     prepare_lab_with(true)?;
+    if only != Some("control-plane") {
+        services::bench()?;
+    }
+    if only == Some("services") {
+        return Ok(());
+    }
     let mut rows = Vec::new();
     for source in ["dir", "kube"] {
         rows.push(bench_source(source)?);

@@ -1,0 +1,292 @@
+//! Services: connect latency through a ClusterIP with 1 to 10,000 Services
+//! installed against the pod address directly, in the same run; the time
+//! to program 10,000 Services; the kernel memory their maps take; and the
+//! per-packet cost of the Service path measured by TEST_RUN.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use dataplane_common::api::{Request, Response};
+use lab::{
+    Lab, LabSpec,
+    services::{Ep, service},
+};
+use serde_json::{Value, json};
+
+use crate::toolchain::{cache_dir, cargo_with_linker, output};
+
+const PORT: u16 = 8080;
+/// Connections per target per round; rounds alternate the targets.
+const CONNECTS: usize = 500;
+const ROUNDS: usize = 6;
+
+pub(super) fn bench() -> Result<()> {
+    let lab = Lab::up(&LabSpec::new(1, 2)?)?;
+    let backend = lab.pod("pod-0-1").clone();
+    let client = lab.pod("pod-0-0").netns.clone();
+    let stop = AtomicBool::new(false);
+    let result = std::thread::scope(|s| -> Result<_> {
+        let server = s.spawn(|| sink_server(&backend.netns, &stop));
+        let r = (|| -> Result<_> {
+            let mut latency = Vec::new();
+            let mut programmed = None;
+            let mut memory = None;
+            for n in [10_000usize, 1000, 100, 1] {
+                let started = Instant::now();
+                publish(&lab, n)?;
+                wait_frontends(&lab, n)?;
+                if n == 10_000 {
+                    programmed = Some(started.elapsed());
+                    memory = Some(service_memory()?);
+                }
+                let (pod, cip) = connect_times(
+                    &client,
+                    SocketAddr::from((backend.ip, PORT)),
+                    SocketAddr::from(([10, 96, 0, 10], 80)),
+                )?;
+                latency.push((n, pod, cip));
+            }
+            Ok((latency, programmed, memory))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server panicked"))??;
+        r
+    })?;
+    let (latency, programmed, memory) = result;
+    let per_packet = test_run_bench()?;
+
+    println!(
+        "\n== Services, release build; TCP connect() from a pod, median of {} per target, targets alternating",
+        CONNECTS * ROUNDS
+    );
+    println!(
+        "   (goals: 10,000 Services within 1.1x of 1; a ClusterIP adds at most 3 us over the pod address)"
+    );
+    println!(
+        "{:>9} {:>14} {:>14} {:>11} {:>12}",
+        "Services", "pod IP us", "ClusterIP us", "added us", "vs 1 Svc"
+    );
+    let base = latency
+        .iter()
+        .find(|(n, ..)| *n == 1)
+        .map_or(1.0, |(_, _, c)| *c);
+    for (n, pod, cip) in latency.iter().rev() {
+        println!(
+            "{:>9} {:>14.1} {:>14.1} {:>11.1} {:>11.2}x",
+            n,
+            pod,
+            cip,
+            cip - pod,
+            cip / base
+        );
+    }
+    let at_10k = latency
+        .iter()
+        .find(|(n, ..)| *n == 10_000)
+        .context("10k row")?;
+    let flat = at_10k.2 / base;
+    let added = latency
+        .iter()
+        .map(|(_, p, c)| c - p)
+        .fold(f64::MIN, f64::max);
+    println!(
+        "   flat: {flat:.2}x ({}); added at most {added:.1} us ({})",
+        verdict(flat <= 1.1),
+        verdict(added <= 3.0)
+    );
+    let programmed = programmed.context("programming time")?;
+    println!(
+        "== 10,000 Services (one port, one backend each) programmed in {:.2} s, from publishing the manifests to every frontend in the maps ({}; kube-proxy here: 1.3 s iptables-legacy, 35 s nftables, 77 s iptables-nft)",
+        programmed.as_secs_f64(),
+        verdict(programmed < Duration::from_secs(1))
+    );
+    let memory = memory.context("memory")?;
+    println!(
+        "== kernel memory of the Service maps at 10,000 ClusterIP Services (bpftool memlock):"
+    );
+    let mut total = 0u64;
+    for (name, (count, bytes)) in &memory {
+        total += bytes;
+        println!(
+            "   {name:<18} {count:>3} map(s) {:>9.1} MiB",
+            *bytes as f64 / 1048576.0
+        );
+    }
+    println!(
+        "   total {:.1} MiB; ClusterIPs have no Maglev table (each NodePort/LB/external-IP port has one: 16,381 slots, 64 KiB)",
+        total as f64 / 1048576.0
+    );
+    println!(
+        "== per packet in lxc_from_ctr, TEST_RUN clock (goal: the Service lookup under 100 ns):"
+    );
+    println!(
+        "   established Service flow {:.0} ns vs a packet to no Service {:.0} ns: {:+.0} ns ({})",
+        per_packet["established_ns"],
+        per_packet["plain_ns"],
+        per_packet["established_ns"] - per_packet["plain_ns"],
+        verdict(per_packet["established_ns"] - per_packet["plain_ns"] < 100.0)
+    );
+    println!(
+        "   a new flow's first packet {:.0} ns vs {:.0} ns: {:+.0} ns once per connection (frontend, backend choice, two conntrack entries)",
+        per_packet["new_flow_ns"],
+        per_packet["new_plain_ns"],
+        per_packet["new_flow_ns"] - per_packet["new_plain_ns"]
+    );
+    Ok(())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "meets" } else { "MISSES" }
+}
+
+/// `n` ClusterIP Services, the first at 10.96.0.10, each with the one
+/// backend.
+fn publish(lab: &Lab, n: usize) -> Result<()> {
+    let ports = json!([{"name": "http", "port": PORT, "protocol": "TCP"}]);
+    let mut services = Vec::with_capacity(n);
+    let mut slices = Vec::with_capacity(n);
+    for i in 0..n {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
+        let name = format!("s{i}");
+        services.push(service(
+            &name,
+            json!({"clusterIP": ip.to_string(), "ports": [{"name": "http", "port": 80, "targetPort": PORT}]}),
+            json!({}),
+        ));
+        slices.push(lab.slice(
+            &name,
+            &format!("{name}-1"),
+            &[Ep::ready("pod-0-1")],
+            ports.clone(),
+        ));
+    }
+    lab.set_services(services, slices)
+}
+
+fn wait_frontends(lab: &Lab, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Response::Status(s) = lab.agent_call(0, &Request::Status)?
+            && s.frontends == n
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{n} Services not programmed after 60 s:\n{}",
+                lab.agent_log(0)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Accepts and drops connections until `stop`.
+fn sink_server(netns: &str, stop: &AtomicBool) -> Result<()> {
+    lab::in_netns_thread(netns, || -> Result<()> {
+        let l = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
+        l.set_nonblocking(true)?;
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+        Ok(())
+    })?
+}
+
+/// Median connect() time in microseconds to `pod` and to `cip`, the two
+/// measured alternately. Each connection ends with a RST (linger 0), so no
+/// TIME_WAIT piles up.
+fn connect_times(netns: &str, pod: SocketAddr, cip: SocketAddr) -> Result<(f64, f64)> {
+    lab::in_netns_thread(netns, || -> Result<(f64, f64)> {
+        let once = |to: SocketAddr| -> Result<f64> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            let t = Instant::now();
+            s.connect(&to.into())
+                .with_context(|| format!("connecting to {to}"))?;
+            Ok(t.elapsed().as_secs_f64() * 1e6)
+        };
+        // Warm up both paths (neighbour entries, caches).
+        for _ in 0..200 {
+            once(pod)?;
+            once(cip)?;
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            for _ in 0..CONNECTS {
+                a.push(once(pod)?);
+            }
+            for _ in 0..CONNECTS {
+                b.push(once(cip)?);
+            }
+        }
+        Ok((median(a), median(b)))
+    })?
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// memlock bytes of the Service maps (and the Maglev tables inside
+/// dp_maglev), by name.
+fn service_memory() -> Result<BTreeMap<String, (usize, u64)>> {
+    let out = output(Command::new("bpftool").args(["-j", "map", "show"]))?;
+    let maps: Vec<Value> = serde_json::from_str(&out)?;
+    let mut by = BTreeMap::new();
+    for m in &maps {
+        let name = m["name"].as_str().unwrap_or_default();
+        let label = match name {
+            "dp_services" | "dp_backends" | "dp_maglev" | "dp_affinity" => name.to_owned(),
+            // Inner maps aya creates (the name is cut to 15 bytes).
+            n if n.starts_with("standalone_arr") => "maglev tables".to_owned(),
+            _ => continue,
+        };
+        let e = by.entry(label).or_insert((0usize, 0u64));
+        e.0 += 1;
+        e.1 += m["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    by.entry("maglev tables".into()).or_insert((0, 0));
+    Ok(by)
+}
+
+/// Runs the TEST_RUN benchmark of the golden tests and parses its line.
+fn test_run_bench() -> Result<BTreeMap<String, f64>> {
+    let bin = cache_dir()?.join("bin");
+    let out = output(cargo_with_linker(&bin)?.args([
+        "test",
+        "--release",
+        "-p",
+        "dataplane",
+        "--test",
+        "golden_services",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--exact",
+        "bench_service_path_per_packet",
+    ]))?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("BENCH service-path"))
+        .with_context(|| format!("no BENCH line in:\n{out}"))?;
+    line.split_whitespace()
+        .skip(2)
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').context("key=value")?;
+            Ok((k.to_owned(), v.parse()?))
+        })
+        .collect()
+}
