@@ -75,6 +75,9 @@ pub struct AgentStatus {
     pub frontends: usize,
     #[serde(default)]
     pub backends: usize,
+    /// Frontends without a backend: their new connections are refused.
+    #[serde(default)]
+    pub frontends_empty: usize,
     /// Egress masquerade to the node's address.
     #[serde(default)]
     pub masquerade: bool,

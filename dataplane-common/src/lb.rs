@@ -206,6 +206,9 @@ pub const CT_F_NODEPORT_SNAT: u16 = 1 << 5;
 pub const CT_F_CLOSING: u16 = 1 << 6;
 /// TCP: more than a SYN was seen in this direction.
 pub const CT_F_ESTABLISHED: u16 = 1 << 7;
+/// The reply direction of a flow a NetworkPolicy allowed: its packets pass
+/// the other endpoint's isolation. No rewrite.
+pub const CT_F_POLICY: u16 = 1 << 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -483,6 +486,7 @@ mod user {
                 (CT_F_MASQ, "masquerade"),
                 (CT_F_HAIRPIN, "hairpin"),
                 (CT_F_NODEPORT_SNAT, "nodeport-snat"),
+                (CT_F_POLICY, "policy-reply"),
                 (CT_F_ESTABLISHED, "established"),
                 (CT_F_CLOSING, "closing"),
             ]

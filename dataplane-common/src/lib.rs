@@ -17,6 +17,7 @@
 
 pub mod lb;
 pub mod maps;
+pub mod policy;
 pub mod progs;
 pub mod reason;
 
@@ -36,5 +37,6 @@ pub use lb::*;
 pub use maps::*;
 #[cfg(any(feature = "user", feature = "api"))]
 pub use pin::pin_dir;
+pub use policy::*;
 pub use progs::*;
 pub use reason::{Direction, Hook, Reason};

@@ -190,7 +190,7 @@ pub const MAPS: &[MapSpec] = &[
         key_size: size::<crate::lb::CtKey>(),
         value_size: size::<crate::lb::CtEntry>(),
         max_entries: crate::lb::CT_MAX,
-        flags: 2,
+        flags: 0,
         description: "connection tracking and NAT, both directions of each flow",
     },
     MapSpec {
@@ -222,6 +222,26 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: crate::lb::FRAGS_MAX,
         flags: 0,
         description: "IPv4 fragments: the ports of their datagram",
+    },
+    MapSpec {
+        name: crate::policy::MAP_POLICY,
+        version: 1,
+        kind: MapKind::LpmTrie,
+        key_size: 4 + size::<crate::policy::PolicyKey>(),
+        value_size: size::<crate::policy::PolicyValue>(),
+        max_entries: crate::policy::POLICY_MAX,
+        flags: crate::lb::BPF_F_NO_PREALLOC,
+        description: "NetworkPolicy: allows per endpoint, direction, peer, protocol and port",
+    },
+    MapSpec {
+        name: crate::policy::MAP_POLICY_CIDR,
+        version: 1,
+        kind: MapKind::LpmTrie,
+        key_size: 4 + size::<crate::policy::PolicyCidrKey>(),
+        value_size: size::<crate::policy::PolicyCidrValue>(),
+        max_entries: crate::policy::POLICY_CIDR_MAX,
+        flags: crate::lb::BPF_F_NO_PREALLOC,
+        description: "NetworkPolicy: ipBlock prefixes per endpoint and direction, to address classes",
     },
 ];
 

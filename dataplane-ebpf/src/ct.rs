@@ -12,15 +12,17 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     CT_CLOSE_TIMEOUT, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_CLOSING, CT_F_DST, CT_F_ESTABLISHED,
-    CT_F_SRC, CT_MAX, CT_STAT_CREATED, CT_STAT_NAT_EXHAUSTED, CT_STAT_RECLAIMED, CT_STATS_MAX,
-    CT_SYN_TIMEOUT, CT_TCP_TIMEOUT, CT_UDP_TIMEOUT, CtEntry, CtKey, CtScratch, FAMILY_IPV4,
-    IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, Reason,
+    CT_F_POLICY, CT_F_SRC, CT_MAX, CT_STAT_CREATED, CT_STAT_NAT_EXHAUSTED, CT_STAT_RECLAIMED,
+    CT_STATS_MAX, CT_SYN_TIMEOUT, CT_TCP_TIMEOUT, CT_UDP_TIMEOUT, CtEntry, CtKey, CtScratch,
+    FAMILY_IPV4, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, Reason,
 };
 
 use crate::l4::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
+/// One LRU list for all CPUs: with per-CPU lists (BPF_F_NO_COMMON_LRU) a
+/// new flow's two inserts measured 2.2 us instead of 1.3 us in TEST_RUN.
 #[btf_map(name = "dp_ct")]
-static CT: LruHashMap<CtKey, CtEntry, { CT_MAX as usize }, 2> = LruHashMap::new();
+static CT: LruHashMap<CtKey, CtEntry, { CT_MAX as usize }> = LruHashMap::new();
 
 #[btf_map(name = "dp_ct_stats")]
 static STATS: PerCpuArray<u64, { CT_STATS_MAX as usize }> = PerCpuArray::new();
@@ -194,6 +196,71 @@ pub fn fill(
     e._pad = 0;
     e.id = id;
     e.backend_id = backend_id;
+}
+
+/// Whether `flow` is the reply of a tracked flow (translated, or allowed
+/// by policy): an entry for it in the reply direction. Its lifetime is
+/// renewed.
+#[inline(always)]
+pub fn is_reply(flow: &Flow) -> bool {
+    let Some(e) = lookup(&flow_key(flow, CT_DIR_REPLY)) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer.
+    unsafe {
+        let (life, flags) = lifetime(flow.proto, flow.tcp_flags, (*e).flags);
+        (*e).flags = flags;
+        (*e).expires = now() + life;
+    }
+    true
+}
+
+/// Lets the replies of `flow` (a packet policy allowed) pass: an entry
+/// for the flow turned around, in the reply direction, created or renewed.
+/// An entry already there (a translated flow's own) serves as well.
+#[inline(never)]
+pub fn track_replies(flow: &Flow) {
+    // Turned around, as in `pair_key`: ICMP echo identifiers move too.
+    let k = key(
+        flow.daddr,
+        flow.saddr,
+        flow.dport,
+        flow.sport,
+        flow.proto,
+        CT_DIR_REPLY,
+    );
+    if let Some(e) = CT.get_ptr_mut(&k) {
+        // SAFETY: a valid map value pointer.
+        unsafe {
+            if (*e).expires >= now() {
+                let (life, flags) = lifetime(
+                    flow.proto,
+                    flow.tcp_flags & !(TCP_FIN | TCP_RST),
+                    (*e).flags,
+                );
+                (*e).flags = flags;
+                let until = now() + life;
+                if until > (*e).expires {
+                    (*e).expires = until;
+                }
+                return;
+            }
+        }
+    }
+    let Ok(sc) = scratch() else {
+        return;
+    };
+    fill(
+        &mut sc.reply,
+        flow,
+        CT_DIR_REPLY,
+        CT_F_POLICY,
+        (0, 0),
+        (0, 0),
+        0,
+        0,
+    );
+    let _ = insert(&k, &sc.reply);
 }
 
 /// Stores both directions of a new flow, as built in the scratch slot.

@@ -6,7 +6,9 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
-use dataplane_common::{DatapathConfig, FAMILY_IPV4, IpcacheEntry, Reason};
+use dataplane_common::{
+    DatapathConfig, FAMILY_IPV4, IDENTITY_FIRST_POD, IDENTITY_MAX, IpcacheEntry, Reason,
+};
 
 use crate::verdict::Verdict;
 
@@ -79,14 +81,22 @@ pub fn fits(ctx: &TcContext, cfg: &DatapathConfig) -> Result<(), u32> {
     if rc == 0 { Ok(()) } else { Err(mtu) }
 }
 
-/// Sets the key and sends the packet out of the VXLAN device.
+/// Sets the key and sends the packet out of the VXLAN device. The VNI
+/// carries the source's security identity when the source is a pod of
+/// this node (`identity`, as Cilium does), else the configured VNI.
 #[inline(always)]
 pub fn redirect(
     ctx: &TcContext,
     node: &IpcacheEntry,
     cfg: &DatapathConfig,
+    identity: u32,
 ) -> Result<Verdict, Reason> {
-    set_key(ctx, node, cfg.vni)?;
+    let vni = if identity >= IDENTITY_FIRST_POD && identity <= IDENTITY_MAX {
+        identity
+    } else {
+        cfg.vni
+    };
+    set_key(ctx, node, vni)?;
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(cfg.vxlan_ifindex, 0) };
     if action == i64::from(TC_ACT_REDIRECT) {

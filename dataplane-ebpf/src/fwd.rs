@@ -10,6 +10,7 @@ use crate::{
     config, deliver, encap, icmp,
     l4::Flow,
     parse::{self, IP_DF, Ipv4Hdr},
+    policy,
     svc::{self, Nat},
     verdict::Verdict,
 };
@@ -49,6 +50,7 @@ impl Pkt {
                 frag: 0,
                 has_ports: false,
                 l4_off: 0,
+                src_identity: 0,
             },
             nat: Nat::none(),
             node: 0,
@@ -56,7 +58,8 @@ impl Pkt {
     }
 }
 
-/// To a pod on this node: one hop.
+/// To a pod on this node: one hop, if the pod's ingress policy admits the
+/// packet (from `flow.src_identity`, or as its source address says).
 #[inline(never)]
 pub fn local(
     ctx: &mut TcContext,
@@ -79,12 +82,22 @@ fn try_local(
     if ip.ttl <= 1 {
         return Ok(icmp::Error::time_exceeded().verdict());
     }
+    // The sender as it sent the packet (before a rewrite).
+    let peer_id = if flow.src_identity != 0 {
+        flow.src_identity
+    } else {
+        policy::identity_of(flow.saddr)
+    };
     svc::apply(ctx, flow, n)?;
+    // Judged as delivered: after translation, against the backend.
+    policy::ingress(ep.ifindex, flow, peer_id)?;
     parse::ipv4_dec_ttl(ctx)?;
     Ok(deliver::to_local(ctx, ep))
 }
 
-/// Into the tunnel toward `node`: one hop, within the tunnel's MTU.
+/// Into the tunnel toward `node`: one hop, within the tunnel's MTU. A
+/// pod's packet carries the pod's identity (`flow.src_identity`) in the
+/// VNI.
 #[inline(never)]
 pub fn tunnel(
     ctx: &mut TcContext,
@@ -104,6 +117,7 @@ fn try_tunnel(
     n: &Nat,
     node: &IpcacheEntry,
 ) -> Result<Verdict, Reason> {
+    let identity = flow.src_identity;
     let cfg = config::get()?;
     if let Err(mtu) = encap::fits(ctx, cfg) {
         if ip.frag_off() & IP_DF != 0 {
@@ -122,7 +136,7 @@ fn try_tunnel(
     }
     svc::apply(ctx, flow, n)?;
     parse::ipv4_dec_ttl(ctx)?;
-    encap::redirect(ctx, node, cfg)
+    encap::redirect(ctx, node, cfg, identity)
 }
 
 /// Out of the uplink, next hop from the kernel's FIB: for rewritten

@@ -132,7 +132,7 @@ pub fn answer_network(ctx: &mut TcContext, err: u32) -> Verdict {
         Err(r) => return Verdict::drop(r),
     };
     let sent = match route::v4(dst) {
-        Ok(Route::Tunnel(node, cfg)) => encap::redirect(ctx, node, cfg),
+        Ok(Route::Tunnel(node, cfg)) => encap::redirect(ctx, node, cfg, 0),
         Ok(_) => {
             // SAFETY: plain helper call; no parameters: FIB lookup of the
             // destination, then neighbour resolution.

@@ -47,6 +47,9 @@ pub struct Flow {
     pub has_ports: bool,
     /// Offset of the transport header from the start of the frame.
     pub l4_off: u32,
+    /// The sender's security identity, where the hook knows it (a local
+    /// pod, a VNI); 0: look it up by address.
+    pub src_identity: u32,
 }
 
 impl Flow {
@@ -89,6 +92,7 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Flow, Reason> {
         frag: FRAG_NONE,
         has_ports: false,
         l4_off,
+        src_identity: 0,
     };
     let frag_off = ip.frag_off();
     if frag_off & IP_OFFSET_MASK != 0 {

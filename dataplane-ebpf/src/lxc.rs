@@ -7,7 +7,7 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, EndpointKey, Reason};
 
 use crate::{
-    arp, endpoints, fwd, icmp, l4, metrics, parse,
+    arp, endpoints, fwd, icmp, l4, metrics, parse, policy,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -58,6 +58,9 @@ fn host_replies(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     if svc::replies(&flow, ctx.len(), &mut n) == svc::NAT {
         svc::apply(ctx, &mut flow, &n)?;
     }
+    // What the stack delivers: from this node (always allowed), or routed
+    // through it.
+    policy::ingress(ifindex(ctx), &flow, policy::identity_of(flow.saddr))?;
     Ok(Verdict::pass())
 }
 
@@ -70,7 +73,9 @@ fn ifindex(ctx: &TcContext) -> u32 {
 /// What a pod sends, by L3 protocol. Endpoint counters cover IP traffic
 /// only: ARP and link-local IPv6 (neighbour discovery, router
 /// solicitations) would make them disagree with what applications sent.
-#[inline(never)]
+/// Inlined: a frame of its own would count against the 512 bytes the
+/// deepest call chain (through a new Service flow) may use.
+#[inline(always)]
 fn from_ctr(ctx: &mut TcContext) -> Verdict {
     let ifindex = ifindex(ctx);
     match parse::ethertype(ctx) {
@@ -95,11 +100,12 @@ fn from_ctr_v4_verdict(ctx: &mut TcContext, ifindex: u32) -> Verdict {
 #[inline(always)]
 fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
     let ip = parse::ipv4(ctx)?;
-    match endpoints::lookup(&EndpointKey::v4(ip.saddr)) {
-        Some(ep) if ep.ifindex == ifindex => {}
+    let identity = match endpoints::lookup(&EndpointKey::v4(ip.saddr)) {
+        Some(ep) if ep.ifindex == ifindex => ep.identity,
         _ => return Err(Reason::SourceSpoofed),
-    }
+    };
     let mut flow = l4::flow(ctx, &ip)?;
+    flow.src_identity = identity;
     let len = ctx.len();
     let mut n = Nat::none();
     let code = svc::from_endpoint(&flow, len, &mut n);
@@ -111,7 +117,9 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
         svc::DROP => return Err(svc::dropped_reason(code)),
         _ => {}
     }
-    let route = route::v4(n.daddr(&flow))?;
+    let (daddr, dport) = n.destination(&flow);
+    policy::egress(ifindex, &flow, daddr, dport)?;
+    let route = route::v4(daddr.to_ne_bytes())?;
     metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
     match route {
         Route::Host => {

@@ -26,6 +26,7 @@ mod metrics;
 mod nat;
 mod overlay;
 mod parse;
+mod policy;
 mod route;
 mod sock;
 mod svc;

@@ -1,7 +1,10 @@
 //! Programs on the node's VXLAN device (external mode).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{Direction, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, Reason};
+use dataplane_common::{
+    Direction, IDENTITY_FIRST_POD, IDENTITY_MAX, IPCACHE_KIND_REMOTE_HOST,
+    IPCACHE_KIND_REMOTE_PODS, Reason,
+};
 
 use crate::{
     config,
@@ -35,7 +38,10 @@ fn from_overlay(ctx: &mut TcContext) -> Verdict {
 fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     let cfg = config::get()?;
     let (peer, vni) = encap::get_key(ctx)?;
-    if vni != cfg.vni {
+    // The configured VNI, or a pod's security identity (a pod of the
+    // sending node, see below).
+    let pod_vni = (IDENTITY_FIRST_POD..=IDENTITY_MAX).contains(&vni);
+    if vni != cfg.vni && !pod_vni {
         return Err(Reason::TunnelVniMismatch);
     }
     match ipcache::lookup_v4(peer) {
@@ -48,16 +54,23 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     let ip = parse::ipv4(ctx)?;
     match ipcache::lookup_v4(ip.saddr) {
         Some(e)
-            if (e.kind == IPCACHE_KIND_REMOTE_PODS || e.kind == IPCACHE_KIND_REMOTE_HOST)
+            if (e.kind == IPCACHE_KIND_REMOTE_PODS
+                || (e.kind == IPCACHE_KIND_REMOTE_HOST && vni == cfg.vni))
                 && e.tunnel_endpoint[..4] == peer => {}
         _ => return Err(Reason::TunnelSourceMismatch),
     }
+    // A node that says who sent the packet is believed (it is a node);
+    // otherwise the address tells.
+    let peer_id = if vni == cfg.vni { 0 } else { vni };
     // Replies of flows this node translated come back here.
     let mut flow = l4::flow(ctx, &ip)?;
     let mut n = Nat::none();
     svc::replies(&flow, ctx.len(), &mut n);
     match route::v4(n.daddr(&flow))? {
-        Route::Local(ep) => Ok(fwd::local(ctx, &ip, &mut flow, &n, ep)),
+        Route::Local(ep) => {
+            flow.src_identity = peer_id;
+            Ok(fwd::local(ctx, &ip, &mut flow, &n, ep))
+        }
         // A pod of another node talking to this node. Its frame still
         // carries the MACs of the sending pod's veth: without PACKET_HOST the
         // stack would take it for someone else's and drop it silently.

@@ -59,6 +59,17 @@ impl Nat {
         self.daddr_word(flow).to_ne_bytes()
     }
 
+    /// Where the packet goes once rewritten: address and port (wire
+    /// words).
+    #[inline(always)]
+    pub fn destination(&self, flow: &Flow) -> (u32, u16) {
+        if self.flags & CT_F_DST != 0 {
+            (self.dst, self.dport)
+        } else {
+            (flow.daddr, flow.dport)
+        }
+    }
+
     #[inline(always)]
     fn daddr_word(&self, flow: &Flow) -> u32 {
         if self.flags & CT_F_DST != 0 {

@@ -255,12 +255,21 @@ fn ips(
 }
 
 /// Converts one manifest (any of the kinds we know) into the model.
-pub fn convert(kind: Kind, value: serde_json::Value) -> Result<(Key, Object), Invalid> {
-    let typed = |e: serde_path_to_error::Error<serde_json::Error>| Invalid {
-        key: None,
-        field: e.path().to_string(),
-        problem: e.inner().to_string(),
-    };
+///
+/// `value` is any deserializer: a parsed JSON value, or the text of one
+/// (parsing straight into the typed object skips building the value).
+pub fn convert<'de, D>(kind: Kind, value: D) -> Result<(Key, Object), Invalid>
+where
+    D: serde::Deserializer<'de>,
+    D::Error: std::fmt::Display,
+{
+    fn typed<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> Invalid {
+        Invalid {
+            key: None,
+            field: e.path().to_string(),
+            problem: e.inner().to_string(),
+        }
+    }
     match kind {
         Kind::Node => {
             let n: Node = serde_path_to_error::deserialize(value).map_err(typed)?;

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod lb;
 pub mod maps;
 pub mod nodes;
+pub mod policy;
 pub mod source_dir;
 pub mod source_kube;
 pub mod sys;

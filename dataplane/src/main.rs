@@ -249,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
                                 "ATTACH",
                                 "XDP",
                                 "ENDPOINTS",
+                                "FRONTENDS",
                                 "PIN-DIR"
                             ],
                             vec![vec![
@@ -262,6 +263,11 @@ fn run(cli: Cli) -> Result<()> {
                                 st.attach_mode,
                                 st.xdp,
                                 st.endpoints.to_string(),
+                                if st.frontends_empty > 0 {
+                                    format!("{} ({} empty)", st.frontends, st.frontends_empty)
+                                } else {
+                                    st.frontends.to_string()
+                                },
                                 st.pin_dir
                             ]],
                         )

@@ -20,8 +20,7 @@ use dataplane::{
 };
 use dataplane_common::{HAIRPIN_IPV4, MODE_VXLAN, NAT_PORT_MAX, NAT_PORT_MIN, flow_hash};
 use etherparse::{
-    Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder, SlicedPacket,
-    TransportSlice, icmpv4::DestUnreachableHeader,
+    Icmpv4Type, Ipv4Header, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader,
 };
 use serde_json::json;
 
@@ -38,48 +37,6 @@ const OUTSIDE: [u8; 4] = [198, 51, 100, 7];
 const OWN_NODE: &str = "n0";
 /// A small prime: the tables are exact whatever their size.
 const MAGLEV_SIZE: u32 = 251;
-
-/// A TCP segment; `syn` for a connection's first packet, else an ACK with
-/// `payload`.
-#[allow(clippy::too_many_arguments)]
-fn tcp(
-    macs: ([u8; 6], [u8; 6]),
-    src: ([u8; 4], u16),
-    dst: ([u8; 4], u16),
-    ttl: u8,
-    syn: bool,
-    options: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut ip = Ipv4Header::new(0, ttl, IpNumber::TCP, src.0, dst.0).expect("ipv4");
-    ip.dont_fragment = true;
-    ip.options = Ipv4Options::try_from(options).expect("options");
-    let b = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .tcp(src.1, dst.1, 1000, 64_000);
-    let b = if syn { b.syn() } else { b.ack(2000) };
-    let mut out = Vec::new();
-    b.write(&mut out, payload).expect("build");
-    out
-}
-
-fn udp(
-    macs: ([u8; 6], [u8; 6]),
-    src: ([u8; 4], u16),
-    dst: ([u8; 4], u16),
-    ttl: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut ip = Ipv4Header::new(0, ttl, IpNumber::UDP, src.0, dst.0).expect("ipv4");
-    ip.dont_fragment = true;
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .udp(src.1, dst.1)
-        .write(&mut out, payload)
-        .expect("build");
-    out
-}
 
 /// The same UDP datagram without a checksum (0: "none", allowed in IPv4).
 fn no_checksum(mut p: Vec<u8>) -> Vec<u8> {

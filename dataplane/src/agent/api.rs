@@ -99,6 +99,7 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 cgroup: agent.cgroup.as_ref().map(|c| c.display().to_string()),
                 frontends: st.frontends,
                 backends: st.backends,
+                frontends_empty: st.frontends_empty,
                 masquerade: agent.net.masquerade,
             }))
         }

@@ -227,6 +227,7 @@ pub(crate) struct Status {
     /// How XDP went on: `native`, `generic` or `off`.
     xdp: &'static str,
     frontends: usize,
+    frontends_empty: usize,
     backends: usize,
 }
 

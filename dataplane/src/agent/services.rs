@@ -93,12 +93,14 @@ pub(super) fn apply(
         }
         stats += s;
     }
-    let (frontends, backends) = (svcs.frontends(), svcs.backends());
+    let (frontends, frontends_empty, backends) =
+        (svcs.frontends(), svcs.frontends_empty(), svcs.backends());
     let addresses = svcs.addresses();
     drop(svcs);
     {
         let mut st = lock(&agent.status)?;
         st.frontends = frontends;
+        st.frontends_empty = frontends_empty;
         st.backends = backends;
     }
     if !stats.is_empty() {

@@ -10,6 +10,7 @@ pub mod endpoints;
 pub mod ep_metrics;
 pub mod ipcache;
 pub mod metrics;
+pub mod policy;
 pub mod services;
 
 use std::{collections::BTreeMap, fmt::Display, path::Path};
@@ -85,6 +86,8 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_CT_STATS => render(&ct::stat_rows(pin_dir)?, format),
         dataplane_common::MAP_AFFINITY => render(&ct::affinity_rows(pin_dir)?, format),
         dataplane_common::MAP_FRAGS => render(&ct::frag_rows(pin_dir)?, format),
+        dataplane_common::MAP_POLICY => render(&policy::rows(pin_dir)?, format),
+        dataplane_common::MAP_POLICY_CIDR => render(&policy::cidr_rows(pin_dir)?, format),
         dataplane_common::MAP_CT_SCRATCH => {
             bail!("dp_ct_scratch is the programs' per-CPU work space; it holds nothing to read")
         }
@@ -116,6 +119,9 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         | dataplane_common::MAP_AFFINITY
         | dataplane_common::MAP_FRAGS
         | dataplane_common::MAP_CT_SCRATCH => ct::count(pin_dir, name)?,
+        dataplane_common::MAP_POLICY | dataplane_common::MAP_POLICY_CIDR => {
+            policy::count(pin_dir, name)?
+        }
         _ => bail!("no map named {name:?}"),
     })
 }

@@ -440,6 +440,19 @@ impl Services {
             .sum()
     }
 
+    /// Frontends with no backend slot.
+    pub fn frontends_empty(&self) -> usize {
+        self.applied
+            .values()
+            .map(|a| {
+                a.entries
+                    .iter()
+                    .filter(|(k, v)| k.slot == 0 && v.count == 0)
+                    .count()
+            })
+            .sum()
+    }
+
     pub fn backends(&self) -> usize {
         self.backend_slots.len()
     }

@@ -28,7 +28,8 @@ use dataplane_common::{
     IPCACHE_KIND_SERVICES,
 };
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
+    EtherType, Ethernet2Header, Icmpv4Type, IpHeaders, IpNumber, Ipv4Header, Ipv4Options,
+    PacketBuilder,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -332,4 +333,46 @@ pub fn arp(
     p.extend_from_slice(&tha);
     p.extend_from_slice(&tpa);
     p
+}
+
+/// A TCP segment; `syn` for a connection's first packet, else an ACK with
+/// `payload`.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    syn: bool,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, ttl, IpNumber::TCP, src.0, dst.0).expect("ipv4");
+    ip.dont_fragment = true;
+    ip.options = Ipv4Options::try_from(options).expect("options");
+    let b = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(src.1, dst.1, 1000, 64_000);
+    let b = if syn { b.syn() } else { b.ack(2000) };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("build");
+    out
+}
+
+pub fn udp(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, ttl, IpNumber::UDP, src.0, dst.0).expect("ipv4");
+    ip.dont_fragment = true;
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(macs.0, macs.1)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .udp(src.1, dst.1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
 }

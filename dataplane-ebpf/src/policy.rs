@@ -1,0 +1,168 @@
+//! NetworkPolicy verdicts for a local endpoint's traffic, from the maps
+//! the agent compiles (see `dataplane_common::policy`): at most three
+//! longest-prefix lookups whatever the number of rules. A flow allowed at
+//! an endpoint under policy leaves a conntrack entry for its replies, so
+//! they pass the other way even where that direction is isolated.
+
+use aya_ebpf::{btf_maps::LpmTrie, macros::btf_map, maps::lpm_trie::Key};
+use dataplane_common::{
+    EndpointKey, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_UNKNOWN, IDENTITY_WORLD,
+    IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_SERVICES, IPPROTO_TCP, IPPROTO_UDP,
+    PEER_ANY, PEER_CLASS, POLICY_ALLOW, POLICY_CIDR_MAX, POLICY_CIDR_PREFIX_DIR, POLICY_DIR_EGRESS,
+    POLICY_DIR_INGRESS, POLICY_ISOLATED, POLICY_MAX, POLICY_PREFIX_FULL, PolicyCidrKey,
+    PolicyCidrValue, PolicyKey, PolicyValue, Reason,
+};
+
+use crate::{ct, endpoints, ipcache, l4::Flow};
+
+#[btf_map(name = "dp_policy")]
+static POLICY: LpmTrie<PolicyKey, PolicyValue, { POLICY_MAX as usize }> = LpmTrie::new();
+
+#[btf_map(name = "dp_policy_cidr")]
+static POLICY_CIDR: LpmTrie<PolicyCidrKey, PolicyCidrValue, { POLICY_CIDR_MAX as usize }> =
+    LpmTrie::new();
+
+/// IPPROTO_SCTP: ports are compiled for it too.
+const IPPROTO_SCTP: u8 = 132;
+
+/// The security identity of an address (wire bytes): a pod's own, this
+/// node, another node, somewhere in the cluster not known yet, or the
+/// world.
+#[inline(always)]
+pub fn identity_of(addr: u32) -> u32 {
+    let a = addr.to_ne_bytes();
+    if let Some(ep) = endpoints::lookup(&EndpointKey::v4(a)) {
+        return ep.identity;
+    }
+    match ipcache::lookup_v4(a) {
+        Some(e) if e.kind == IPCACHE_KIND_HOST => IDENTITY_HOST,
+        Some(e) if e.kind == IPCACHE_KIND_REMOTE_HOST => IDENTITY_REMOTE_NODE,
+        Some(e) if e.kind == IPCACHE_KIND_SERVICES => IDENTITY_WORLD,
+        Some(e) if e.identity != 0 => e.identity,
+        // Inside the cluster's ranges but no endpoint (yet).
+        Some(_) => IDENTITY_UNKNOWN,
+        None => IDENTITY_WORLD,
+    }
+}
+
+#[inline(always)]
+fn lookup(
+    endpoint: u32,
+    dir: u8,
+    peer: u32,
+    proto: u8,
+    port: [u8; 2],
+) -> Option<&'static PolicyValue> {
+    POLICY.get(&Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKey::new(endpoint, dir, peer, proto, port),
+    ))
+}
+
+/// What the policy of `endpoint` says of traffic in `dir` with the peer
+/// `peer_id` at `peer_addr` (wire bytes), on protocol `proto_port >> 16`
+/// to port `proto_port & 0xffff` (a wire word): `Ok(None)` when the
+/// endpoint is under no policy (nothing to track), `Ok(Some(id))` when
+/// allowed (by policy `id`, 0 when that direction is not isolated), `Err`
+/// when denied. (BPF calls take five arguments.)
+#[inline(never)]
+pub fn decide(
+    endpoint: u32,
+    dir: u8,
+    peer_id: u32,
+    peer_addr: u32,
+    proto_port: u32,
+) -> Result<Option<u32>, Reason> {
+    let proto = (proto_port >> 16) as u8;
+    let port = proto_port as u16;
+    // Only these protocols have ports a rule can name.
+    let port = if proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP {
+        port.to_ne_bytes()
+    } else {
+        [0; 2]
+    };
+    let Some(v) = lookup(endpoint, dir, peer_id, proto, port) else {
+        return Ok(None);
+    };
+    if v.kind != POLICY_ISOLATED {
+        // An allow, or the marker of a direction that is not isolated.
+        return Ok(Some(if v.kind == POLICY_ALLOW { v.policy } else { 0 }));
+    }
+    if let Some(v) = lookup(endpoint, dir, PEER_ANY, proto, port)
+        && v.kind == POLICY_ALLOW
+    {
+        return Ok(Some(v.policy));
+    }
+    let ck = Key::new(
+        POLICY_CIDR_PREFIX_DIR + 32,
+        PolicyCidrKey {
+            endpoint: endpoint.to_be_bytes(),
+            dir,
+            addr: peer_addr.to_ne_bytes(),
+            _pad: [0; 3],
+        },
+    );
+    if let Some(c) = POLICY_CIDR.get(&ck)
+        && c.class != 0
+        && let Some(v) = lookup(endpoint, dir, PEER_CLASS | c.class, proto, port)
+        && v.kind == POLICY_ALLOW
+    {
+        return Ok(Some(v.policy));
+    }
+    Err(Reason::PolicyDenied)
+}
+
+#[inline(always)]
+fn proto_port(proto: u8, port: u16) -> u32 {
+    (u32::from(proto) << 16) | u32::from(port)
+}
+
+/// Egress of the local endpoint `endpoint` (its identity is the packet's
+/// source): `flow` as the pod sent it, to `daddr`:`dport` once translated
+/// (a Service's backend is judged, not its frontend). A call of its own:
+/// the caller's frame is deep already.
+#[inline(never)]
+pub fn egress(endpoint: u32, flow: &Flow, daddr: u32, dport: u16) -> Result<(), Reason> {
+    let peer = identity_of(daddr);
+    match decide(
+        endpoint,
+        POLICY_DIR_EGRESS,
+        peer,
+        daddr,
+        proto_port(flow.proto, dport),
+    ) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => {
+            ct::track_replies(flow);
+            Ok(())
+        }
+        Err(_) if ct::is_reply(flow) => Ok(()),
+        Err(r) => Err(r),
+    }
+}
+
+/// Ingress to the local endpoint `endpoint`: `flow` as it will be
+/// delivered (translated), from a peer of identity `peer_id`. Inlined into
+/// the delivery step: one frame less on the deepest chain.
+#[inline(always)]
+pub fn ingress(endpoint: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
+    // The pod's own node may always reach it (kubelet probes).
+    if peer_id == IDENTITY_HOST {
+        return Ok(());
+    }
+    match decide(
+        endpoint,
+        POLICY_DIR_INGRESS,
+        peer_id,
+        flow.saddr,
+        proto_port(flow.proto, flow.dport),
+    ) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => {
+            ct::track_replies(flow);
+            Ok(())
+        }
+        Err(_) if ct::is_reply(flow) => Ok(()),
+        Err(r) => Err(r),
+    }
+}

@@ -1,0 +1,329 @@
+//! Golden packets for NetworkPolicy: a policy compiled by the agent's own
+//! compiler and written by its own map code, then a table of packets, each
+//! {what, program, device, input, expected verdict, the counter it lands
+//! under}, run in order through `BPF_PROG_TEST_RUN` (a reply after its
+//! request, as real traffic goes).
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use dataplane::{
+    cluster::{Key, Kind},
+    maps::{
+        Table as _,
+        endpoints::EndpointMap,
+        policy::{PolicyCidrMap, PolicyMap, sync_endpoint},
+    },
+    policy::{LabelSet, Labels, PodView, Policy, compile},
+};
+use dataplane_common::{
+    EP_F_LOCAL, EndpointInfo, EndpointKey, IPPROTO_TCP, MODE_NATIVE, MODE_VXLAN,
+};
+use serde_json::json;
+
+const OUTSIDE: [u8; 4] = [198, 51, 100, 7];
+const EXT: [u8; 4] = [172, 20, 0, 100];
+const WEB_ID: u32 = 1000;
+const CLIENT_ID: u32 = 2000;
+const OTHER_ID: u32 = 3000;
+
+fn labels(app: &str) -> Labels {
+    [("app".to_string(), app.to_string())].into()
+}
+
+fn set(app: &str) -> LabelSet {
+    LabelSet {
+        namespace: "default".into(),
+        namespace_labels: Labels::new(),
+        labels: labels(app),
+    }
+}
+
+/// The web pod (POD) under a policy: ingress from the client (PEER) on
+/// its named port, from the other pod (REMOTE_POD) on a port range, from
+/// the underlay but the other node on UDP 53; egress only to
+/// 198.51.100.0/24 on 443.
+fn install(f: &Fixture) {
+    let mut eps = EndpointMap::open(&f.pin_dir).expect("endpoints");
+    for (ip, ifindex, id, flags) in [
+        (POD, f.pod_if, WEB_ID, EP_F_LOCAL),
+        (PEER, f.peer_if, CLIENT_ID, EP_F_LOCAL),
+        (REMOTE_POD, 0, OTHER_ID, 0),
+    ] {
+        let mut e = eps
+            .read(&[EndpointKey::v4(ip)])
+            .expect("read")
+            .into_values()
+            .next()
+            .unwrap_or(EndpointInfo {
+                flags,
+                ..Default::default()
+            });
+        e.ifindex = ifindex;
+        e.identity = id;
+        eps.put(&EndpointKey::v4(ip), &e).expect("endpoint");
+    }
+    let spec = serde_json::from_value(json!({
+        "podSelector": {"matchLabels": {"app": "web"}},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [
+            {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]},
+            {"from": [{"podSelector": {"matchLabels": {"app": "other"}}}], "ports": [{"port": 1000, "endPort": 2000}]},
+            {"from": [{"ipBlock": {"cidr": "172.20.0.0/24", "except": ["172.20.0.12/32"]}}],
+             "ports": [{"port": 53, "protocol": "UDP"}]}
+        ],
+        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"port": 443}]}]
+    }))
+    .expect("spec");
+    let key = Key {
+        kind: Kind::NetworkPolicy,
+        namespace: "default".into(),
+        name: "web".into(),
+    };
+    let policy = Policy::parse(&key, &spec).expect("valid policy");
+    let (web, client, other) = (set("web"), set("client"), set("other"));
+    let web_ports = vec![("http".to_string(), IPPROTO_TCP, 80)];
+    let pods = vec![
+        PodView {
+            identity: WEB_ID,
+            set: &web,
+            ips: vec![Ipv4Addr::from(POD)],
+            ports: &web_ports,
+        },
+        PodView {
+            identity: CLIENT_ID,
+            set: &client,
+            ips: vec![Ipv4Addr::from(PEER)],
+            ports: &[],
+        },
+        PodView {
+            identity: OTHER_ID,
+            set: &other,
+            ips: vec![Ipv4Addr::from(REMOTE_POD)],
+            ports: &[],
+        },
+    ];
+    let compiled = compile(&pods[0], [(7, "default", &policy)], &pods);
+    let mut rules = PolicyMap::open(&f.pin_dir).expect("dp_policy");
+    let mut cidrs = PolicyCidrMap::open(&f.pin_dir).expect("dp_policy_cidr");
+    let stats =
+        sync_endpoint(&mut rules, &mut cidrs, f.pod_if, &compiled, (&[], &[])).expect("write");
+    assert!(stats.added > 0);
+}
+
+struct Case {
+    what: &'static str,
+    prog: &'static str,
+    ifindex: u32,
+    input: Vec<u8>,
+    verdict: u32,
+    /// (direction, reason) the packet is counted under at tc.
+    counted: (&'static str, &'static str),
+}
+
+fn run(f: &Fixture, cases: Vec<Case>) {
+    for c in cases {
+        let before = f.counted();
+        let (rc, out) = f.tc(c.prog, c.ifindex, &c.input);
+        assert_eq!(rc, c.verdict, "{}: verdict", c.what);
+        if rc == TC_ACT_SHOT {
+            assert_eq!(
+                out, c.input,
+                "{}: a dropped packet is not rewritten",
+                c.what
+            );
+        }
+        let after = f.counted();
+        let n = |rows: &Vec<(String, String, String, u64)>| {
+            rows.iter()
+                .find(|r| {
+                    (r.0.as_str(), r.1.as_str(), r.2.as_str()) == ("tc", c.counted.0, c.counted.1)
+                })
+                .map_or(0, |r| r.3)
+        };
+        assert_eq!(
+            n(&after),
+            n(&before) + 1,
+            "{}: counted under {:?}: {after:?}",
+            c.what,
+            c.counted
+        );
+    }
+}
+
+#[test]
+fn pod_traffic_is_judged_by_identity_port_and_direction_and_replies_pass() {
+    let f = fixture(MODE_VXLAN);
+    install(&f);
+    let (p, w) = (f.peer_if, f.pod_if);
+    let to_pod = |src: ([u8; 4], u16), port: u16, syn: bool| {
+        tcp(
+            (PEER_MAC, PEER_HOST_MAC),
+            src,
+            (POD, port),
+            64,
+            syn,
+            &[],
+            b"",
+        )
+    };
+    let from_pod = |dst: ([u8; 4], u16), sport: u16, syn: bool| {
+        tcp((POD_MAC, HOST_MAC), (POD, sport), dst, 64, syn, &[], b"")
+    };
+    run(
+        &f,
+        vec![
+            Case {
+                what: "the client reaches the web pod's named port (http = 80)",
+                prog: "lxc_from_ctr",
+                ifindex: p,
+                input: to_pod((PEER, 40000), 80, true),
+                verdict: TC_ACT_REDIRECT,
+                counted: ("from-endpoint", "forwarded"),
+            },
+            Case {
+                what: "another port of the web pod is denied",
+                prog: "lxc_from_ctr",
+                ifindex: p,
+                input: to_pod((PEER, 40001), 81, true),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-endpoint", "policy_denied"),
+            },
+            Case {
+                what: "the web pod's reply passes its egress isolation",
+                prog: "lxc_from_ctr",
+                ifindex: w,
+                input: from_pod((PEER, 40000), 80, false),
+                verdict: TC_ACT_REDIRECT,
+                counted: ("from-endpoint", "forwarded"),
+            },
+            Case {
+                what: "a new flow from the web pod to the client is denied",
+                prog: "lxc_from_ctr",
+                ifindex: w,
+                input: from_pod((PEER, 9999), 41000, true),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-endpoint", "policy_denied"),
+            },
+            Case {
+                what: "egress to the allowed block on 443 goes out",
+                prog: "lxc_from_ctr",
+                ifindex: w,
+                input: from_pod((OUTSIDE, 443), 41001, true),
+                verdict: TC_ACT_OK,
+                counted: ("from-endpoint", "forwarded"),
+            },
+            Case {
+                what: "egress to the block on another port is denied",
+                prog: "lxc_from_ctr",
+                ifindex: w,
+                input: from_pod((OUTSIDE, 80), 41002, true),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-endpoint", "policy_denied"),
+            },
+            Case {
+                what: "the node itself always reaches the pod (kubelet probes)",
+                prog: "lxc_to_ctr",
+                ifindex: w,
+                input: tcp(
+                    (HOST_MAC, POD_MAC),
+                    (NODE, 50000),
+                    (POD, 8080),
+                    64,
+                    true,
+                    &[],
+                    b"",
+                ),
+                verdict: TC_ACT_OK,
+                counted: ("to-endpoint", "forwarded"),
+            },
+            Case {
+                what: "the stack delivering from outside is judged too",
+                prog: "lxc_to_ctr",
+                ifindex: w,
+                input: tcp(
+                    (HOST_MAC, POD_MAC),
+                    (OUTSIDE, 50000),
+                    (POD, 8080),
+                    64,
+                    true,
+                    &[],
+                    b"",
+                ),
+                verdict: TC_ACT_SHOT,
+                counted: ("to-endpoint", "policy_denied"),
+            },
+        ],
+    );
+}
+
+#[test]
+fn remote_and_outside_peers_by_address_port_range_and_ip_block() {
+    let f = fixture(MODE_NATIVE);
+    install(&f);
+    let u = f.uplink_if;
+    let macs = ([0x02, 0, 0, 0, 0, 0x0c], [0x02, 0, 0, 0, 0, 0x0b]);
+    run(
+        &f,
+        vec![
+            Case {
+                what: "the other pod (another node) inside the port range",
+                prog: "host_in",
+                ifindex: u,
+                input: tcp(macs, (REMOTE_POD, 50000), (POD, 1500), 63, true, &[], b""),
+                verdict: TC_ACT_REDIRECT,
+                counted: ("from-network", "forwarded"),
+            },
+            Case {
+                what: "the range ends at endPort",
+                prog: "host_in",
+                ifindex: u,
+                input: tcp(macs, (REMOTE_POD, 50001), (POD, 2001), 63, true, &[], b""),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-network", "policy_denied"),
+            },
+            Case {
+                what: "an address in the ipBlock, on UDP 53",
+                prog: "host_in",
+                ifindex: u,
+                input: udp(macs, (EXT, 5353), (POD, 53), 63, b"q"),
+                verdict: TC_ACT_REDIRECT,
+                counted: ("from-network", "forwarded"),
+            },
+            Case {
+                what: "the same address on TCP 53: the rule is UDP",
+                prog: "host_in",
+                ifindex: u,
+                input: tcp(macs, (EXT, 5353), (POD, 53), 63, true, &[], b""),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-network", "policy_denied"),
+            },
+            Case {
+                what: "the except carves the other node out of the block",
+                prog: "host_in",
+                ifindex: u,
+                input: udp(macs, (REMOTE_NODE, 5353), (POD, 53), 63, b"q"),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-network", "policy_denied"),
+            },
+            Case {
+                what: "an unnamed pod identity gets nothing",
+                prog: "host_in",
+                ifindex: u,
+                input: tcp(
+                    macs,
+                    ([10, 244, 1, 99], 50002),
+                    (POD, 1500),
+                    63,
+                    true,
+                    &[],
+                    b"",
+                ),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-network", "policy_denied"),
+            },
+        ],
+    );
+}
