@@ -16,7 +16,7 @@ use ipnetwork::{IpNetwork, Ipv4Network};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
-    networking::v1::{NetworkPolicy, NetworkPolicySpec},
+    networking::v1::NetworkPolicy,
 };
 
 use crate::nodes::RemoteNode;
@@ -96,6 +96,9 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
     pub labels: BTreeMap<String, String>,
+    /// Named container ports: (name, protocol, number), for the named
+    /// ports of NetworkPolicy rules.
+    pub ports: Vec<(String, u8, u16)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,7 +192,7 @@ pub enum Object {
     Pod(PodInfo),
     Service(ServiceInfo),
     EndpointSlice(SliceInfo),
-    NetworkPolicy(Box<NetworkPolicySpec>),
+    NetworkPolicy(Box<crate::policy::Policy>),
 }
 
 /// Why an object was refused: where, and what is wrong.
@@ -330,6 +333,18 @@ where
                     .into_iter()
                     .map(|i| i.ip),
             )?;
+            let mut ports = Vec::new();
+            for (i, c) in spec.containers.iter().enumerate() {
+                for (j, cp) in c.ports.iter().flatten().enumerate() {
+                    let Some(name) = cp.name.clone().filter(|n| !n.is_empty()) else {
+                        continue;
+                    };
+                    let f = format!("spec.containers[{i}].ports[{j}]");
+                    let proto = protocol(&key, &format!("{f}.protocol"), cp.protocol.as_deref())?;
+                    let port = port_number(&key, &format!("{f}.containerPort"), cp.container_port)?;
+                    ports.push((name, proto, port));
+                }
+            }
             Ok((
                 key,
                 Object::Pod(PodInfo {
@@ -337,6 +352,7 @@ where
                     ips,
                     host_network: spec.host_network.unwrap_or(false),
                     labels: p.metadata.labels.unwrap_or_default(),
+                    ports,
                 }),
             ))
         }
@@ -494,10 +510,8 @@ where
         Kind::NetworkPolicy => {
             let p: NetworkPolicy = serde_path_to_error::deserialize(value).map_err(typed)?;
             let key = key_of(kind, &p.metadata)?;
-            Ok((
-                key,
-                Object::NetworkPolicy(Box::new(p.spec.unwrap_or_default())),
-            ))
+            let policy = crate::policy::Policy::parse(&key, &p.spec.unwrap_or_default())?;
+            Ok((key, Object::NetworkPolicy(Box::new(policy))))
         }
     }
 }
@@ -864,6 +878,42 @@ impl Cluster {
     }
 
     /// Every address some pod claims (for a full resync).
+    /// Every pod, with its key.
+    pub fn pods(&self) -> impl Iterator<Item = (&Key, &PodInfo)> + '_ {
+        self.objects.iter().filter_map(|(k, o)| match o {
+            Object::Pod(p) => Some((k, p)),
+            _ => None,
+        })
+    }
+
+    /// Every NetworkPolicy, with its key.
+    pub fn policies(&self) -> impl Iterator<Item = (&Key, &crate::policy::Policy)> + '_ {
+        self.objects.iter().filter_map(|(k, o)| match o {
+            Object::NetworkPolicy(p) => Some((k, p.as_ref())),
+            _ => None,
+        })
+    }
+
+    /// A namespace's labels, with `kubernetes.io/metadata.name` (which the
+    /// API server sets; manifests may lack it). A namespace with no object
+    /// has only that label.
+    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        let key = Key {
+            kind: Kind::Namespace,
+            namespace: String::new(),
+            name: namespace.to_owned(),
+        };
+        let mut labels = match self.objects.get(&key) {
+            Some(Object::Namespace(l)) => l.clone(),
+            _ => BTreeMap::new(),
+        };
+        labels.insert(
+            crate::policy::NAMESPACE_NAME_LABEL.to_owned(),
+            namespace.to_owned(),
+        );
+        labels
+    }
+
     pub fn pod_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.pods_by_ip.keys().copied()
     }

@@ -17,6 +17,7 @@
 //! process can be removed with [`teardown_unowned`].
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::Read as _,
     net::Ipv4Addr,
@@ -176,6 +177,11 @@ pub struct PodState {
     pub ifname: String,
     /// The CNI ADD result, as a runtime caches it for DEL and CHECK.
     pub result: Value,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Named container ports: (name, protocol, number).
+    #[serde(default)]
+    pub ports: Vec<(String, String, u16)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -696,8 +702,13 @@ impl Lab {
     fn pod_object(&self, p: &PodState) -> Value {
         serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": p.name, "namespace": p.namespace},
-            "spec": {"nodeName": self.state.nodes[p.node].name, "containers": []},
+            "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+            "spec": {"nodeName": self.state.nodes[p.node].name, "containers": [{
+                "name": "main",
+                "ports": p.ports.iter().map(|(n, proto, port)| serde_json::json!(
+                    {"name": n, "protocol": proto, "containerPort": port}
+                )).collect::<Vec<_>>(),
+            }]},
             "status": {"podIPs": [{"ip": p.ip.to_string()}]},
         })
     }
@@ -763,6 +774,43 @@ impl Lab {
         fs::write(&tmp, text)?;
         fs::rename(&tmp, self.state.manifests.join(name))?;
         Ok(())
+    }
+
+    /// Replaces a pod's labels (as `kubectl label --overwrite` would).
+    pub fn set_pod_labels(&mut self, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let pod = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        pod.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.save()?;
+        self.write_pods_file()
+    }
+
+    /// Publishes the Namespace objects: (name, labels).
+    pub fn set_namespaces(&self, namespaces: &[(&str, &[(&str, &str)])]) -> Result<()> {
+        let objects = namespaces
+            .iter()
+            .map(|(name, labels)| {
+                let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+                serde_json::json!({
+                    "apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": name, "labels": labels},
+                })
+            })
+            .collect();
+        self.publish("namespaces.yaml", "Namespace", objects)
+    }
+
+    /// Publishes the NetworkPolicy objects (whole objects, or specs with
+    /// `metadata` given).
+    pub fn set_policies(&self, policies: Vec<Value>) -> Result<()> {
+        self.publish("networkpolicies.yaml", "NetworkPolicy", policies)
     }
 
     /// Every pod with its node and address, as the kubelet reports them in
@@ -883,11 +931,44 @@ impl Lab {
 
     /// [`Lab::add_pod`] with a `runtimeConfig` (e.g. portMappings).
     pub fn add_pod_with(&mut self, i: usize, name: &str, runtime_config: Value) -> Result<usize> {
+        self.add_pod_full(i, "default", name, &[], &[], runtime_config)
+    }
+
+    /// [`Lab::add_pod`] in `namespace`, with `labels` and named container
+    /// ports ((name, protocol, number)), as NetworkPolicy sees pods.
+    pub fn add_pod_in(
+        &mut self,
+        i: usize,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(&str, &str, u16)],
+    ) -> Result<usize> {
+        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)
+    }
+
+    fn add_pod_full(
+        &mut self,
+        i: usize,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(&str, &str, u16)],
+        runtime_config: Value,
+    ) -> Result<usize> {
         let netns = format!("{}-{name}", self.state.nodes[i].netns);
         self.add_netns(&netns)?;
         let mut pod = PodState {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: ports
+                .iter()
+                .map(|(n, p, num)| (n.to_string(), p.to_string(), *num))
+                .collect(),
             name: name.to_owned(),
-            namespace: "default".into(),
+            namespace: namespace.into(),
             netns,
             node: i,
             ip: Ipv4Addr::UNSPECIFIED,

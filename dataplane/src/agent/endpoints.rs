@@ -156,6 +156,8 @@ fn install(
     }
     lock(&agent.registry)?.insert(id, live);
     telemetry_count(agent);
+    // Its policy is compiled by the reconciler, which has the cluster.
+    agent.policy_dirty.notify_one();
     Ok(())
 }
 
@@ -187,6 +189,7 @@ pub(super) fn remove(agent: &Agent, container_id: &str) -> Result<()> {
     if let Some(mut live) = live {
         uninstall(agent, container_id, &mut live);
         info!(endpoint = %container_id, "endpoint removed");
+        agent.policy_dirty.notify_one();
     }
     telemetry_count(agent);
     Ok(())

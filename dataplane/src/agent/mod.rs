@@ -30,6 +30,7 @@ use tracing::{info, warn};
 mod api;
 mod endpoints;
 mod network;
+mod policy;
 mod reconcile;
 mod services;
 
@@ -43,6 +44,7 @@ use crate::{
         ep_metrics::EpMetricsMap,
         ipcache::Ipcache,
         ipcache::IpcacheMap,
+        policy::{PolicyCidrMap, PolicyMap},
         services::{BackendsMap, MaglevMap, Services, ServicesMap},
     },
     source_dir, source_kube, sys, telemetry,
@@ -271,6 +273,10 @@ pub(crate) struct Agent {
     status: Mutex<Status>,
     /// Endpoint adds and deletes run one at a time (not the reconciler).
     api_lock: tokio::sync::Mutex<()>,
+    /// Compiled NetworkPolicy per local endpoint.
+    policy: Mutex<policy::PolicyState>,
+    /// Local endpoints changed: their policy needs compiling.
+    policy_dirty: tokio::sync::Notify,
 }
 
 /// A poisoned lock means a panic elsewhere; the agent reports it instead of
@@ -405,6 +411,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let affinity = AffinityMap::new(datapath.take_map(dataplane_common::MAP_AFFINITY)?)?;
     let ct_stats = PerCpuArray::try_from(datapath.take_map(dataplane_common::MAP_CT_STATS)?)?;
     let (ct_purge, purges) = mpsc::unbounded_channel();
+    let policy_state = policy::PolicyState::new(
+        PolicyMap::new(datapath.take_map(dataplane_common::MAP_POLICY)?)?,
+        PolicyCidrMap::new(datapath.take_map(dataplane_common::MAP_POLICY_CIDR)?)?,
+    );
 
     let telemetry = telemetry::Telemetry::new(pin_dir.clone());
     let agent = Arc::new(Agent {
@@ -436,6 +446,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             ..Default::default()
         }),
         api_lock: tokio::sync::Mutex::new(()),
+        policy: Mutex::new(policy_state),
+        policy_dirty: tokio::sync::Notify::new(),
     });
 
     endpoints::restore(&agent).await?;

@@ -57,6 +57,7 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
     resync.tick().await;
     loop {
         let mut ch = Changes::default();
+        let mut endpoints_changed = false;
         let full = tokio::select! {
             u = rx.recv() => {
                 let Some(u) = u else { return };
@@ -70,11 +71,29 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
                 ch.synced
             }
             _ = resync.tick() => true,
+            _ = agent.policy_dirty.notified() => {
+                endpoints_changed = true;
+                false
+            }
         };
         for kind in Kind::ALL {
             telemetry::set_objects(&agent.telemetry, kind.name(), cluster.count(kind));
         }
-        if !cluster.synced() || (ch.is_empty() && !full) {
+        if !cluster.synced() {
+            continue;
+        }
+        if endpoints_changed {
+            let started = Instant::now();
+            match tokio::task::block_in_place(|| super::policy::apply(&agent, &cluster, false)) {
+                Ok(()) => telemetry::reconciled(&agent.telemetry, "policy", started.elapsed()),
+                Err(e) => {
+                    telemetry::error(&agent.telemetry, "reconcile");
+                    warn!("applying NetworkPolicy: {e:#}");
+                }
+            }
+            continue;
+        }
+        if ch.is_empty() && !full {
             continue;
         }
         let started = Instant::now();
@@ -176,6 +195,11 @@ async fn apply(
         }
         Ok(())
     })?;
+    // Pods, namespaces and policies all feed identities and policies; a
+    // pod's address moving changes which identity it carries.
+    if full || !ch.namespaces.is_empty() || !ch.pod_ips.is_empty() {
+        tokio::task::block_in_place(|| super::policy::apply(agent, cluster, full))?;
+    }
     if full || !ch.services.is_empty() {
         let external = tokio::task::block_in_place(|| {
             super::services::apply(agent, cluster, &ch.services, full, problems)

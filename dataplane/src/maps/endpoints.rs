@@ -72,6 +72,8 @@ pub struct Endpoints {
     map: EndpointMap,
     local: BTreeMap<String, Vec<(EndpointKey, EndpointInfo)>>,
     remote: BTreeMap<EndpointKey, String>,
+    /// Security identities of pod addresses (NetworkPolicy).
+    identities: BTreeMap<EndpointKey, u32>,
     desired: BTreeMap<EndpointKey, EndpointInfo>,
 }
 
@@ -81,6 +83,7 @@ impl Endpoints {
             map,
             local: BTreeMap::new(),
             remote: BTreeMap::new(),
+            identities: BTreeMap::new(),
             desired: BTreeMap::new(),
         }
     }
@@ -100,7 +103,10 @@ impl Endpoints {
             .find(|(k, _)| *k == key)
             .map(|(_, v)| *v);
         match local.or_else(|| self.remote.contains_key(&key).then(EndpointInfo::default)) {
-            Some(v) => self.desired.insert(key, v),
+            Some(mut v) => {
+                v.identity = self.identities.get(&key).copied().unwrap_or(0);
+                self.desired.insert(key, v)
+            }
             None => self.desired.remove(&key),
         };
     }
@@ -149,6 +155,32 @@ impl Endpoints {
             touched.push(k);
         }
         sync_keys(&mut self.map, &self.desired, touched)
+    }
+
+    /// Sets the security identity of every pod address (the whole map of
+    /// them); returns what the map needed.
+    pub fn set_identities(&mut self, ids: BTreeMap<EndpointKey, u32>) -> Result<SyncStats> {
+        let mut touched: BTreeSet<EndpointKey> = BTreeSet::new();
+        for (k, v) in &ids {
+            if self.identities.get(k) != Some(v) {
+                touched.insert(*k);
+            }
+        }
+        for k in self.identities.keys() {
+            if !ids.contains_key(k) {
+                touched.insert(*k);
+            }
+        }
+        self.identities = ids;
+        for k in &touched {
+            self.recompute(*k);
+        }
+        sync_keys(&mut self.map, &self.desired, touched)
+    }
+
+    /// The identity of a pod address, 0 when unknown.
+    pub fn identity(&self, key: &EndpointKey) -> u32 {
+        self.identities.get(key).copied().unwrap_or(0)
     }
 
     /// Whether a local endpoint has this address.

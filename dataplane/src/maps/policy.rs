@@ -407,9 +407,7 @@ pub fn rows(pin_dir: &Path) -> Result<Vec<PolicyRow>> {
             endpoint: k.endpoint,
             direction: policy_dir_name(k.dir).into(),
             peer: peer_name(k.peer),
-            protocol: k
-                .proto
-                .map_or("any".into(), dataplane_common::proto_name),
+            protocol: k.proto.map_or("any".into(), dataplane_common::proto_name),
             ports: k.port.map_or("any".into(), ports_text),
             verdict: match v.kind {
                 POLICY_ALLOW => "allow",

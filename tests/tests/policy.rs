@@ -1,0 +1,393 @@
+//! NetworkPolicy with real traffic, the way Kubernetes' own e2e tests
+//! probe it: namespaces x and y, pods a and b in each (spread over two
+//! nodes), every pod serving TCP and UDP on 80 and 81 under named container
+//! ports; each scenario probes every ordered pair on each port and
+//! protocol and compares with what a small evaluator written here (not the
+//! agent's compiler) says. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use lab::{Lab, LabSpec, services::identity_server};
+use serde_json::{Value, json};
+
+/// (namespace, pod, node).
+const PODS: [(&str, &str, usize); 4] = [("x", "a", 0), ("x", "b", 1), ("y", "a", 1), ("y", "b", 0)];
+const PORTS: [(&str, &str, u16); 4] = [
+    ("serve-80-tcp", "TCP", 80),
+    ("serve-80-udp", "UDP", 80),
+    ("serve-81-tcp", "TCP", 81),
+    ("serve-81-udp", "UDP", 81),
+];
+
+fn name(ns: &str, pod: &str) -> String {
+    format!("{ns}-{pod}")
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A probe: from pod, to pod, port, protocol.
+type Probe = (String, String, u16, &'static str);
+
+/// Whether `from` reaches `to` (an address) on `port`/`proto`: a TCP
+/// connection that is answered, or a UDP datagram that is. A denied probe
+/// times out; an allowed one may need a retry while neighbours resolve.
+fn reach(netns: &str, to: SocketAddr, proto: &str) -> bool {
+    lab::in_netns_thread(netns, || {
+        for _ in 0..2 {
+            let ok = if proto == "TCP" {
+                TcpStream::connect_timeout(&to, Duration::from_millis(700))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_millis(700)))?;
+                        let mut line = String::new();
+                        BufReader::new(&mut s).read_line(&mut line)?;
+                        Ok(!line.is_empty())
+                    })
+                    .unwrap_or(false)
+            } else {
+                UdpSocket::bind(("0.0.0.0", 0))
+                    .and_then(|s| {
+                        s.set_read_timeout(Some(Duration::from_millis(700)))?;
+                        s.send_to(b"who", to)?;
+                        let mut buf = [0u8; 256];
+                        s.recv_from(&mut buf).map(|(n, _)| n > 0)
+                    })
+                    .unwrap_or(false)
+            };
+            if ok {
+                return true;
+            }
+        }
+        false
+    })
+    .unwrap_or(false)
+}
+
+/// Every probe at once (each on a thread of its own): the observed matrix.
+fn observe(lab: &Lab) -> BTreeMap<Probe, bool> {
+    let mut probes = Vec::new();
+    for (fns, fpod, _) in PODS {
+        for (tns, tpod, _) in PODS {
+            if (fns, fpod) == (tns, tpod) {
+                continue;
+            }
+            for (port, proto) in [(80, "TCP"), (81, "TCP"), (80, "UDP")] {
+                probes.push((name(fns, fpod), name(tns, tpod), port, proto));
+            }
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|p| {
+                let from = lab.pod(&p.0).netns.clone();
+                let to = SocketAddr::from((lab.pod(&p.1).ip, p.2));
+                s.spawn(move || reach(&from, to, p.3))
+            })
+            .collect();
+        probes
+            .iter()
+            .cloned()
+            .zip(handles.into_iter().map(|h| h.join().unwrap_or(false)))
+            .collect()
+    })
+}
+
+/// The pods' facts as the evaluator sees them.
+#[derive(Clone)]
+struct World {
+    ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pod_labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl World {
+    fn new() -> Self {
+        let mut ns_labels = BTreeMap::new();
+        let mut pod_labels = BTreeMap::new();
+        for (ns, pod, _) in PODS {
+            ns_labels.insert(
+                ns.to_string(),
+                [
+                    ("ns".to_string(), ns.to_string()),
+                    ("kubernetes.io/metadata.name".to_string(), ns.to_string()),
+                ]
+                .into(),
+            );
+            pod_labels.insert(name(ns, pod), [("pod".to_string(), pod.to_string())].into());
+        }
+        World {
+            ns_labels,
+            pod_labels,
+        }
+    }
+
+    fn ns_of(p: &str) -> &str {
+        &p[..1]
+    }
+}
+
+/// matchLabels only (what these scenarios use).
+fn selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
+    sel["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+}
+
+/// Whether a rule's peer list admits `peer` (a pod) for a policy in `ns`.
+fn peers_admit(w: &World, peers: &Value, ns: &str, peer: &str) -> bool {
+    let Some(list) = peers.as_array() else {
+        return true;
+    };
+    if list.is_empty() {
+        return true;
+    }
+    list.iter().any(|p| {
+        let ns_ok = match p.get("namespaceSelector") {
+            Some(sel) => selects(sel, &w.ns_labels[World::ns_of(peer)]),
+            None => World::ns_of(peer) == ns,
+        };
+        let pod_ok = p
+            .get("podSelector")
+            .is_none_or(|sel| selects(sel, &w.pod_labels[peer]));
+        ns_ok && pod_ok
+    })
+}
+
+/// Whether a rule's port list admits `port`/`proto` at `dest`.
+fn ports_admit(ports: &Value, port: u16, proto: &str) -> bool {
+    let Some(list) = ports.as_array() else {
+        return true;
+    };
+    if list.is_empty() {
+        return true;
+    }
+    list.iter().any(|p| {
+        let pproto = p["protocol"].as_str().unwrap_or("TCP");
+        let pport = match &p["port"] {
+            Value::Null => None,
+            Value::Number(n) => n.as_u64().map(|n| n as u16),
+            // Named: every pod here maps serve-<port>-<proto> the same way.
+            Value::String(s) => PORTS
+                .iter()
+                .find(|(n, pr, _)| n == s && *pr == pproto)
+                .map(|(_, _, n)| *n),
+            _ => None,
+        };
+        pproto == proto
+            && match (&p["port"], pport) {
+                (Value::Null, _) => true,
+                (_, Some(n)) => n == port,
+                _ => false,
+            }
+    })
+}
+
+/// What Kubernetes says of one probe under `policies`: each direction is
+/// judged by the policies selecting the pod on that side.
+fn expected(w: &World, policies: &[Value], p: &Probe) -> bool {
+    let (from, to, port, proto) = (&p.0, &p.1, p.2, p.3);
+    let types = |pol: &Value| -> (bool, bool) {
+        match pol["spec"]["policyTypes"].as_array() {
+            Some(t) => (
+                t.iter().any(|x| x == "Ingress"),
+                t.iter().any(|x| x == "Egress"),
+            ),
+            None => (
+                true,
+                pol["spec"]["egress"]
+                    .as_array()
+                    .is_some_and(|e| !e.is_empty()),
+            ),
+        }
+    };
+    let selecting = |pod: &str| -> Vec<&Value> {
+        policies
+            .iter()
+            .filter(|pol| {
+                pol["metadata"]["namespace"] == World::ns_of(pod)
+                    && selects(&pol["spec"]["podSelector"], &w.pod_labels[pod])
+            })
+            .collect()
+    };
+    let egress_ok = {
+        let pols: Vec<&Value> = selecting(from).into_iter().filter(|p| types(p).1).collect();
+        pols.is_empty()
+            || pols.iter().any(|pol| {
+                pol["spec"]["egress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| {
+                        peers_admit(w, &r["to"], World::ns_of(from), to)
+                            && ports_admit(&r["ports"], port, proto)
+                    })
+            })
+    };
+    let ingress_ok = {
+        let pols: Vec<&Value> = selecting(to).into_iter().filter(|p| types(p).0).collect();
+        pols.is_empty()
+            || pols.iter().any(|pol| {
+                pol["spec"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| {
+                        peers_admit(w, &r["from"], World::ns_of(to), from)
+                            && ports_admit(&r["ports"], port, proto)
+                    })
+            })
+    };
+    egress_ok && ingress_ok
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": spec,
+    })
+}
+
+/// Publishes `policies` and waits until the observed matrix matches the
+/// evaluator's (policies take a moment to apply); returns how long that
+/// took, or panics with the differences.
+fn scenario(lab: &Lab, w: &World, what: &str, policies: Vec<Value>) -> Duration {
+    lab.set_policies(policies.clone())
+        .expect("publish policies");
+    let started = Instant::now();
+    loop {
+        let seen = observe(lab);
+        let wrong: Vec<String> = seen
+            .iter()
+            .filter(|(p, ok)| expected(w, &policies, p) != **ok)
+            .map(|(p, ok)| {
+                format!(
+                    "{} -> {} {}/{}: {} (expected {})",
+                    p.0,
+                    p.1,
+                    p.2,
+                    p.3,
+                    if *ok { "reached" } else { "blocked" },
+                    if *ok { "blocked" } else { "reached" }
+                )
+            })
+            .collect();
+        if wrong.is_empty() {
+            return started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(8) {
+            panic!(
+                "{what}: {} of {} probes wrong:\n{}\n---- agent logs ----\n{}\n{}",
+                wrong.len(),
+                seen.len(),
+                wrong.join("\n"),
+                lab.agent_log(0),
+                lab.agent_log(1)
+            );
+        }
+    }
+}
+
+fn suite(mode: &str) {
+    let mut spec = LabSpec::new(2, 0).expect("spec");
+    spec.mode = mode.into();
+    let mut lab = Lab::up(&spec).expect("lab up");
+    lab.set_namespaces(&[("x", &[("ns", "x")]), ("y", &[("ns", "y")])])
+        .expect("namespaces");
+    for (ns, pod, node) in PODS {
+        lab.add_pod_in(node, ns, &name(ns, pod), &[("pod", pod)], &PORTS)
+            .expect("pod");
+    }
+    let mut w = World::new();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        for (ns, pod, _) in PODS {
+            let (netns, n, stop) = (lab.pod(&name(ns, pod)).netns.clone(), name(ns, pod), &stop);
+            s.spawn(move || identity_server(&netns, &n, &[80, 81], stop).expect("server"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let deny_x = policy("x", "deny-all", json!({"podSelector": {}}));
+        let allow_y_to_xa = policy(
+            "x",
+            "allow-y-to-a",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{
+                "from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
+                "ports": [{"port": "serve-80-tcp"}]}]}),
+        );
+        let y_egress_to_a = policy(
+            "y",
+            "egress-to-a",
+            json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{
+                "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}],
+                "ports": [{"port": 80, "protocol": "TCP"}, {"port": 80, "protocol": "UDP"}]}]}),
+        );
+        scenario(&lab, &w, "no policy", vec![]);
+        scenario(&lab, &w, "default deny ingress in x", vec![deny_x.clone()]);
+        // The node's own probes still reach a pod under default deny.
+        let xa = lab.pod("x-a");
+        assert!(
+            reach(
+                &lab.state.nodes[xa.node].netns,
+                SocketAddr::from((xa.ip, 80)),
+                "TCP"
+            ),
+            "the node must reach its pod under default deny"
+        );
+        scenario(
+            &lab,
+            &w,
+            "x/a open to namespace y on its named port",
+            vec![deny_x.clone(), allow_y_to_xa.clone()],
+        );
+        let all = vec![deny_x.clone(), allow_y_to_xa.clone(), y_egress_to_a.clone()];
+        scenario(&lab, &w, "and y's egress only to pods a on 80", all.clone());
+        // A pod relabelled: x/b becomes an "a" for every rule at once.
+        lab.set_pod_labels("x-b", &[("pod", "a")]).expect("relabel");
+        w.pod_labels
+            .insert("x-b".into(), [("pod".to_string(), "a".to_string())].into());
+        scenario(&lab, &w, "x/b relabelled pod=a", all.clone());
+        lab.set_pod_labels("x-b", &[("pod", "b")]).expect("relabel");
+        w.pod_labels
+            .insert("x-b".into(), [("pod".to_string(), "b".to_string())].into());
+        // Deleting every policy opens everything again, quickly.
+        let took = scenario(&lab, &w, "policies deleted", vec![]);
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    });
+    for n in &lab.state.nodes {
+        let nft = Command::new("ip")
+            .args(["netns", "exec", &n.netns, "nft", "list", "ruleset"])
+            .output()
+            .expect("nft");
+        assert_eq!(
+            String::from_utf8_lossy(&nft.stdout).trim(),
+            "",
+            "nft rules on {}",
+            n.name
+        );
+    }
+}
+
+#[test]
+fn policies_give_the_matrix_kubernetes_promises_vxlan() {
+    suite("vxlan");
+}
+
+#[test]
+fn policies_give_the_matrix_kubernetes_promises_native() {
+    suite("native");
+}
