@@ -1,7 +1,7 @@
 //! Foundation: agent, programs, pinned maps, CLI and lab, proven with real
 //! packets. Needs root; run through `cargo xtask test`.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use lab::{Lab, LabSpec, ping};
 use serde_json::Value;
@@ -262,7 +262,22 @@ fn endpoint_removal_detaches_and_clears_its_entries() {
 fn bad_endpoint_requests_name_the_field_and_change_nothing() {
     let lab = lab(1, 1);
     let pod = lab.pod("pod-0-0").clone();
-    let before = lab.dump(0, "dp_endpoints").expect("dump");
+    // The pod's security identity is written once the agent has compiled
+    // its policy, just after the ADD: compare from then on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let before = loop {
+        let rows = lab.dump(0, "dp_endpoints").expect("dump");
+        if rows.iter().all(|r| r["identity"].as_u64() != Some(0))
+            || std::time::Instant::now() > deadline
+        {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        before.iter().all(|r| r["identity"].as_u64() != Some(0)),
+        "no identity assigned: {before:?}"
+    );
     let mk = |f: &dyn Fn(&mut dataplane_common::api::EndpointSpec)| {
         let mut s = dataplane_common::api::EndpointSpec {
             container_id: "bad".into(),
