@@ -52,7 +52,7 @@ pub(super) fn bench() -> Result<()> {
                 wait_programmed(&lab, n)?;
                 if n == 10_000 {
                     programmed = Some(started.elapsed());
-                    memory = Some(service_memory()?);
+                    memory = Some(service_memory(&lab)?);
                 }
                 let (pod, cip) = connect_times(
                     &client,
@@ -259,23 +259,43 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// memlock bytes of the Service maps (and the Maglev tables inside
 /// dp_maglev), by name.
-fn service_memory() -> Result<BTreeMap<String, (usize, u64)>> {
-    let out = output(Command::new("bpftool").args(["-j", "map", "show"]))?;
-    let maps: Vec<Value> = serde_json::from_str(&out)?;
+fn service_memory(lab: &Lab) -> Result<BTreeMap<String, (usize, u64)>> {
+    // This lab's maps only (other labs may be running): by their pins, and
+    // the Maglev tables by the ids the outer map holds.
+    let pin_dir = &lab.state.nodes[0].pin_dir;
+    let show = |args: &[&str]| -> Result<Value> {
+        let mut c = Command::new("bpftool");
+        c.arg("-j").args(args);
+        Ok(serde_json::from_str(&output(&mut c)?)?)
+    };
     let mut by = BTreeMap::new();
-    for m in &maps {
-        let name = m["name"].as_str().unwrap_or_default();
-        let label = match name {
-            "dp_services" | "dp_backends" | "dp_maglev" | "dp_affinity" => name.to_owned(),
-            // Inner maps aya creates (the name is cut to 15 bytes).
-            n if n.starts_with("standalone_arr") => "maglev tables".to_owned(),
-            _ => continue,
-        };
-        let e = by.entry(label).or_insert((0usize, 0u64));
-        e.0 += 1;
-        e.1 += m["bytes_memlock"].as_u64().unwrap_or(0);
+    for name in [
+        dataplane_common::MAP_SERVICES,
+        dataplane_common::MAP_BACKENDS,
+        dataplane_common::MAP_MAGLEV,
+        dataplane_common::MAP_AFFINITY,
+    ] {
+        let spec = dataplane_common::MapSpec::by_name(name).context("contract")?;
+        let pin = pin_dir.join(spec.pin_name());
+        let pin = pin.to_str().context("pin path")?;
+        let m = show(&["map", "show", "pinned", pin])?;
+        by.insert(
+            name.to_owned(),
+            (1usize, m["bytes_memlock"].as_u64().unwrap_or(0)),
+        );
+        if name == dataplane_common::MAP_MAGLEV {
+            let entries = show(&["map", "dump", "pinned", pin])?;
+            let mut tables = (0usize, 0u64);
+            for e in entries.as_array().into_iter().flatten() {
+                if let Some(id) = e["inner_map_id"].as_u64() {
+                    let t = show(&["map", "show", "id", &id.to_string()])?;
+                    tables.0 += 1;
+                    tables.1 += t["bytes_memlock"].as_u64().unwrap_or(0);
+                }
+            }
+            by.insert("maglev tables".into(), tables);
+        }
     }
-    by.entry("maglev tables".into()).or_insert((0, 0));
     Ok(by)
 }
 
