@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -110,6 +110,7 @@ fn observe(lab: &Lab) -> BTreeMap<Probe, bool> {
 struct World {
     ns_labels: BTreeMap<String, BTreeMap<String, String>>,
     pod_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pod_ips: BTreeMap<String, Ipv4Addr>,
 }
 
 impl World {
@@ -130,6 +131,7 @@ impl World {
         World {
             ns_labels,
             pod_labels,
+            pod_ips: BTreeMap::new(),
         }
     }
 
@@ -138,13 +140,43 @@ impl World {
     }
 }
 
-/// matchLabels only (what these scenarios use).
+/// A label selector: matchLabels and matchExpressions.
 fn selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
-    sel["matchLabels"]
+    let by_labels = sel["matchLabels"]
         .as_object()
         .into_iter()
         .flatten()
-        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str());
+    let by_exprs = sel["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let have = labels.get(key).map(String::as_str);
+            match e["operator"].as_str().unwrap_or_default() {
+                "In" => have.is_some_and(|v| values.contains(&v)),
+                "NotIn" => have.is_none_or(|v| !values.contains(&v)),
+                "Exists" => have.is_some(),
+                "DoesNotExist" => have.is_none(),
+                other => panic!("operator {other}"),
+            }
+        });
+    by_labels && by_exprs
+}
+
+/// Whether `ip` is in `cidr` (a.b.c.d/n).
+fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
+    let (net, len) = cidr.split_once('/').expect("cidr");
+    let (net, len): (Ipv4Addr, u32) = (net.parse().expect("net"), len.parse().expect("len"));
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(ip) & mask == u32::from(net) & mask
 }
 
 /// Whether a rule's peer list admits `peer` (a pod) for a policy in `ns`.
@@ -156,6 +188,15 @@ fn peers_admit(w: &World, peers: &Value, ns: &str, peer: &str) -> bool {
         return true;
     }
     list.iter().any(|p| {
+        if let Some(b) = p.get("ipBlock") {
+            let ip = w.pod_ips[peer];
+            return in_cidr(ip, b["cidr"].as_str().expect("cidr"))
+                && !b["except"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| in_cidr(ip, e.as_str().expect("except")));
+        }
         let ns_ok = match p.get("namespaceSelector") {
             Some(sel) => selects(sel, &w.ns_labels[World::ns_of(peer)]),
             None => World::ns_of(peer) == ns,
@@ -187,10 +228,11 @@ fn ports_admit(ports: &Value, port: u16, proto: &str) -> bool {
                 .map(|(_, _, n)| *n),
             _ => None,
         };
+        let end = p["endPort"].as_u64().map(|e| e as u16);
         pproto == proto
             && match (&p["port"], pport) {
                 (Value::Null, _) => true,
-                (_, Some(n)) => n == port,
+                (_, Some(n)) => n == port || end.is_some_and(|e| (n..=e).contains(&port)),
                 _ => false,
             }
     })
@@ -313,6 +355,9 @@ fn suite(mode: &str) {
             .expect("pod");
     }
     let mut w = World::new();
+    for (ns, pod, _) in PODS {
+        w.pod_ips.insert(name(ns, pod), lab.pod(&name(ns, pod)).ip);
+    }
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let _stop = StopOnDrop(&stop);
@@ -364,6 +409,92 @@ fn suite(mode: &str) {
         lab.set_pod_labels("x-b", &[("pod", "b")]).expect("relabel");
         w.pod_labels
             .insert("x-b".into(), [("pod".to_string(), "b".to_string())].into());
+        scenario(
+            &lab,
+            &w,
+            "matchExpressions: pods a admit pods that are not a, from any namespace, on 81",
+            vec![policy(
+                "x",
+                "exprs",
+                json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a"]}]},
+                       "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchExpressions": [
+                           {"key": "pod", "operator": "NotIn", "values": ["a"]}]}}],
+                           "ports": [{"port": 81}]}]}),
+            )],
+        );
+        let yb = w.pod_ips["y-b"];
+        scenario(
+            &lab,
+            &w,
+            "ipBlock with except, matching pod addresses",
+            vec![policy(
+                "x",
+                "block",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"ipBlock": {
+                    "cidr": "10.244.0.0/16", "except": [format!("{yb}/32")]}}]}]}),
+            )],
+        );
+        scenario(
+            &lab,
+            &w,
+            "endPort: y admits x on TCP 80 to 81",
+            vec![policy(
+                "y",
+                "range",
+                json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}],
+                       "ports": [{"port": 80, "endPort": 81, "protocol": "TCP"}]}]}),
+            )],
+        );
+        scenario(
+            &lab,
+            &w,
+            "UDP only",
+            vec![policy(
+                "x",
+                "udp",
+                json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"ports": [{"protocol": "UDP", "port": 80}]}]}),
+            )],
+        );
+        scenario(
+            &lab,
+            &w,
+            "an SCTP-only rule isolates and allows no TCP or UDP",
+            vec![policy(
+                "x",
+                "sctp",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"protocol": "SCTP", "port": 80}]}]}),
+            )],
+        );
+        let xa_ip = w.pod_ips["x-a"];
+        scenario(
+            &lab,
+            &w,
+            "y's egress only to x/a's address",
+            vec![policy(
+                "y",
+                "egress-cidr",
+                json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": format!("{xa_ip}/32")}}]}]}),
+            )],
+        );
+        // A namespace relabelled: y becomes what the rule admits.
+        let from_z = vec![policy(
+            "x",
+            "from-z",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}),
+        )];
+        scenario(
+            &lab,
+            &w,
+            "x admits namespaces labelled ns=z (none)",
+            from_z.clone(),
+        );
+        lab.set_namespaces(&[("x", &[("ns", "x")]), ("y", &[("ns", "z")])])
+            .expect("relabel namespace");
+        w.ns_labels
+            .get_mut("y")
+            .expect("y")
+            .insert("ns".into(), "z".into());
+        scenario(&lab, &w, "namespace y relabelled ns=z", from_z);
         // Deleting every policy opens everything again, quickly.
         let took = scenario(&lab, &w, "policies deleted", vec![]);
         assert!(took < Duration::from_secs(3), "took {took:?}");
