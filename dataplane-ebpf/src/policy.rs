@@ -146,10 +146,6 @@ pub fn egress(endpoint: u32, flow: &Flow, daddr: u32, dport: u16) -> Result<(), 
 /// the delivery step: one frame less on the deepest chain.
 #[inline(always)]
 pub fn ingress(endpoint: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
-    // The pod's own node may always reach it (kubelet probes).
-    if peer_id == IDENTITY_HOST {
-        return Ok(());
-    }
     match decide(
         endpoint,
         POLICY_DIR_INGRESS,
@@ -159,6 +155,12 @@ pub fn ingress(endpoint: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
     ) {
         Ok(None) => Ok(()),
         Ok(Some(_)) => {
+            ct::track_replies(flow);
+            Ok(())
+        }
+        // The pod's own node may always reach it (kubelet probes); its
+        // replies must pass the pod's egress isolation too.
+        Err(_) if peer_id == IDENTITY_HOST => {
             ct::track_replies(flow);
             Ok(())
         }

@@ -401,6 +401,16 @@ fn suite(mode: &str) {
         );
         let all = vec![deny_x.clone(), allow_y_to_xa.clone(), y_egress_to_a.clone()];
         scenario(&lab, &w, "and y's egress only to pods a on 80", all.clone());
+        // The node reaches a pod whose egress is isolated: its replies pass.
+        let yb = lab.pod("y-b");
+        assert!(
+            reach(
+                &lab.state.nodes[yb.node].netns,
+                SocketAddr::from((yb.ip, 81)),
+                "TCP"
+            ),
+            "the node must reach a pod under egress isolation"
+        );
         // A pod relabelled: x/b becomes an "a" for every rule at once.
         lab.set_pod_labels("x-b", &[("pod", "a")]).expect("relabel");
         w.pod_labels
