@@ -95,6 +95,33 @@ pub enum Request {
     /// Removes every conntrack entry (established Service and masqueraded
     /// flows lose their translation).
     CtFlush,
+    /// A local pod's compiled NetworkPolicy, with the policies its entries
+    /// came from.
+    PolicyGet {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// One entry of a pod's compiled policy, as `dataplane policy get` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyEntry {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// `any`, an identity with what it stands for, or an address class.
+    pub peer: String,
+    pub protocol: String,
+    pub ports: String,
+    /// `namespace/name` of the policy that gave the entry; the marker rows
+    /// say whether the direction is isolated.
+    pub from: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    pub ifindex: u32,
+    pub identity: u32,
+    pub entries: Vec<PolicyEntry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +135,7 @@ pub enum Response {
     Flushed {
         removed: usize,
     },
+    Policy(Box<PolicyView>),
     Error {
         message: String,
     },

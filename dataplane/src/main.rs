@@ -55,6 +55,23 @@ enum Command {
     /// Connection tracking and NAT.
     #[command(subcommand)]
     Ct(CtCmd),
+    /// NetworkPolicy as the datapath enforces it.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// A local pod's compiled policy: each entry with the policy it came
+    /// from, peers with the labels their identity stands for.
+    Get {
+        /// `namespace/name` (or `name`, in `default`).
+        pod: String,
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -330,6 +347,51 @@ fn run(cli: Cli) -> Result<()> {
                 "{}",
                 maps::render(&maps::ct::stat_rows(&pin.resolve()?)?, output)?
             );
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Get {
+            pod,
+            socket,
+            output,
+        }) => {
+            let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod.as_str()));
+            let request = Request::PolicyGet {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            };
+            let Response::Policy(view) = call(&socket, &request)? else {
+                bail!("unexpected response");
+            };
+            match output {
+                maps::Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+                maps::Format::Table => {
+                    println!(
+                        "pod {namespace}/{name}: endpoint {} identity {}",
+                        view.ifindex, view.identity
+                    );
+                    if view.entries.is_empty() {
+                        println!("no policy selects it: all traffic allowed");
+                    } else {
+                        let rows = view
+                            .entries
+                            .iter()
+                            .map(|e| {
+                                vec![
+                                    e.direction.clone(),
+                                    e.peer.clone(),
+                                    e.protocol.clone(),
+                                    e.ports.clone(),
+                                    e.from.clone(),
+                                ]
+                            })
+                            .collect();
+                        print!(
+                            "{}",
+                            maps::table(&["DIRECTION", "PEER", "PROTO", "PORTS", "FROM"], rows)
+                        );
+                    }
+                }
+            }
             Ok(())
         }
         Command::Ct(CtCmd::Flush { socket }) => {

@@ -1159,7 +1159,7 @@ impl Lab {
         let mut cmd = Command::new(&self.state.dataplane_bin);
         cmd.args(args);
         match args {
-            ["ct", "flush", ..] | ["status" | "endpoint", ..] => {
+            ["ct", "flush", ..] | ["status" | "endpoint" | "policy", ..] => {
                 cmd.arg("--socket").arg(&n.api_socket);
             }
             ["map" | "service" | "ct", ..] => {

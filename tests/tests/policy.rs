@@ -399,6 +399,40 @@ fn suite(mode: &str) {
             "x/a open to namespace y on its named port",
             vec![deny_x.clone(), allow_y_to_xa.clone()],
         );
+        // What the operator sees: each entry with the policy it came from,
+        // peers named by their labels.
+        let xa = lab.pod("x-a");
+        let got = lab
+            .cli(xa.node, &["policy", "get", "x/x-a", "-o", "json"])
+            .expect("policy get");
+        let view: Value = serde_json::from_str(&got).expect("json");
+        let entries = view["entries"].as_array().expect("entries");
+        let allows: Vec<&Value> = entries
+            .iter()
+            .filter(|e| e["from"] == "x/allow-y-to-a")
+            .collect();
+        assert_eq!(allows.len(), 2, "one allow per pod of y: {got}");
+        for e in &allows {
+            assert_eq!(
+                (&e["direction"], &e["protocol"], &e["ports"]),
+                (&json!("ingress"), &json!("tcp"), &json!("80")),
+                "{got}"
+            );
+            assert!(
+                e["peer"].as_str().expect("peer").contains("(y: pod="),
+                "{got}"
+            );
+        }
+        assert!(
+            entries
+                .iter()
+                .any(|e| e["direction"] == "ingress" && e["from"] == "isolated: the rest is denied"),
+            "{got}"
+        );
+        let text = lab
+            .cli(xa.node, &["policy", "get", "x/x-a"])
+            .expect("policy get");
+        assert!(text.contains("x/allow-y-to-a"), "{text}");
         let all = vec![deny_x.clone(), allow_y_to_xa.clone(), y_egress_to_a.clone()];
         scenario(&lab, &w, "and y's egress only to pods a on 80", all.clone());
         // The node reaches a pod whose egress is isolated: its replies pass.

@@ -124,6 +124,9 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 .context("conntrack worker")??;
             Response::Flushed { removed }
         }
+        Request::PolicyGet { namespace, name } => {
+            Response::Policy(Box::new(super::policy::view(agent, &namespace, &name)?))
+        }
         Request::EndpointList => {
             let mut endpoints: Vec<_> = lock(&agent.registry)?
                 .values()

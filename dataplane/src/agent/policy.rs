@@ -29,6 +29,8 @@ pub(crate) struct PolicyState {
     applied: BTreeMap<u32, (Vec<PolicyPrefix>, Vec<CidrPrefix>)>,
     /// Policies already reported for naming SCTP.
     sctp_reported: BTreeSet<(String, String)>,
+    /// The identities last computed, to name peers.
+    identities: Identities,
 }
 
 impl PolicyState {
@@ -39,6 +41,7 @@ impl PolicyState {
             ids: BTreeMap::new(),
             applied: BTreeMap::new(),
             sctp_reported: BTreeSet::new(),
+            identities: Identities::default(),
         }
     }
 
@@ -206,6 +209,7 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, full: bool) -> Result<()> 
         }
     }
     st.applied = applied;
+    st.identities = identities.clone();
     if !stats.is_empty() || !id_stats.is_empty() {
         info!(
             identities = identities.len(),
@@ -220,4 +224,75 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, full: bool) -> Result<()> 
         );
     }
     Ok(())
+}
+
+/// A local pod's compiled policy, as the maps hold it (`policy get`).
+pub(super) fn view(
+    agent: &Agent,
+    namespace: &str,
+    name: &str,
+) -> Result<dataplane_common::api::PolicyView> {
+    use crate::maps::Table as _;
+    use dataplane_common::{PEER_ANY, PEER_CLASS, POLICY_ALLOW, POLICY_ISOLATED, policy_dir_name};
+    let ifindex = lock(&agent.registry)?
+        .values()
+        .find(|e| e.spec.pod_namespace == namespace && e.spec.pod_name == name)
+        .map(|e| e.ifindex)
+        .ok_or_else(|| anyhow::anyhow!("no pod {namespace}/{name} on this node"))?;
+    let identity = {
+        let eps = lock(&agent.endpoints)?;
+        eps.desired()
+            .values()
+            .find(|v| v.ifindex == ifindex)
+            .map_or(0, |v| v.identity)
+    };
+    let st = lock(&agent.policy)?;
+    let names: BTreeMap<u32, String> = st
+        .ids
+        .iter()
+        .map(|((ns, n), id)| (*id, format!("{ns}/{n}")))
+        .collect();
+    let describe = |id: u32| -> String {
+        match st.identities.set(id) {
+            Some(set) => {
+                let labels: Vec<String> =
+                    set.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("identity {id} ({}: {})", set.namespace, labels.join(","))
+            }
+            None => format!("identity {id}"),
+        }
+    };
+    let mut entries = Vec::new();
+    for (k, v) in st.rules.read_all()? {
+        if k.endpoint != ifindex {
+            continue;
+        }
+        let peer = match k.peer {
+            None => "-".to_owned(),
+            Some(PEER_ANY) => "any".to_owned(),
+            Some(p) if p & PEER_CLASS != 0 => format!("address class {}", p & !PEER_CLASS),
+            Some(p) => describe(p),
+        };
+        let from = match (k.peer, v.kind) {
+            (None, POLICY_ISOLATED) => "isolated: the rest is denied".to_owned(),
+            (None, _) => "not isolated (tracked for replies)".to_owned(),
+            (_, POLICY_ALLOW) => names
+                .get(&v.policy)
+                .cloned()
+                .unwrap_or_else(|| format!("policy {}", v.policy)),
+            _ => "?".to_owned(),
+        };
+        entries.push(dataplane_common::api::PolicyEntry {
+            direction: policy_dir_name(k.dir).to_owned(),
+            peer,
+            protocol: k.proto.map_or("any".into(), dataplane_common::proto_name),
+            ports: k.port.map_or("any".into(), crate::maps::policy::ports_text),
+            from,
+        });
+    }
+    Ok(dataplane_common::api::PolicyView {
+        ifindex,
+        identity,
+        entries,
+    })
 }

@@ -103,7 +103,7 @@ fn peer_name(peer: Option<u32>) -> String {
 }
 
 /// A port prefix as the range it covers.
-fn ports_text((first, len): (u16, u8)) -> String {
+pub fn ports_text((first, len): (u16, u8)) -> String {
     let size = 1u32 << (16 - u32::from(len));
     let last = u32::from(first) + size - 1;
     if size == 1 {
