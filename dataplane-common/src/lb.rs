@@ -48,6 +48,8 @@ pub const MAGLEV_MAX_SIZE: u32 = 65_521;
 pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
 
 pub const IPPROTO_TCP: u8 = 6;
+/// Compiled into NetworkPolicy rules; this kernel carries no SCTP traffic.
+pub const IPPROTO_SCTP: u8 = 132;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
 

@@ -7,10 +7,10 @@
 use aya_ebpf::{btf_maps::LpmTrie, macros::btf_map, maps::lpm_trie::Key};
 use dataplane_common::{
     EndpointKey, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_UNKNOWN, IDENTITY_WORLD,
-    IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_SERVICES, IPPROTO_TCP, IPPROTO_UDP,
-    PEER_ANY, PEER_CLASS, POLICY_ALLOW, POLICY_CIDR_MAX, POLICY_CIDR_PREFIX_DIR, POLICY_DIR_EGRESS,
-    POLICY_DIR_INGRESS, POLICY_ISOLATED, POLICY_MAX, POLICY_PREFIX_FULL, PolicyCidrKey,
-    PolicyCidrValue, PolicyKey, PolicyValue, Reason,
+    IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_SERVICES, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, PEER_ANY, PEER_CLASS, POLICY_ALLOW, POLICY_CIDR_MAX, POLICY_CIDR_PREFIX_DIR,
+    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_ISOLATED, POLICY_MAX, POLICY_PREFIX_FULL,
+    PolicyCidrKey, PolicyCidrValue, PolicyKey, PolicyValue, Reason,
 };
 
 use crate::{ct, endpoints, ipcache, l4::Flow};
@@ -21,9 +21,6 @@ static POLICY: LpmTrie<PolicyKey, PolicyValue, { POLICY_MAX as usize }> = LpmTri
 #[btf_map(name = "dp_policy_cidr")]
 static POLICY_CIDR: LpmTrie<PolicyCidrKey, PolicyCidrValue, { POLICY_CIDR_MAX as usize }> =
     LpmTrie::new();
-
-/// IPPROTO_SCTP: ports are compiled for it too.
-const IPPROTO_SCTP: u8 = 132;
 
 /// The security identity of an address (wire bytes): a pod's own, this
 /// node, another node, somewhere in the cluster not known yet, or the

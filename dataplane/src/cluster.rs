@@ -163,9 +163,9 @@ pub struct SliceInfo {
     pub ports: Vec<SlicePort>,
 }
 
-pub const IPPROTO_SCTP: u8 = 132;
+pub use dataplane_common::IPPROTO_SCTP;
 
-fn protocol(key: &Key, field: &str, p: Option<&str>) -> Result<u8, Invalid> {
+pub(crate) fn protocol(key: &Key, field: &str, p: Option<&str>) -> Result<u8, Invalid> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(dataplane_common::IPPROTO_TCP),
         "UDP" => Ok(dataplane_common::IPPROTO_UDP),
@@ -178,7 +178,7 @@ fn protocol(key: &Key, field: &str, p: Option<&str>) -> Result<u8, Invalid> {
     }
 }
 
-fn port_number(key: &Key, field: &str, p: i32) -> Result<u16, Invalid> {
+pub(crate) fn port_number(key: &Key, field: &str, p: i32) -> Result<u16, Invalid> {
     u16::try_from(p)
         .ok()
         .filter(|p| *p != 0)
@@ -212,7 +212,11 @@ impl std::fmt::Display for Invalid {
     }
 }
 
-fn invalid(key: &Key, field: impl Into<String>, problem: impl std::fmt::Display) -> Invalid {
+pub(crate) fn invalid(
+    key: &Key,
+    field: impl Into<String>,
+    problem: impl std::fmt::Display,
+) -> Invalid {
     Invalid {
         key: Some(key.clone()),
         field: field.into(),

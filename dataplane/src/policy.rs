@@ -20,8 +20,8 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use crate::cluster::{IPPROTO_SCTP, Invalid, Key};
-use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
+use crate::cluster::{Invalid, Key, invalid, port_number, protocol};
+use dataplane_common::IPPROTO_SCTP;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -68,7 +68,7 @@ impl Selector {
             let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
             let op = match e.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
-                    return Err(bad(
+                    return Err(invalid(
                         key,
                         format!("{f}.values"),
                         format!("operator {} needs values", e.operator),
@@ -77,7 +77,7 @@ impl Selector {
                 "In" => Op::In(values),
                 "NotIn" => Op::NotIn(values),
                 "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err(bad(
+                    return Err(invalid(
                         key,
                         format!("{f}.values"),
                         format!("operator {} takes no values", e.operator),
@@ -86,7 +86,7 @@ impl Selector {
                 "Exists" => Op::Exists,
                 "DoesNotExist" => Op::DoesNotExist,
                 other => {
-                    return Err(bad(
+                    return Err(invalid(
                         key,
                         format!("{f}.operator"),
                         format!("unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"),
@@ -146,34 +146,6 @@ pub struct Policy {
     pub egress: Option<Vec<Rule>>,
 }
 
-fn bad(key: &Key, field: impl Into<String>, problem: impl std::fmt::Display) -> Invalid {
-    Invalid {
-        key: Some(key.clone()),
-        field: field.into(),
-        problem: problem.to_string(),
-    }
-}
-
-fn protocol(key: &Key, field: &str, p: Option<&str>) -> Result<u8, Invalid> {
-    match p.unwrap_or("TCP") {
-        "TCP" => Ok(IPPROTO_TCP),
-        "UDP" => Ok(IPPROTO_UDP),
-        "SCTP" => Ok(IPPROTO_SCTP),
-        other => Err(bad(
-            key,
-            field,
-            format!("protocol {other:?} is not TCP, UDP or SCTP"),
-        )),
-    }
-}
-
-fn port_number(key: &Key, field: &str, p: i32) -> Result<u16, Invalid> {
-    u16::try_from(p)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| bad(key, field, format!("port {p} is out of range 1-65535")))
-}
-
 fn parse_ports(key: &Key, field: &str, ports: &[NetworkPolicyPort]) -> Result<Vec<Ports>, Invalid> {
     let mut out = Vec::new();
     for (i, p) in ports.iter().enumerate() {
@@ -182,7 +154,7 @@ fn parse_ports(key: &Key, field: &str, ports: &[NetworkPolicyPort]) -> Result<Ve
         let spec = match (&p.port, p.end_port) {
             (None, None) => Ports::All(proto),
             (None, Some(_)) => {
-                return Err(bad(key, format!("{f}.endPort"), "endPort without port"));
+                return Err(invalid(key, format!("{f}.endPort"), "endPort without port"));
             }
             (Some(IntOrString::Int(n)), end) => {
                 let start = port_number(key, &format!("{f}.port"), *n)?;
@@ -191,7 +163,7 @@ fn parse_ports(key: &Key, field: &str, ports: &[NetworkPolicyPort]) -> Result<Ve
                     None => start,
                 };
                 if end < start {
-                    return Err(bad(
+                    return Err(invalid(
                         key,
                         format!("{f}.endPort"),
                         format!("endPort {end} is below port {start}"),
@@ -207,13 +179,13 @@ fn parse_ports(key: &Key, field: &str, ports: &[NetworkPolicyPort]) -> Result<Ve
                         Ports::Range(proto, n, n)
                     }
                     Err(_) if name.is_empty() => {
-                        return Err(bad(key, format!("{f}.port"), "an empty port name"));
+                        return Err(invalid(key, format!("{f}.port"), "an empty port name"));
                     }
                     Err(_) => Ports::Named(proto, name.clone()),
                 }
             }
             (Some(IntOrString::String(_)), Some(_)) => {
-                return Err(bad(
+                return Err(invalid(
                     key,
                     format!("{f}.endPort"),
                     "endPort needs a numeric port",
@@ -231,7 +203,7 @@ fn parse_peers(key: &Key, field: &str, peers: &[NetworkPolicyPeer]) -> Result<Ve
         let f = format!("{field}[{i}]");
         if let Some(b) = &p.ip_block {
             if p.pod_selector.is_some() || p.namespace_selector.is_some() {
-                return Err(bad(
+                return Err(invalid(
                     key,
                     f,
                     "ipBlock cannot be combined with podSelector or namespaceSelector",
@@ -243,7 +215,7 @@ fn parse_peers(key: &Key, field: &str, peers: &[NetworkPolicyPeer]) -> Result<Ve
                 let ef = format!("{f}.ipBlock.except[{j}]");
                 let e = parse_cidr(key, &ef, e)?;
                 if !(cidr.prefix() <= e.prefix() && cidr.contains(e.network())) {
-                    return Err(bad(key, ef, format!("{e} is not inside cidr {cidr}")));
+                    return Err(invalid(key, ef, format!("{e} is not inside cidr {cidr}")));
                 }
                 except.push(e);
             }
@@ -261,7 +233,7 @@ fn parse_peers(key: &Key, field: &str, peers: &[NetworkPolicyPeer]) -> Result<Ve
             .map(|s| Selector::parse(key, &format!("{f}.podSelector"), s))
             .transpose()?;
         if namespaces.is_none() && pods.is_none() {
-            return Err(bad(
+            return Err(invalid(
                 key,
                 f,
                 "a peer needs podSelector, namespaceSelector or ipBlock",
@@ -275,13 +247,38 @@ fn parse_peers(key: &Key, field: &str, peers: &[NetworkPolicyPeer]) -> Result<Ve
     Ok(out)
 }
 
+/// The rules of one direction (`field`: `spec.ingress` or `spec.egress`,
+/// whose peers are under `peers_name`): each as (peers, ports).
+fn parse_rules<'a>(
+    key: &Key,
+    field: &str,
+    peers_name: &str,
+    rules: impl Iterator<
+        Item = (
+            Option<&'a [NetworkPolicyPeer]>,
+            Option<&'a [NetworkPolicyPort]>,
+        ),
+    >,
+) -> Result<Vec<Rule>, Invalid> {
+    rules
+        .enumerate()
+        .map(|(i, (peers, ports))| {
+            let f = format!("{field}[{i}]");
+            Ok(Rule {
+                peers: parse_peers(key, &format!("{f}.{peers_name}"), peers.unwrap_or(&[]))?,
+                ports: parse_ports(key, &format!("{f}.ports"), ports.unwrap_or(&[]))?,
+            })
+        })
+        .collect()
+}
+
 /// An IPv4 CIDR in canonical form (`10.0.0.1/8` is refused: host bits set).
 fn parse_cidr(key: &Key, field: &str, s: &str) -> Result<Ipv4Network, Invalid> {
     let n: Ipv4Network = s
         .parse()
-        .map_err(|e| bad(key, field, format!("{s:?} is not an IPv4 CIDR: {e}")))?;
+        .map_err(|e| invalid(key, field, format!("{s:?} is not an IPv4 CIDR: {e}")))?;
     if n.network() != n.ip() {
-        return Err(bad(
+        return Err(invalid(
             key,
             field,
             format!("{s:?} has host bits set (the network is {})", n.network()),
@@ -307,7 +304,7 @@ impl Policy {
                         "Ingress" => ingress = true,
                         "Egress" => egress = true,
                         other => {
-                            return Err(bad(
+                            return Err(invalid(
                                 key,
                                 format!("spec.policyTypes[{i}]"),
                                 format!("{other:?} is not Ingress or Egress"),
@@ -321,30 +318,24 @@ impl Policy {
                 egress = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
             }
         }
-        let mut irules = Vec::new();
-        for (i, r) in spec.ingress.iter().flatten().enumerate() {
-            let f = format!("spec.ingress[{i}]");
-            irules.push(Rule {
-                peers: parse_peers(key, &format!("{f}.from"), r.from.as_deref().unwrap_or(&[]))?,
-                ports: parse_ports(
-                    key,
-                    &format!("{f}.ports"),
-                    r.ports.as_deref().unwrap_or(&[]),
-                )?,
-            });
-        }
-        let mut erules = Vec::new();
-        for (i, r) in spec.egress.iter().flatten().enumerate() {
-            let f = format!("spec.egress[{i}]");
-            erules.push(Rule {
-                peers: parse_peers(key, &format!("{f}.to"), r.to.as_deref().unwrap_or(&[]))?,
-                ports: parse_ports(
-                    key,
-                    &format!("{f}.ports"),
-                    r.ports.as_deref().unwrap_or(&[]),
-                )?,
-            });
-        }
+        let irules = parse_rules(
+            key,
+            "spec.ingress",
+            "from",
+            spec.ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_deref(), r.ports.as_deref())),
+        )?;
+        let erules = parse_rules(
+            key,
+            "spec.egress",
+            "to",
+            spec.egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_deref(), r.ports.as_deref())),
+        )?;
         Ok(Policy {
             pod_selector,
             ingress: ingress.then_some(irules),
@@ -623,10 +614,6 @@ fn resolve(ports: &[Ports], dest_ports: &[(String, u8, u16)]) -> Vec<Spec> {
     out
 }
 
-fn has_named(ports: &[Ports]) -> bool {
-    ports.iter().any(|p| matches!(p, Ports::Named(..)))
-}
-
 fn add(out: &mut Compiled, allow: Allow, id: PolicyId) {
     out.allows
         .entry(allow)
@@ -646,8 +633,19 @@ fn compile_rule<'a>(
     blocks: &mut Vec<Block>,
 ) {
     // Named ports resolve against the destination: the endpoint itself for
-    // ingress, each peer pod for egress.
-    let per_peer_names = dir == Dir::Egress && has_named(&rule.ports);
+    // ingress, each peer pod for egress (where numeric ports still hold for
+    // any peer).
+    let (named, numeric): (Vec<Ports>, Vec<Ports>) = rule
+        .ports
+        .iter()
+        .cloned()
+        .partition(|p| matches!(p, Ports::Named(..)));
+    let per_peer_names = dir == Dir::Egress && !named.is_empty();
+    let numeric_specs = if numeric.is_empty() {
+        Vec::new()
+    } else {
+        resolve(&numeric, &[])
+    };
     let push = |out: &mut Compiled, peer: PeerId, spec: Spec| {
         let (proto, ports) = match spec {
             None => (None, None),
@@ -666,25 +664,10 @@ fn compile_rule<'a>(
     };
     if rule.peers.is_empty() {
         if per_peer_names {
-            // Every pod, by its own mapping of the names; numeric ports for
-            // any peer.
-            let numeric: Vec<Ports> = rule
-                .ports
-                .iter()
-                .filter(|p| !matches!(p, Ports::Named(..)))
-                .cloned()
-                .collect();
-            if !numeric.is_empty() {
-                for spec in resolve(&numeric, &[]) {
-                    push(out, PeerId::Any, spec);
-                }
+            // Every pod, by its own mapping of the names.
+            for spec in &numeric_specs {
+                push(out, PeerId::Any, *spec);
             }
-            let named: Vec<Ports> = rule
-                .ports
-                .iter()
-                .filter(|p| matches!(p, Ports::Named(..)))
-                .cloned()
-                .collect();
             for pod in pods {
                 for spec in resolve(&named, pod.ports) {
                     push(out, PeerId::Identity(pod.identity), spec);
@@ -721,24 +704,9 @@ fn compile_rule<'a>(
                 if per_peer_names {
                     // Names mean something only for pods: each pod in the
                     // block, as a /32 of its own.
-                    let numeric: Vec<Ports> = rule
-                        .ports
-                        .iter()
-                        .filter(|p| !matches!(p, Ports::Named(..)))
-                        .cloned()
-                        .collect();
-                    for spec in resolve(&numeric, &[])
-                        .into_iter()
-                        .filter(|_| !numeric.is_empty())
-                    {
-                        blocks.push((dir, *cidr, except.clone(), flat(spec), id));
+                    for spec in &numeric_specs {
+                        blocks.push((dir, *cidr, except.clone(), flat(*spec), id));
                     }
-                    let named: Vec<Ports> = rule
-                        .ports
-                        .iter()
-                        .filter(|p| matches!(p, Ports::Named(..)))
-                        .cloned()
-                        .collect();
                     for pod in pods {
                         for ip in &pod.ips {
                             if !cidr.contains(*ip) || except.iter().any(|e| e.contains(*ip)) {
@@ -883,6 +851,7 @@ pub fn decide(
 mod tests {
     use super::*;
     use crate::cluster::Kind;
+    use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
     use serde_json::json;
 
     fn key() -> Key {
