@@ -184,6 +184,14 @@ fn pod_traffic_is_judged_by_identity_port_and_direction_and_replies_pass() {
                 counted: ("from-endpoint", "forwarded"),
             },
             Case {
+                what: "a truncated TCP header is dropped as malformed, never judged",
+                prog: "lxc_from_ctr",
+                ifindex: p,
+                input: truncate_l4(to_pod((PEER, 40002), 80, true), 12),
+                verdict: TC_ACT_SHOT,
+                counted: ("from-endpoint", "l4_malformed"),
+            },
+            Case {
                 what: "another port of the web pod is denied",
                 prog: "lxc_from_ctr",
                 ifindex: p,

@@ -323,18 +323,7 @@ fn service_translation_table() {
     let hello = b"hello";
     let syn = |src, dst| tcp(pod, src, dst, 64, true, &[], &[]);
     let nop4 = [1u8, 1, 1, 1];
-    let truncated = {
-        let mut p = syn((POD, 40010), (WEB, 80));
-        // Twelve bytes of TCP: the IP header says so too.
-        p.truncate(14 + 20 + 12);
-        p[16..18].copy_from_slice(&32u16.to_be_bytes());
-        let mut h = Ipv4Header::from_slice(&p[14..34]).expect("ip").0;
-        h.header_checksum = h.calc_header_checksum();
-        let mut fixed = p[..14].to_vec();
-        h.write(&mut fixed).expect("ip");
-        fixed.extend_from_slice(&p[34..]);
-        fixed
-    };
+    let truncated = truncate_l4(syn((POD, 40010), (WEB, 80)), 12);
     let dns_query = udp(pod, (POD, 5002), (WEB, 53), 64, &[7u8; 64]);
     let (frag1, frag2) = fragments(&dns_query, 32, 0x4242);
     let (frag1_out, frag2_out) = fragments(

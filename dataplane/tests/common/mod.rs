@@ -376,3 +376,16 @@ pub fn udp(
         .expect("build");
     out
 }
+
+/// `p` (IPv4 without options) cut to `l4_len` bytes of transport header,
+/// the IP header saying so too: a truncated segment.
+pub fn truncate_l4(mut p: Vec<u8>, l4_len: usize) -> Vec<u8> {
+    p.truncate(14 + 20 + l4_len);
+    p[16..18].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    let mut h = Ipv4Header::from_slice(&p[14..34]).expect("ip").0;
+    h.header_checksum = h.calc_header_checksum();
+    let mut fixed = p[..14].to_vec();
+    h.write(&mut fixed).expect("ip");
+    fixed.extend_from_slice(&p[34..]);
+    fixed
+}
