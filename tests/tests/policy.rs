@@ -1,9 +1,10 @@
 //! NetworkPolicy with real traffic, the way Kubernetes' own e2e tests
-//! probe it: namespaces x and y, pods a and b in each (spread over two
-//! nodes), every pod serving TCP and UDP on 80 and 81 under named container
-//! ports; each scenario probes every ordered pair on each port and
-//! protocol and compares with what a small evaluator written here (not the
-//! agent's compiler) says. Needs root.
+//! probe it: namespaces x, y and z, pods a, b and c in each (spread over
+//! two nodes), every pod serving TCP and UDP on 80 and 81 under named
+//! container ports; each scenario probes every ordered pair of distinct
+//! pods on each port and protocol (72 pairs, 288 probes) and compares with
+//! what a small evaluator written here (not the agent's compiler) says.
+//! Needs root.
 
 use std::{
     collections::BTreeMap,
@@ -14,17 +15,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lab::{Lab, LabSpec, services::identity_server};
+use lab::{
+    Lab, LabSpec,
+    services::{Ep, identity_server, service},
+};
 use serde_json::{Value, json};
 
-/// (namespace, pod, node).
-const PODS: [(&str, &str, usize); 4] = [("x", "a", 0), ("x", "b", 1), ("y", "a", 1), ("y", "b", 0)];
+/// (namespace, pod, node): both nodes hold pods of every namespace, so
+/// each scenario crosses nodes and stays on one.
+const PODS: [(&str, &str, usize); 9] = [
+    ("x", "a", 0),
+    ("x", "b", 1),
+    ("x", "c", 0),
+    ("y", "a", 1),
+    ("y", "b", 0),
+    ("y", "c", 1),
+    ("z", "a", 0),
+    ("z", "b", 1),
+    ("z", "c", 0),
+];
 const PORTS: [(&str, &str, u16); 4] = [
     ("serve-80-tcp", "TCP", 80),
     ("serve-80-udp", "UDP", 80),
     ("serve-81-tcp", "TCP", 81),
     ("serve-81-udp", "UDP", 81),
 ];
+const PROBED: [(u16, &str); 4] = [(80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP")];
 
 fn name(ns: &str, pod: &str) -> String {
     format!("{ns}-{pod}")
@@ -42,9 +58,12 @@ impl Drop for StopOnDrop<'_> {
 type Probe = (String, String, u16, &'static str);
 
 /// Whether `from` reaches `to` (an address) on `port`/`proto`: a TCP
-/// connection that is answered, or a UDP datagram that is. A denied probe
-/// times out; an allowed one may need a retry while neighbours resolve.
-fn reach(netns: &str, to: SocketAddr, proto: &str) -> bool {
+/// connection that is answered, or a UDP datagram that is, by `expect`
+/// (the identity server names itself, so a Service probe proves which
+/// backend answered). A denied probe times out; an allowed one may need a
+/// retry while neighbours resolve.
+fn reach(netns: &str, to: SocketAddr, proto: &str, expect: &str) -> bool {
+    let answered = |text: &str| text.split(' ').next() == Some(expect);
     lab::in_netns_thread(netns, || {
         for _ in 0..2 {
             let ok = if proto == "TCP" {
@@ -53,7 +72,7 @@ fn reach(netns: &str, to: SocketAddr, proto: &str) -> bool {
                         s.set_read_timeout(Some(Duration::from_millis(700)))?;
                         let mut line = String::new();
                         BufReader::new(&mut s).read_line(&mut line)?;
-                        Ok(!line.is_empty())
+                        Ok(answered(&line))
                     })
                     .unwrap_or(false)
             } else {
@@ -62,7 +81,8 @@ fn reach(netns: &str, to: SocketAddr, proto: &str) -> bool {
                         s.set_read_timeout(Some(Duration::from_millis(700)))?;
                         s.send_to(b"who", to)?;
                         let mut buf = [0u8; 256];
-                        s.recv_from(&mut buf).map(|(n, _)| n > 0)
+                        let (n, _) = s.recv_from(&mut buf)?;
+                        Ok(answered(&String::from_utf8_lossy(&buf[..n])))
                     })
                     .unwrap_or(false)
             };
@@ -75,16 +95,24 @@ fn reach(netns: &str, to: SocketAddr, proto: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// How probes address their destination pod.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    PodIp,
+    /// The pod's own ClusterIP Service (same ports).
+    Service,
+}
+
 /// Every probe at once (each on a thread of its own): the observed matrix.
-fn observe(lab: &Lab) -> BTreeMap<Probe, bool> {
+fn observe(lab: &Lab, w: &World, via: Via) -> BTreeMap<Probe, bool> {
     let mut probes = Vec::new();
-    for (fns, fpod, _) in PODS {
-        for (tns, tpod, _) in PODS {
-            if (fns, fpod) == (tns, tpod) {
+    for from in &w.pods {
+        for to in &w.pods {
+            if from == to {
                 continue;
             }
-            for (port, proto) in [(80, "TCP"), (81, "TCP"), (80, "UDP")] {
-                probes.push((name(fns, fpod), name(tns, tpod), port, proto));
+            for (port, proto) in PROBED {
+                probes.push((from.clone(), to.clone(), port, proto));
             }
         }
     }
@@ -93,8 +121,12 @@ fn observe(lab: &Lab) -> BTreeMap<Probe, bool> {
             .iter()
             .map(|p| {
                 let from = lab.pod(&p.0).netns.clone();
-                let to = SocketAddr::from((lab.pod(&p.1).ip, p.2));
-                s.spawn(move || reach(&from, to, p.3))
+                let ip = match via {
+                    Via::PodIp => lab.pod(&p.1).ip,
+                    Via::Service => w.services[&p.1],
+                };
+                let to = SocketAddr::from((ip, p.2));
+                s.spawn(move || reach(&from, to, p.3, &p.1))
             })
             .collect();
         probes
@@ -108,9 +140,12 @@ fn observe(lab: &Lab) -> BTreeMap<Probe, bool> {
 /// The pods' facts as the evaluator sees them.
 #[derive(Clone)]
 struct World {
+    pods: Vec<String>,
     ns_labels: BTreeMap<String, BTreeMap<String, String>>,
     pod_labels: BTreeMap<String, BTreeMap<String, String>>,
     pod_ips: BTreeMap<String, Ipv4Addr>,
+    /// Each pod's ClusterIP.
+    services: BTreeMap<String, Ipv4Addr>,
 }
 
 impl World {
@@ -129,17 +164,18 @@ impl World {
             pod_labels.insert(name(ns, pod), [("pod".to_string(), pod.to_string())].into());
         }
         World {
+            pods: PODS.iter().map(|(ns, pod, _)| name(ns, pod)).collect(),
             ns_labels,
             pod_labels,
             pod_ips: BTreeMap::new(),
+            services: BTreeMap::new(),
         }
     }
 
     fn ns_of(p: &str) -> &str {
-        &p[..1]
+        p.split_once('-').expect("ns-pod").0
     }
 }
-
 /// A label selector: matchLabels and matchExpressions.
 fn selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
     let by_labels = sel["matchLabels"]
@@ -304,15 +340,15 @@ fn policy(ns: &str, name: &str, spec: Value) -> Value {
     })
 }
 
-/// Publishes `policies` and waits until the observed matrix matches the
-/// evaluator's (policies take a moment to apply); returns how long that
-/// took, or panics with the differences.
-fn scenario(lab: &Lab, w: &World, what: &str, policies: Vec<Value>) -> Duration {
+/// Publishes `policies` and waits until the observed matrix (probes
+/// addressed `via`) matches the evaluator's (policies take a moment to
+/// apply); returns how long that took, or panics with the differences.
+fn scenario_via(lab: &Lab, w: &World, what: &str, policies: Vec<Value>, via: Via) -> Duration {
     lab.set_policies(policies.clone())
         .expect("publish policies");
     let started = Instant::now();
     loop {
-        let seen = observe(lab);
+        let seen = observe(lab, w, via);
         let wrong: Vec<String> = seen
             .iter()
             .filter(|(p, ok)| expected(w, &policies, p) != **ok)
@@ -329,6 +365,12 @@ fn scenario(lab: &Lab, w: &World, what: &str, policies: Vec<Value>) -> Duration 
             })
             .collect();
         if wrong.is_empty() {
+            let allowed = seen.values().filter(|ok| **ok).count();
+            eprintln!(
+                "{what}: {allowed} of {} probes reached, as expected, after {:?}",
+                seen.len(),
+                started.elapsed()
+            );
             return started.elapsed();
         }
         if started.elapsed() > Duration::from_secs(8) {
@@ -344,11 +386,52 @@ fn scenario(lab: &Lab, w: &World, what: &str, policies: Vec<Value>) -> Duration 
     }
 }
 
+fn scenario(lab: &Lab, w: &World, what: &str, policies: Vec<Value>) -> Duration {
+    scenario_via(lab, w, what, policies, Via::PodIp)
+}
+
+/// A ClusterIP Service per pod (`svc-<pod>` at `10.96.7.<n>`), with the
+/// pod's four ports, and waits until both nodes serve them.
+fn publish_services(lab: &Lab, w: &mut World) {
+    let ports = json!([
+        {"name": "t80", "port": 80, "protocol": "TCP"},
+        {"name": "t81", "port": 81, "protocol": "TCP"},
+        {"name": "u80", "port": 80, "protocol": "UDP"},
+        {"name": "u81", "port": 81, "protocol": "UDP"},
+    ]);
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for (i, pod) in w.pods.iter().enumerate() {
+        let ip = Ipv4Addr::new(10, 96, 7, i as u8 + 1);
+        let svc = format!("svc-{pod}");
+        services.push(service(
+            &svc,
+            json!({"clusterIP": ip.to_string(), "ports": ports}),
+            json!({}),
+        ));
+        slices.push(lab.slice(&svc, &format!("{svc}-1"), &[Ep::ready(pod)], ports.clone()));
+        w.services.insert(pod.clone(), ip);
+    }
+    lab.set_services(services, slices).expect("services");
+    for node in 0..2 {
+        for ip in w.services.values() {
+            lab.wait_frontend(node, &format!("{ip}:81/udp"), "internal", 1)
+                .expect("frontend");
+        }
+    }
+}
+
 fn suite(mode: &str) {
     let mut spec = LabSpec::new(2, 0).expect("spec");
     spec.mode = mode.into();
     let mut lab = Lab::up(&spec).expect("lab up");
-    lab.set_namespaces(&[("x", &[("ns", "x")]), ("y", &[("ns", "y")])])
+    let namespaces = |y_labels: &'static [(&'static str, &'static str)]| {
+        [
+            ("x", &[("ns", "x")][..]),
+            ("y", y_labels),
+            ("z", &[("ns", "z")][..]),
+        ]
+    };
+    lab.set_namespaces(&namespaces(&[("ns", "y")]))
         .expect("namespaces");
     for (ns, pod, node) in PODS {
         lab.add_pod_in(node, ns, &name(ns, pod), &[("pod", pod)], &PORTS)
@@ -361,9 +444,12 @@ fn suite(mode: &str) {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let _stop = StopOnDrop(&stop);
-        for (ns, pod, _) in PODS {
-            let (netns, n, stop) = (lab.pod(&name(ns, pod)).netns.clone(), name(ns, pod), &stop);
+        let serve = |lab: &Lab, pod: &str| {
+            let (netns, n, stop) = (lab.pod(pod).netns.clone(), pod.to_owned(), &stop);
             s.spawn(move || identity_server(&netns, &n, &[80, 81], stop).expect("server"));
+        };
+        for pod in &w.pods {
+            serve(&lab, pod);
         }
         std::thread::sleep(Duration::from_millis(200));
         let deny_x = policy("x", "deny-all", json!({"podSelector": {}}));
@@ -381,24 +467,82 @@ fn suite(mode: &str) {
                 "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}],
                 "ports": [{"port": 80, "protocol": "TCP"}, {"port": 80, "protocol": "UDP"}]}]}),
         );
-        scenario(&lab, &w, "no policy", vec![]);
-        scenario(&lab, &w, "default deny ingress in x", vec![deny_x.clone()]);
+        let deny_everywhere = |types: Value| -> Vec<Value> {
+            ["x", "y", "z"]
+                .iter()
+                .map(|ns| policy(ns, "deny", json!({"podSelector": {}, "policyTypes": types})))
+                .collect()
+        };
+        let mut n = 0;
+        let mut count = |d| {
+            n += 1;
+            d
+        };
+        count(scenario(&lab, &w, "no policy", vec![]));
+        count(scenario(
+            &lab,
+            &w,
+            "default deny ingress in x",
+            vec![deny_x.clone()],
+        ));
         // The node's own probes still reach a pod under default deny.
         let xa = lab.pod("x-a");
         assert!(
             reach(
                 &lab.state.nodes[xa.node].netns,
                 SocketAddr::from((xa.ip, 80)),
-                "TCP"
+                "TCP",
+                "x-a"
             ),
             "the node must reach its pod under default deny"
         );
-        scenario(
+        count(scenario(
+            &lab,
+            &w,
+            "default deny egress in x",
+            vec![policy(
+                "x",
+                "deny-egress",
+                json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+            )],
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "default deny both ways in every namespace",
+            deny_everywhere(json!(["Ingress", "Egress"])),
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "deny-all plus allow-all ingress in x: the union allows",
+            vec![
+                deny_x.clone(),
+                policy(
+                    "x",
+                    "allow-all",
+                    json!({"podSelector": {}, "ingress": [{}]}),
+                ),
+            ],
+        ));
+        let mut egress_open_y = deny_everywhere(json!(["Egress"]));
+        egress_open_y.push(policy(
+            "y",
+            "allow-all-egress",
+            json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}),
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "egress denied everywhere but allowed for all of y",
+            egress_open_y,
+        ));
+        count(scenario(
             &lab,
             &w,
             "x/a open to namespace y on its named port",
             vec![deny_x.clone(), allow_y_to_xa.clone()],
-        );
+        ));
         // What the operator sees: each entry with the policy it came from,
         // peers named by their labels.
         let xa = lab.pod("x-a");
@@ -411,7 +555,7 @@ fn suite(mode: &str) {
             .iter()
             .filter(|e| e["from"] == "x/allow-y-to-a")
             .collect();
-        assert_eq!(allows.len(), 2, "one allow per pod of y: {got}");
+        assert_eq!(allows.len(), 3, "one allow per pod of y: {got}");
         for e in &allows {
             assert_eq!(
                 (&e["direction"], &e["protocol"], &e["ports"]),
@@ -433,27 +577,97 @@ fn suite(mode: &str) {
             .cli(xa.node, &["policy", "get", "x/x-a"])
             .expect("policy get");
         assert!(text.contains("x/allow-y-to-a"), "{text}");
+        // An edit in place: the same policy now admits z instead of y.
+        let mut edited = allow_y_to_xa.clone();
+        edited["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["ns"] =
+            json!("z");
+        count(scenario(
+            &lab,
+            &w,
+            "allow-y-to-a edited to admit z",
+            vec![deny_x.clone(), edited],
+        ));
         let all = vec![deny_x.clone(), allow_y_to_xa.clone(), y_egress_to_a.clone()];
-        scenario(&lab, &w, "and y's egress only to pods a on 80", all.clone());
+        count(scenario(
+            &lab,
+            &w,
+            "and y's egress only to pods a on 80",
+            all.clone(),
+        ));
         // The node reaches a pod whose egress is isolated: its replies pass.
         let yb = lab.pod("y-b");
         assert!(
             reach(
                 &lab.state.nodes[yb.node].netns,
                 SocketAddr::from((yb.ip, 81)),
-                "TCP"
+                "TCP",
+                "y-b"
             ),
             "the node must reach a pod under egress isolation"
         );
+        // Traffic to a Service is judged after translation, by the backend
+        // pod's ingress and the client's egress towards the backend.
+        publish_services(&lab, &mut w);
+        count(scenario_via(
+            &lab,
+            &w,
+            "the same policies, every probe through the destination's ClusterIP",
+            all.clone(),
+            Via::Service,
+        ));
         // A pod relabelled: x/b becomes an "a" for every rule at once.
         lab.set_pod_labels("x-b", &[("pod", "a")]).expect("relabel");
         w.pod_labels
             .insert("x-b".into(), [("pod".to_string(), "a".to_string())].into());
-        scenario(&lab, &w, "x/b relabelled pod=a", all.clone());
+        count(scenario(&lab, &w, "x/b relabelled pod=a", all.clone()));
         lab.set_pod_labels("x-b", &[("pod", "b")]).expect("relabel");
         w.pod_labels
             .insert("x-b".into(), [("pod".to_string(), "b".to_string())].into());
-        scenario(
+        count(scenario(
+            &lab,
+            &w,
+            "AND: x/a admits pods c of namespace y",
+            vec![policy(
+                "x",
+                "and",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                    {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {"matchLabels": {"pod": "c"}}}]}]}),
+            )],
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "OR: x/a admits namespace y, or pods c of x",
+            vec![policy(
+                "x",
+                "or",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                    {"namespaceSelector": {"matchLabels": {"ns": "y"}}}, {"podSelector": {"matchLabels": {"pod": "c"}}}]}]}),
+            )],
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "from pods of its own namespace: y/a admits y/b",
+            vec![policy(
+                "y",
+                "same-ns",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [
+                    {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+            )],
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "namespaceSelector on kubernetes.io/metadata.name: z admits all but x",
+            vec![policy(
+                "z",
+                "not-x",
+                json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["x"]}]}}]}]}),
+            )],
+        ));
+        count(scenario(
             &lab,
             &w,
             "matchExpressions: pods a admit pods that are not a, from any namespace, on 81",
@@ -465,9 +679,29 @@ fn suite(mode: &str) {
                            {"key": "pod", "operator": "NotIn", "values": ["a"]}]}}],
                            "ports": [{"port": 81}]}]}),
             )],
-        );
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "Exists and DoesNotExist: x's labelled pods but c admit y and z; a selector of nothing isolates nothing",
+            vec![
+                policy(
+                    "x",
+                    "exists",
+                    json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "Exists"},
+                                                                {"key": "pod", "operator": "NotIn", "values": ["c"]}]},
+                           "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "In", "values": ["y", "z"]}]},
+                                                  "podSelector": {"matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]}}]}]}),
+                ),
+                policy(
+                    "y",
+                    "nothing",
+                    json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "DoesNotExist"}]}}),
+                ),
+            ],
+        ));
         let yb = w.pod_ips["y-b"];
-        scenario(
+        count(scenario(
             &lab,
             &w,
             "ipBlock with except, matching pod addresses",
@@ -477,8 +711,8 @@ fn suite(mode: &str) {
                 json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"ipBlock": {
                     "cidr": "10.244.0.0/16", "except": [format!("{yb}/32")]}}]}]}),
             )],
-        );
-        scenario(
+        ));
+        count(scenario(
             &lab,
             &w,
             "endPort: y admits x on TCP 80 to 81",
@@ -488,8 +722,8 @@ fn suite(mode: &str) {
                 json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}],
                        "ports": [{"port": 80, "endPort": 81, "protocol": "TCP"}]}]}),
             )],
-        );
-        scenario(
+        ));
+        count(scenario(
             &lab,
             &w,
             "UDP only",
@@ -498,8 +732,19 @@ fn suite(mode: &str) {
                 "udp",
                 json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"ports": [{"protocol": "UDP", "port": 80}]}]}),
             )],
-        );
-        scenario(
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "one rule, two ports: z/b admits TCP 80 and UDP 81 from anyone",
+            vec![policy(
+                "z",
+                "ports",
+                json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"ports": [
+                    {"port": 80, "protocol": "TCP"}, {"port": 81, "protocol": "UDP"}]}]}),
+            )],
+        ));
+        count(scenario(
             &lab,
             &w,
             "an SCTP-only rule isolates and allows no TCP or UDP",
@@ -508,9 +753,20 @@ fn suite(mode: &str) {
                 "sctp",
                 json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"protocol": "SCTP", "port": 80}]}]}),
             )],
-        );
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "egress by named port: x may send only to serve-81-udp",
+            vec![policy(
+                "x",
+                "egress-named",
+                json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [
+                    {"port": "serve-81-udp", "protocol": "UDP"}]}]}),
+            )],
+        ));
         let xa_ip = w.pod_ips["x-a"];
-        scenario(
+        count(scenario(
             &lab,
             &w,
             "y's egress only to x/a's address",
@@ -519,29 +775,74 @@ fn suite(mode: &str) {
                 "egress-cidr",
                 json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": format!("{xa_ip}/32")}}]}]}),
             )],
-        );
-        // A namespace relabelled: y becomes what the rule admits.
-        let from_z = vec![policy(
-            "x",
-            "from-z",
-            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}]}]}),
-        )];
-        scenario(
+        ));
+        let node1 = lab.state.nodes[1].pod_cidr.clone();
+        count(scenario(
             &lab,
             &w,
-            "x admits namespaces labelled ns=z (none)",
-            from_z.clone(),
-        );
-        lab.set_namespaces(&[("x", &[("ns", "x")]), ("y", &[("ns", "z")])])
+            "y's egress to the pod network except node 1's pods",
+            vec![policy(
+                "y",
+                "egress-except",
+                json!({"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {
+                    "cidr": "10.244.0.0/16", "except": [node1]}}]}]}),
+            )],
+        ));
+        count(scenario(
+            &lab,
+            &w,
+            "policyTypes omitted with egress rules: z/a isolated both ways",
+            vec![policy(
+                "z",
+                "both",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                       "ingress": [{"from": [{"podSelector": {}}]}],
+                       "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]}]}),
+            )],
+        ));
+        // A namespace relabelled: y becomes what the rule admits.
+        let from_blue = vec![policy(
+            "x",
+            "from-blue",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}]}),
+        )];
+        count(scenario(
+            &lab,
+            &w,
+            "x admits namespaces labelled team=blue (none)",
+            from_blue.clone(),
+        ));
+        lab.set_namespaces(&namespaces(&[("ns", "y"), ("team", "blue")]))
             .expect("relabel namespace");
         w.ns_labels
             .get_mut("y")
             .expect("y")
-            .insert("ns".into(), "z".into());
-        scenario(&lab, &w, "namespace y relabelled ns=z", from_z);
+            .insert("team".into(), "blue".into());
+        count(scenario(
+            &lab,
+            &w,
+            "namespace y relabelled team=blue",
+            from_blue,
+        ));
+        // A new pod is judged as soon as it exists: x/d, labelled like the
+        // pods a, falls under the policies naming them.
+        lab.add_pod_in(0, "x", "x-d", &[("pod", "a")], &PORTS)
+            .expect("new pod");
+        serve(&lab, "x-d");
+        w.pods.push("x-d".into());
+        w.pod_labels
+            .insert("x-d".into(), [("pod".to_string(), "a".to_string())].into());
+        w.pod_ips.insert("x-d".into(), lab.pod("x-d").ip);
+        count(scenario(
+            &lab,
+            &w,
+            "new pod x/d labelled pod=a",
+            all.clone(),
+        ));
         // Deleting every policy opens everything again, quickly.
-        let took = scenario(&lab, &w, "policies deleted", vec![]);
+        let took = count(scenario(&lab, &w, "policies deleted", vec![]));
         assert!(took < Duration::from_secs(3), "took {took:?}");
+        assert!(n >= 25, "{n} scenarios");
     });
     for n in &lab.state.nodes {
         let nft = Command::new("ip")
