@@ -42,6 +42,8 @@ pub fn scratch() -> Result<&'static mut CtScratch, Reason> {
 }
 
 const NS: u64 = 1_000_000_000;
+/// How far a policy entry's expiry may lag before a packet renews it.
+const RENEW_SLACK: u64 = NS;
 
 /// An IPv4 address word (wire bytes) as the 16-byte field of the maps.
 #[inline(always)]
@@ -207,19 +209,40 @@ pub fn is_reply(flow: &Flow) -> bool {
         return false;
     };
     // SAFETY: a valid map value pointer.
-    unsafe {
-        let (life, flags) = lifetime(flow.proto, flow.tcp_flags, (*e).flags);
-        (*e).flags = flags;
-        (*e).expires = now() + life;
-    }
+    let (life, flags) = lifetime(flow.proto, flow.tcp_flags, unsafe { (*e).flags });
+    renew(e, life, flags, false);
     true
+}
+
+/// Renews a policy entry's lifetime (`extend_only`: never shortens it),
+/// writing only what moved, the expiry only by more than a second: both
+/// ends of a flow renew one entry from their CPUs, and a write per packet
+/// would bounce its cache line between them.
+#[inline(always)]
+fn renew(e: *mut CtEntry, life: u64, flags: u16, extend_only: bool) {
+    let until = now() + life;
+    // SAFETY: a valid map value pointer.
+    unsafe {
+        if (*e).flags != flags {
+            (*e).flags = flags;
+        }
+        let cur = (*e).expires;
+        if until > cur + RENEW_SLACK || (!extend_only && until + RENEW_SLACK < cur) {
+            (*e).expires = until;
+        }
+    }
 }
 
 /// Lets the replies of `flow` (a packet policy allowed) pass: an entry
 /// for the flow turned around, in the reply direction, created or renewed.
-/// An entry already there (a translated flow's own) serves as well.
+/// An entry already there (a translated flow's own) serves as well. A
+/// packet that is a reply itself only renews its flow's entry: tracking
+/// it would add one for the wrong direction, a second per connection.
 #[inline(never)]
 pub fn track_replies(flow: &Flow) {
+    if is_reply(flow) {
+        return;
+    }
     // Turned around, as in `pair_key`: ICMP echo identifiers move too.
     let k = key(
         flow.daddr,
@@ -238,11 +261,7 @@ pub fn track_replies(flow: &Flow) {
                     flow.tcp_flags & !(TCP_FIN | TCP_RST),
                     (*e).flags,
                 );
-                (*e).flags = flags;
-                let until = now() + life;
-                if until > (*e).expires {
-                    (*e).expires = until;
-                }
+                renew(e, life, flags, true);
                 return;
             }
         }

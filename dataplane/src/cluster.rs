@@ -547,8 +547,12 @@ pub struct Changes {
     /// namespace/name): the Service, one of its EndpointSlices, or a pod it
     /// selects changed.
     pub services: BTreeSet<(String, String)>,
-    /// Namespaces whose policies or pods changed.
+    /// Namespaces whose labels may have changed (their Namespace object).
     pub namespaces: BTreeSet<String>,
+    /// Pods added, changed or removed.
+    pub pods: BTreeSet<Key>,
+    /// Namespaces whose NetworkPolicies changed.
+    pub policy_namespaces: BTreeSet<String>,
     pub synced: bool,
 }
 
@@ -706,7 +710,7 @@ impl Cluster {
                         key,
                     );
                 }
-                ch.namespaces.insert(key.namespace.clone());
+                ch.pods.insert(key.clone());
                 for svc in self.services_selecting(&key.namespace, &p.labels) {
                     ch.services.insert(svc);
                 }
@@ -729,7 +733,7 @@ impl Cluster {
                 ch.services.insert(svc);
             }
             Object::NetworkPolicy(_) => {
-                ch.namespaces.insert(key.namespace.clone());
+                ch.policy_namespaces.insert(key.namespace.clone());
             }
         }
     }
@@ -888,6 +892,40 @@ impl Cluster {
             Object::Pod(p) => Some((k, p)),
             _ => None,
         })
+    }
+
+    /// A pod by key.
+    pub fn pod(&self, key: &Key) -> Option<&PodInfo> {
+        match self.objects.get(key) {
+            Some(Object::Pod(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The keys of `kind` in `namespace`.
+    fn keys_in(&self, kind: Kind, namespace: &str) -> impl Iterator<Item = &Key> + '_ {
+        self.by_namespace
+            .get(&(kind, namespace.to_owned()))
+            .into_iter()
+            .flatten()
+    }
+
+    /// The pods of `namespace`, by the index.
+    pub fn pods_in(&self, namespace: &str) -> impl Iterator<Item = (&Key, &PodInfo)> + '_ {
+        self.keys_in(Kind::Pod, namespace)
+            .filter_map(|k| self.pod(k).map(|p| (k, p)))
+    }
+
+    /// The NetworkPolicies of `namespace`, by the index.
+    pub fn policies_in(
+        &self,
+        namespace: &str,
+    ) -> impl Iterator<Item = (&Key, &crate::policy::Policy)> + '_ {
+        self.keys_in(Kind::NetworkPolicy, namespace)
+            .filter_map(|k| match self.objects.get(k) {
+                Some(Object::NetworkPolicy(p)) => Some((k, p.as_ref())),
+                _ => None,
+            })
     }
 
     /// Every NetworkPolicy, with its key.

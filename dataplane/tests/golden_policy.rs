@@ -46,6 +46,25 @@ fn set(app: &str) -> LabelSet {
 /// the underlay but the other node on UDP 53; egress only to
 /// 198.51.100.0/24 on 443.
 fn install(f: &Fixture) {
+    install_spec(
+        f,
+        json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]},
+                {"from": [{"podSelector": {"matchLabels": {"app": "other"}}}], "ports": [{"port": 1000, "endPort": 2000}]},
+                {"from": [{"ipBlock": {"cidr": "172.20.0.0/24", "except": ["172.20.0.12/32"]}}],
+                 "ports": [{"port": 53, "protocol": "UDP"}]}
+            ],
+            "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"port": 443}]}]
+        }),
+    );
+}
+
+/// The web pod under the policy `spec` (the client and the other pod as
+/// its peers).
+fn install_spec(f: &Fixture, spec: serde_json::Value) {
     let mut eps = EndpointMap::open(&f.pin_dir).expect("endpoints");
     for (ip, ifindex, id, flags) in [
         (POD, f.pod_if, WEB_ID, EP_F_LOCAL),
@@ -65,18 +84,7 @@ fn install(f: &Fixture) {
         e.identity = id;
         eps.put(&EndpointKey::v4(ip), &e).expect("endpoint");
     }
-    let spec = serde_json::from_value(json!({
-        "podSelector": {"matchLabels": {"app": "web"}},
-        "policyTypes": ["Ingress", "Egress"],
-        "ingress": [
-            {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]},
-            {"from": [{"podSelector": {"matchLabels": {"app": "other"}}}], "ports": [{"port": 1000, "endPort": 2000}]},
-            {"from": [{"ipBlock": {"cidr": "172.20.0.0/24", "except": ["172.20.0.12/32"]}}],
-             "ports": [{"port": 53, "protocol": "UDP"}]}
-        ],
-        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"port": 443}]}]
-    }))
-    .expect("spec");
+    let spec = serde_json::from_value(spec).expect("spec");
     let key = Key {
         kind: Kind::NetworkPolicy,
         namespace: "default".into(),
@@ -267,6 +275,74 @@ fn pod_traffic_is_judged_by_identity_port_and_direction_and_replies_pass() {
     );
 }
 
+/// Under ingress isolation only, the pod's egress is tracked (its own
+/// connections' replies must pass): a reply going out that way renews the
+/// connection's entry and adds none.
+#[test]
+fn one_conntrack_entry_per_allowed_connection() {
+    use dataplane::maps::ct::CtMap;
+    let f = fixture(MODE_VXLAN);
+    install_spec(
+        &f,
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+               "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": 80}]}]}),
+    );
+    let ct = CtMap::open(&f.pin_dir).expect("dp_ct");
+    let request = tcp(
+        (PEER_MAC, PEER_HOST_MAC),
+        (PEER, 40000),
+        (POD, 80),
+        64,
+        true,
+        &[],
+        b"",
+    );
+    let reply = tcp(
+        (POD_MAC, HOST_MAC),
+        (POD, 80),
+        (PEER, 40000),
+        64,
+        false,
+        &[],
+        b"",
+    );
+    assert_eq!(f.tc("lxc_from_ctr", f.peer_if, &request).0, TC_ACT_REDIRECT);
+    assert_eq!(ct.count().expect("count"), 1, "the request's entry");
+    for _ in 0..3 {
+        assert_eq!(f.tc("lxc_from_ctr", f.pod_if, &reply).0, TC_ACT_REDIRECT);
+        assert_eq!(f.tc("lxc_from_ctr", f.peer_if, &request).0, TC_ACT_REDIRECT);
+    }
+    assert_eq!(
+        ct.count().expect("count"),
+        1,
+        "replies renew the entry, add none: {:?}",
+        ct.entries().expect("entries")
+    );
+    // The pod's own connection out (egress tracked) gets the one entry its
+    // replies need, and they pass its ingress isolation.
+    let out = tcp(
+        (POD_MAC, HOST_MAC),
+        (POD, 41000),
+        (PEER, 9090),
+        64,
+        true,
+        &[],
+        b"",
+    );
+    let back = tcp(
+        (PEER_MAC, PEER_HOST_MAC),
+        (PEER, 9090),
+        (POD, 41000),
+        64,
+        false,
+        &[],
+        b"",
+    );
+    assert_eq!(f.tc("lxc_from_ctr", f.pod_if, &out).0, TC_ACT_REDIRECT);
+    assert_eq!(f.tc("lxc_from_ctr", f.peer_if, &back).0, TC_ACT_REDIRECT);
+    assert_eq!(ct.count().expect("count"), 2);
+}
+
 #[test]
 fn remote_and_outside_peers_by_address_port_range_and_ip_block() {
     let f = fixture(MODE_NATIVE);
@@ -334,4 +410,142 @@ fn remote_and_outside_peers_by_address_port_range_and_ip_block() {
             },
         ],
     );
+}
+
+/// Per-packet cost of the policy lookup through `BPF_PROG_TEST_RUN`
+/// (`cargo xtask bench policy` runs it in release): a peer's established
+/// flow to the pod, allowed by identity (one lookup), allowed by ipBlock
+/// (three lookups) and denied (three lookups and the reply check), with
+/// 1, 100 and 10,000 rules on the pod, each timed alternately with the
+/// same flow to a third pod on this node that no policy selects.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench policy"]
+fn bench_policy_lookup_per_packet() {
+    use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+    use dataplane::policy::{Allow, Compiled, Dir, PeerId};
+    use dataplane_common::{EndpointInfo, EndpointKey};
+
+    const OPEN: [u8; 4] = [10, 244, 0, 12];
+    let f = fixture(MODE_VXLAN);
+    sh(&[
+        "ip", "link", "add", "gopen", "type", "veth", "peer", "name", "gopenp",
+    ]);
+    sh(&["ip", "link", "set", "gopen", "up"]);
+    sh(&["ip", "link", "set", "gopenp", "up"]);
+    let open_if = dataplane::sys::ifindex("gopen").expect("ifindex");
+    let mut eps = EndpointMap::open(&f.pin_dir).expect("endpoints");
+    for (ip, id) in [(POD, WEB_ID), (PEER, CLIENT_ID)] {
+        let k = EndpointKey::v4(ip);
+        let mut e: EndpointInfo = eps.read(&[k]).expect("read")[&k];
+        e.identity = id;
+        eps.put(&k, &e).expect("endpoint");
+    }
+    eps.put(
+        &EndpointKey::v4(OPEN),
+        &EndpointInfo {
+            ifindex: open_if,
+            identity: OTHER_ID,
+            mac: [0x0a, 0, 0, 0, 0, 0x03],
+            host_mac: [0xee, 0, 0, 0, 0, 0x03],
+            flags: EP_F_LOCAL,
+            _pad: 0,
+        },
+    )
+    .expect("open pod");
+    let prog: &SchedClassifier = f.program("lxc_from_ctr").try_into().expect("tc");
+    let ctx = skb_ctx(f.peer_if);
+    let time = |packet: &[u8], repeat: u32, verdict: u32| -> f64 {
+        let mut out = vec![0u8; packet.len() + 64];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            })
+            .expect("test run");
+        assert_eq!(r.return_value, verdict);
+        r.duration.as_nanos() as f64
+    };
+    // From the peer; TTL 255 leaves room for the repeats.
+    let from_peer = |to: [u8; 4], port: u16| {
+        tcp(
+            (PEER_MAC, PEER_HOST_MAC),
+            (PEER, 40000),
+            (to, port),
+            255,
+            false,
+            &[],
+            b"x",
+        )
+    };
+    let (by_id, by_block, denied) = (
+        from_peer(POD, 80),
+        from_peer(POD, 8443),
+        from_peer(POD, 9999),
+    );
+    let unpoliced = from_peer(OPEN, 80);
+    // Alternated with the unpoliced flow, medians of the calls: the
+    // machine's drift and its hiccups cancel out.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let pair = |packet: &[u8], verdict: u32| -> (f64, f64) {
+        time(packet, 1, verdict);
+        time(&unpoliced, 1, TC_ACT_REDIRECT);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..400 {
+            a.push(time(packet, 250, verdict));
+            b.push(time(&unpoliced, 250, TC_ACT_REDIRECT));
+        }
+        (median(a), median(b))
+    };
+    let mut rules = PolicyMap::open(&f.pin_dir).expect("dp_policy");
+    let mut cidrs = PolicyCidrMap::open(&f.pin_dir).expect("dp_policy_cidr");
+    let mut old = (Vec::new(), Vec::new());
+    let mut line = String::from("BENCH policy-lookup");
+    for n in [1u32, 100, 10_000] {
+        // The pod's ingress: the client's identity on 80, the client's
+        // address (an ipBlock) on 8443, and n - 1 other identities on 80.
+        let mut c = Compiled {
+            ingress_isolated: true,
+            ..Default::default()
+        };
+        let allow = |peer, port| Allow {
+            dir: Dir::Ingress,
+            peer,
+            proto: Some(IPPROTO_TCP),
+            ports: Some((port, 16)),
+        };
+        c.allows.insert(allow(PeerId::Identity(CLIENT_ID), 80), 1);
+        c.allows.insert(allow(PeerId::Class(1), 8443), 2);
+        c.classes.insert(
+            (
+                Dir::Ingress,
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(PEER), 32).expect("net"),
+            ),
+            1,
+        );
+        for i in 1..n {
+            c.allows.insert(allow(PeerId::Identity(10_000 + i), 80), 3);
+        }
+        sync_endpoint(&mut rules, &mut cidrs, f.pod_if, &c, (&old.0, &old.1)).expect("write");
+        let (r, cl) = dataplane::maps::policy::desired(f.pod_if, &c);
+        old = (r.into_keys().collect(), cl.into_keys().collect());
+        assert_eq!(
+            rules.read_all().expect("read").len(),
+            n as usize + 3,
+            "n allows, the ipBlock allow and two markers"
+        );
+        let (id, base1) = pair(&by_id, TC_ACT_REDIRECT);
+        let (block, base2) = pair(&by_block, TC_ACT_REDIRECT);
+        let (deny, base3) = pair(&denied, TC_ACT_SHOT);
+        line += &format!(
+            " identity_{n}={id:.1} block_{n}={block:.1} denied_{n}={deny:.1} none_{n}={:.1}",
+            (base1 + base2 + base3) / 3.0
+        );
+    }
+    println!("{line}");
 }

@@ -46,9 +46,9 @@ enum Cmd {
     /// A lab to explore by hand.
     #[command(subcommand)]
     Lab(LabCmd),
-    /// Control-plane benchmarks: change latency, full sync, agent memory.
+    /// Benchmarks: Services, NetworkPolicy, and the control plane (change latency, full sync, agent memory).
     Bench {
-        /// Only this part: `services` or `control-plane`.
+        /// Only this part: `services`, `policy` or `control-plane`.
         only: Option<String>,
     },
 }

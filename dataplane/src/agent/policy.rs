@@ -3,7 +3,7 @@
 //! endpoint's compiled policy into `dp_policy` and `dp_policy_cidr`, by
 //! difference.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::Result;
 use dataplane_common::EndpointKey;
@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{Agent, lock};
 use crate::{
-    cluster::Cluster,
+    cluster::{Changes, Cluster, Key, Kind, PodInfo},
     maps::{
         SyncStats,
         policy::{CidrPrefix, PolicyCidrMap, PolicyMap, PolicyPrefix, desired, sync_endpoint},
@@ -31,6 +31,12 @@ pub(crate) struct PolicyState {
     sctp_reported: BTreeSet<(String, String)>,
     /// The identities last computed, to name peers.
     identities: Identities,
+    /// Every pod as policy sees it, kept up to date change by change: a
+    /// policy edit costs its namespace's local pods, not the cluster.
+    facts: HashMap<Key, PodFacts>,
+    /// How many pods carry each label set: identities are derived from the
+    /// distinct sets, so only a set appearing or going changes them.
+    sets: BTreeMap<LabelSet, usize>,
 }
 
 impl PolicyState {
@@ -42,98 +48,156 @@ impl PolicyState {
             applied: BTreeMap::new(),
             sctp_reported: BTreeSet::new(),
             identities: Identities::default(),
+            facts: HashMap::new(),
+            sets: BTreeMap::new(),
         }
     }
 
     fn id(&mut self, ns: &str, name: &str) -> u32 {
-        let next = self.ids.values().max().copied().unwrap_or(0) + 1;
+        let next = self.ids.len() as u32 + 1;
         *self
             .ids
             .entry((ns.to_owned(), name.to_owned()))
             .or_insert(next)
     }
+
+    /// Replaces (or with None removes) a pod's facts; whether the distinct
+    /// label sets changed.
+    fn set_facts(&mut self, key: &Key, facts: Option<PodFacts>) -> bool {
+        let mut sets_changed = false;
+        if let Some(old) = self.facts.remove(key)
+            && let Some(n) = self.sets.get_mut(&old.set)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.sets.remove(&old.set);
+                sets_changed = true;
+            }
+        }
+        if let Some(f) = facts {
+            let n = self.sets.entry(f.set.clone()).or_insert(0);
+            sets_changed |= *n == 0;
+            *n += 1;
+            self.facts.insert(key.clone(), f);
+        }
+        sets_changed
+    }
 }
 
 /// A pod as policy sees it: its label set and what the compiler needs.
 struct PodFacts {
-    namespace: String,
-    name: String,
     set: LabelSet,
+    /// The identity of `set`, as last computed.
+    identity: u32,
     ips: Vec<std::net::Ipv4Addr>,
     ports: Vec<(String, u8, u16)>,
 }
 
-/// Recomputes identities and every local endpoint's policy (`full`: the
-/// whole maps are compared with the result, which also removes entries of
-/// endpoints that went while the agent was down).
-pub(super) fn apply(agent: &Agent, cluster: &Cluster, full: bool) -> Result<()> {
-    let started = std::time::Instant::now();
-    let mut ns_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let mut pods: Vec<PodFacts> = Vec::new();
-    for (key, pod) in cluster.pods() {
-        if pod.host_network {
-            continue;
-        }
-        let labels = ns_labels
-            .entry(key.namespace.clone())
-            .or_insert_with(|| cluster.namespace_labels(&key.namespace))
-            .clone();
-        pods.push(PodFacts {
+fn facts(cluster: &Cluster, key: &Key, pod: &PodInfo) -> Option<PodFacts> {
+    if pod.host_network {
+        return None;
+    }
+    Some(PodFacts {
+        identity: 0,
+        set: LabelSet {
             namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            set: LabelSet {
-                namespace: key.namespace.clone(),
-                namespace_labels: labels,
-                labels: pod.labels.clone(),
-            },
-            ips: pod
-                .ips
-                .iter()
-                .filter_map(|ip| match ip {
-                    std::net::IpAddr::V4(v4) => Some(*v4),
-                    _ => None,
-                })
-                .collect(),
-            ports: pod.ports.clone(),
-        });
-    }
-    let identities = Identities::new(pods.iter().map(|p| p.set.clone()));
-    let views: Vec<PodView> = pods
-        .iter()
-        .map(|p| PodView {
-            identity: identities.of(&p.set).unwrap_or(0),
-            set: &p.set,
-            ips: p.ips.clone(),
-            ports: &p.ports,
-        })
-        .collect();
-    let mut by_ip = BTreeMap::new();
-    for v in &views {
-        for ip in &v.ips {
-            by_ip.insert(EndpointKey::from(std::net::IpAddr::V4(*ip)), v.identity);
-        }
-    }
-    let id_stats = lock(&agent.endpoints)?.set_identities(by_ip)?;
+            namespace_labels: cluster.namespace_labels(&key.namespace),
+            labels: pod.labels.clone(),
+        },
+        ips: pod
+            .ips
+            .iter()
+            .filter_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                _ => None,
+            })
+            .collect(),
+        ports: pod.ports.clone(),
+    })
+}
 
+/// What changed since the last apply.
+pub(super) enum Scope<'a> {
+    /// Everything: recompute all, and compare the whole maps with the
+    /// result (which also removes entries of endpoints that went while the
+    /// agent was down).
+    Full,
+    /// What the cluster model reports.
+    Changes(&'a Changes),
+    /// Local endpoints came or went.
+    Endpoints,
+}
+
+/// Brings identities and the local endpoints' compiled policies up to date
+/// with `scope`: pods and namespaces change facts (and identities only
+/// when a distinct label set appears or goes) and recompile every local
+/// endpoint; a policy edit recompiles only its namespace's endpoints.
+pub(super) fn apply(agent: &Agent, cluster: &Cluster, scope: Scope<'_>) -> Result<()> {
+    let started = std::time::Instant::now();
     let mut st = lock(&agent.policy)?;
-    // By name: ids come out alike run after run.
-    let mut named: Vec<(String, String, &Policy)> = cluster
-        .policies()
-        .map(|(k, p)| (k.namespace.clone(), k.name.clone(), p))
-        .collect();
-    named.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-    let policies: Vec<(u32, String, String, &Policy)> = named
-        .into_iter()
-        .map(|(ns, name, p)| (st.id(&ns, &name), ns, name, p))
-        .collect();
-    for (_, ns, name, p) in &policies {
-        let k = (ns.clone(), name.clone());
-        if p.names_sctp() && st.sctp_reported.insert(k) {
-            warn!(policy = %format!("{ns}/{name}"), "NetworkPolicy names SCTP: its rules are compiled (they isolate and never allow TCP or UDP), but this kernel carries no SCTP traffic");
+    let full = matches!(scope, Scope::Full);
+    // Which local endpoints to recompile: None, all of them.
+    let mut only_in: Option<BTreeSet<String>> = None;
+    let mut facts_changed = false;
+    let mut sets_changed = false;
+    let mut changed: Vec<&Key> = Vec::new();
+    match scope {
+        Scope::Full => {
+            st.facts.clear();
+            st.sets.clear();
+            for (key, pod) in cluster.pods() {
+                st.set_facts(key, facts(cluster, key, pod));
+            }
+            facts_changed = true;
+            sets_changed = true;
+        }
+        Scope::Changes(ch) => {
+            let mut keys: BTreeSet<&Key> = ch.pods.iter().collect();
+            // A namespace relabelled: its pods' label sets change.
+            for ns in &ch.namespaces {
+                keys.extend(cluster.pods_in(ns).map(|(k, _)| k));
+            }
+            for key in keys {
+                let f = cluster.pod(key).and_then(|p| facts(cluster, key, p));
+                sets_changed |= st.set_facts(key, f);
+                facts_changed = true;
+                changed.push(key);
+            }
+            if !facts_changed {
+                only_in = Some(ch.policy_namespaces.clone());
+            }
+        }
+        Scope::Endpoints => {}
+    }
+    if sets_changed {
+        st.identities = Identities::new(st.sets.keys().cloned());
+        let PolicyState {
+            facts, identities, ..
+        } = &mut *st;
+        for f in facts.values_mut() {
+            f.identity = identities.of(&f.set).unwrap_or(0);
+        }
+    } else {
+        // Only the pods that changed lack theirs.
+        for key in &changed {
+            let id = st
+                .facts
+                .get(*key)
+                .and_then(|f| st.identities.of(&f.set))
+                .unwrap_or(0);
+            if let Some(f) = st.facts.get_mut(*key) {
+                f.identity = id;
+            }
         }
     }
+    let st = &mut *st;
     let locals: Vec<(u32, String, String)> = lock(&agent.registry)?
         .values()
+        .filter(|e| {
+            only_in
+                .as_ref()
+                .is_none_or(|ns| ns.contains(&e.spec.pod_namespace))
+        })
         .map(|e| {
             (
                 e.ifindex,
@@ -142,42 +206,94 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, full: bool) -> Result<()> 
             )
         })
         .collect();
+    // The policies of the namespaces at hand, by name: ids come out alike
+    // run after run.
+    let namespaces: BTreeSet<&str> = locals.iter().map(|(_, ns, _)| ns.as_str()).collect();
+    let mut by_ns: BTreeMap<&str, Vec<(u32, &Policy)>> = BTreeMap::new();
+    for ns in namespaces {
+        let mut named: Vec<(&Key, &Policy)> = cluster.policies_in(ns).collect();
+        named.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let mut list = Vec::with_capacity(named.len());
+        for (k, p) in named {
+            list.push((st.id(&k.namespace, &k.name), p));
+        }
+        by_ns.insert(ns, list);
+    }
+    for ns in by_ns
+        .keys()
+        .copied()
+        .chain(only_in.iter().flatten().map(String::as_str))
+    {
+        for (k, p) in cluster.policies_in(ns) {
+            let key = (k.namespace.clone(), k.name.clone());
+            if p.names_sctp() && st.sctp_reported.insert(key) {
+                warn!(policy = %format!("{}/{}", k.namespace, k.name), "NetworkPolicy names SCTP: its rules are compiled (they isolate and never allow TCP or UDP), but this kernel carries no SCTP traffic");
+            }
+        }
+    }
+    let views: Vec<PodView> = st
+        .facts
+        .values()
+        .map(|p| PodView {
+            identity: p.identity,
+            set: &p.set,
+            ips: p.ips.clone(),
+            ports: &p.ports,
+        })
+        .collect();
+    let id_stats = if facts_changed {
+        let mut by_ip = BTreeMap::new();
+        for v in &views {
+            for ip in &v.ips {
+                by_ip.insert(EndpointKey::from(std::net::IpAddr::V4(*ip)), v.identity);
+            }
+        }
+        lock(&agent.endpoints)?.set_identities(by_ip)?
+    } else {
+        SyncStats::default()
+    };
+
     let mut stats = SyncStats::default();
-    let mut isolated = 0;
     let mut wanted_rules = BTreeMap::new();
     let mut wanted_cidrs = BTreeMap::new();
     let mut applied = BTreeMap::new();
     for (ifindex, ns, name) in &locals {
-        let compiled = match views
-            .iter()
-            .zip(&pods)
-            .find(|(_, p)| &p.namespace == ns && &p.name == name)
-        {
-            Some((me, _)) => compile(
-                me,
-                policies
-                    .iter()
-                    .map(|(id, pns, _, p)| (*id, pns.as_str(), *p)),
+        let me = Key {
+            kind: Kind::Pod,
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        let compiled = match st.facts.get(&me) {
+            Some(f) => compile(
+                &PodView {
+                    identity: f.identity,
+                    set: &f.set,
+                    ips: f.ips.clone(),
+                    ports: &f.ports,
+                },
+                by_ns
+                    .get(ns.as_str())
+                    .into_iter()
+                    .flatten()
+                    .map(|(id, p)| (*id, ns.as_str(), *p)),
                 &views,
             ),
             // Not in the cluster state (yet): selected by nothing.
             None => Compiled::default(),
         };
-        if compiled.tracked() {
-            isolated += 1;
-        }
         let (rules, cidrs) = desired(*ifindex, &compiled);
         if full {
             wanted_rules.extend(rules.clone());
             wanted_cidrs.extend(cidrs.clone());
         } else {
             let old = st.applied.get(ifindex).cloned().unwrap_or_default();
-            let PolicyState {
-                rules: rmap,
-                cidrs: cmap,
-                ..
-            } = &mut *st;
-            stats += sync_endpoint(rmap, cmap, *ifindex, &compiled, (&old.0, &old.1))?;
+            stats += sync_endpoint(
+                &mut st.rules,
+                &mut st.cidrs,
+                *ifindex,
+                &compiled,
+                (&old.0, &old.1),
+            )?;
         }
         applied.insert(
             *ifindex,
@@ -190,31 +306,35 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, full: bool) -> Result<()> 
     if full {
         stats += sync_all(&mut st.cidrs, &wanted_cidrs)?;
         stats += sync_all(&mut st.rules, &wanted_rules)?;
+        st.applied = applied;
     } else {
-        // Endpoints that went: their entries go too.
-        let gone: Vec<u32> = st
-            .applied
-            .keys()
-            .filter(|i| !applied.contains_key(i))
-            .copied()
-            .collect();
-        for ifindex in gone {
-            let old = st.applied.get(&ifindex).cloned().unwrap_or_default();
-            let PolicyState {
-                rules: rmap,
-                cidrs: cmap,
-                ..
-            } = &mut *st;
-            stats += sync_endpoint(rmap, cmap, ifindex, &Compiled::default(), (&old.0, &old.1))?;
+        if only_in.is_none() {
+            // Endpoints that went: their entries go too.
+            let gone: Vec<u32> = st
+                .applied
+                .keys()
+                .filter(|i| !applied.contains_key(i))
+                .copied()
+                .collect();
+            for ifindex in gone {
+                let old = st.applied.remove(&ifindex).unwrap_or_default();
+                stats += sync_endpoint(
+                    &mut st.rules,
+                    &mut st.cidrs,
+                    ifindex,
+                    &Compiled::default(),
+                    (&old.0, &old.1),
+                )?;
+            }
         }
+        st.applied.extend(applied);
     }
-    st.applied = applied;
-    st.identities = identities.clone();
     if !stats.is_empty() || !id_stats.is_empty() {
+        let under_policy = st.applied.values().filter(|(r, _)| !r.is_empty()).count();
         info!(
-            identities = identities.len(),
-            policies = policies.len(),
-            endpoints_under_policy = isolated,
+            identities = st.identities.len(),
+            endpoints_compiled = locals.len(),
+            endpoints_under_policy = under_policy,
             added = stats.added,
             changed = stats.changed,
             removed = stats.removed,

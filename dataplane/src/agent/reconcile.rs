@@ -84,7 +84,9 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
         }
         if endpoints_changed {
             let started = Instant::now();
-            match tokio::task::block_in_place(|| super::policy::apply(&agent, &cluster, false)) {
+            match tokio::task::block_in_place(|| {
+                super::policy::apply(&agent, &cluster, super::policy::Scope::Endpoints)
+            }) {
                 Ok(()) => telemetry::reconciled(&agent.telemetry, "policy", started.elapsed()),
                 Err(e) => {
                     telemetry::error(&agent.telemetry, "reconcile");
@@ -195,10 +197,15 @@ async fn apply(
         }
         Ok(())
     })?;
-    // Pods, namespaces and policies all feed identities and policies; a
-    // pod's address moving changes which identity it carries.
-    if full || !ch.namespaces.is_empty() || !ch.pod_ips.is_empty() {
-        tokio::task::block_in_place(|| super::policy::apply(agent, cluster, full))?;
+    // Pods, namespaces and policies all feed identities and policies.
+    if full || !ch.namespaces.is_empty() || !ch.pods.is_empty() || !ch.policy_namespaces.is_empty()
+    {
+        let scope = if full {
+            super::policy::Scope::Full
+        } else {
+            super::policy::Scope::Changes(ch)
+        };
+        tokio::task::block_in_place(|| super::policy::apply(agent, cluster, scope))?;
     }
     if full || !ch.services.is_empty() {
         let external = tokio::task::block_in_place(|| {

@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: the agent's control-plane numbers for both sources,
-//! with release binaries. A single change's latency is measured on an empty
-//! cluster and again after loading 10,000 pods, 5,000 Services and 1,000
+//! `cargo xtask bench`, with release binaries: Services and NetworkPolicy
+//! (their own modules), then the agent's control-plane numbers for both
+//! sources. A single change's latency is measured on an empty cluster and
+//! again after loading 10,000 pods, 5,000 Services and 1,000
 //! NetworkPolicies, in the same run: the ratio says whether it stays flat.
 
 use std::{
@@ -13,20 +14,26 @@ use lab::{Lab, LabSpec};
 
 use crate::testing::prepare_lab_with;
 
+mod policy;
 mod services;
 
 /// Single changes timed per phase.
 const CHANGES: u32 = 200;
 
 pub(crate) fn bench(only: Option<&str>) -> Result<()> {
-    if only.is_some_and(|o| o != "services" && o != "control-plane") {
-        bail!("cargo xtask bench [services|control-plane]");
+    const PARTS: [&str; 3] = ["services", "policy", "control-plane"];
+    if only.is_some_and(|o| !PARTS.contains(&o)) {
+        bail!("cargo xtask bench [{}]", PARTS.join("|"));
     }
     prepare_lab_with(true)?;
-    if only != Some("control-plane") {
+    let run = |part: &str| only.is_none_or(|o| o == part);
+    if run("services") {
         services::bench()?;
     }
-    if only == Some("services") {
+    if run("policy") {
+        policy::bench()?;
+    }
+    if !run("control-plane") {
         return Ok(());
     }
     let mut rows = Vec::new();
@@ -56,7 +63,7 @@ pub(crate) fn bench(only: Option<&str>) -> Result<()> {
             ratio,
             r.sync,
             r.rss,
-            if ok { "meets" } else { "MISSES" }
+            verdict(ok)
         );
     }
     println!(
@@ -69,6 +76,19 @@ pub(crate) fn bench(only: Option<&str>) -> Result<()> {
 struct Latency {
     p50: f64,
     p99: f64,
+}
+
+fn percentiles(mut lat: Vec<f64>) -> Latency {
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Latency {
+        p50: pct(0.50),
+        p99: pct(0.99),
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "meets" } else { "MISSES" }
 }
 
 struct BenchRow {
@@ -128,12 +148,7 @@ fn bench_source(source: &'static str) -> Result<BenchRow> {
             }
             lat.push(started.elapsed().as_secs_f64() * 1000.0);
         }
-        lat.sort_by(f64::total_cmp);
-        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-        Ok(Latency {
-            p50: pct(0.50),
-            p99: pct(0.99),
-        })
+        Ok(percentiles(lat))
     };
 
     let empty = latency(0)?;

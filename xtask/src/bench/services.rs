@@ -19,6 +19,7 @@ use lab::{
 };
 use serde_json::{Value, json};
 
+use super::verdict;
 use crate::toolchain::{cache_dir, cargo_with_linker, output};
 
 const PORT: u16 = 8080;
@@ -155,10 +156,6 @@ pub(super) fn bench() -> Result<()> {
         per_packet["new_flow_ns"] - per_packet["new_plain_ns"]
     );
     Ok(())
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "meets" } else { "MISSES" }
 }
 
 /// `n` ClusterIP Services, the first at 10.96.0.10, each with the one
