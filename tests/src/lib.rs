@@ -931,7 +931,9 @@ impl Lab {
 
     /// [`Lab::add_pod`] with a `runtimeConfig` (e.g. portMappings).
     pub fn add_pod_with(&mut self, i: usize, name: &str, runtime_config: Value) -> Result<usize> {
-        self.add_pod_full(i, "default", name, &[], &[], runtime_config)
+        self.add_pod_full(i, "default", name, &[], &[], runtime_config)?;
+        self.write_pods_file()?;
+        Ok(self.state.pods.len() - 1)
     }
 
     /// [`Lab::add_pod`] in `namespace`, with `labels` and named container
@@ -944,7 +946,29 @@ impl Lab {
         labels: &[(&str, &str)],
         ports: &[(&str, &str, u16)],
     ) -> Result<usize> {
-        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)
+        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)?;
+        self.write_pods_file()?;
+        Ok(self.state.pods.len() - 1)
+    }
+
+    /// [`Lab::add_pod_in`] without publishing its Pod object: the agent
+    /// learns of the pod from the CNI ADD alone, as when its watch lags
+    /// behind the kubelet. [`Lab::publish_pods`] publishes it.
+    pub fn add_pod_unlisted(
+        &mut self,
+        i: usize,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(&str, &str, u16)],
+    ) -> Result<usize> {
+        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)?;
+        Ok(self.state.pods.len() - 1)
+    }
+
+    /// Publishes every pod's object (see [`Lab::add_pod_unlisted`]).
+    pub fn publish_pods(&self) -> Result<()> {
+        self.write_pods_file()
     }
 
     fn add_pod_full(
@@ -955,7 +979,7 @@ impl Lab {
         labels: &[(&str, &str)],
         ports: &[(&str, &str, u16)],
         runtime_config: Value,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         let netns = format!("{}-{name}", self.state.nodes[i].netns);
         self.add_netns(&netns)?;
         let mut pod = PodState {
@@ -1002,9 +1026,7 @@ impl Lab {
         pod.mac = inner["mac"].as_str().unwrap_or_default().to_owned();
         pod.result = result;
         self.state.pods.push(pod);
-        self.save()?;
-        self.write_pods_file()?;
-        Ok(self.state.pods.len() - 1)
+        self.save()
     }
 
     /// CNI DEL for a pod (the pod's namespace stays until teardown).

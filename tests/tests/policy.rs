@@ -839,6 +839,33 @@ fn suite(mode: &str) {
             "new pod x/d labelled pod=a",
             all.clone(),
         ));
+        // A pod the agent knows only from its CNI ADD (its Pod object not
+        // seen yet, as when the watch lags behind the kubelet), in a
+        // namespace with policies: held isolated both ways until its labels
+        // can be judged, from the moment the ADD returns.
+        lab.add_pod_unlisted(1, "x", "x-e", &[("pod", "a")], &PORTS)
+            .expect("unlisted pod");
+        serve(&lab, "x-e");
+        let (xe, zb) = (lab.pod("x-e").clone(), lab.pod("z-b").clone());
+        assert!(
+            !reach(&zb.netns, SocketAddr::from((xe.ip, 81)), "TCP", "x-e"),
+            "a pod of unknown labels under x's policies must not be open"
+        );
+        assert!(
+            !reach(&xe.netns, SocketAddr::from((zb.ip, 80)), "TCP", "z-b"),
+            "nor may it send before its policy is known"
+        );
+        lab.publish_pods().expect("publish");
+        w.pods.push("x-e".into());
+        w.pod_labels
+            .insert("x-e".into(), [("pod".to_string(), "a".to_string())].into());
+        w.pod_ips.insert("x-e".into(), xe.ip);
+        count(scenario(
+            &lab,
+            &w,
+            "x/e's Pod object published",
+            all.clone(),
+        ));
         // Deleting every policy opens everything again, quickly.
         let took = count(scenario(&lab, &w, "policies deleted", vec![]));
         assert!(took < Duration::from_secs(3), "took {took:?}");

@@ -102,7 +102,9 @@ pub(super) async fn add(agent: &Arc<Agent>, spec: EndpointSpec) -> Result<()> {
     })
     .await
     .context("endpoint worker")??;
-    save_registry(agent)
+    save_registry(agent)?;
+    wait_policy(agent, &id).await;
+    Ok(())
 }
 
 /// Programs first, then map entries: once an address is in the map, the
@@ -157,8 +159,29 @@ fn install(
     lock(&agent.registry)?.insert(id, live);
     telemetry_count(agent);
     // Its policy is compiled by the reconciler, which has the cluster.
+    agent
+        .policy_wanted
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     agent.policy_dirty.notify_one();
     Ok(())
+}
+
+/// How long an ADD waits for its pod's policy before answering anyway.
+const POLICY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until the reconciler has compiled every endpoint change asked
+/// for so far: the runtime starts the pod only once its policy holds.
+async fn wait_policy(agent: &Agent, id: &str) {
+    let want = agent
+        .policy_wanted
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let mut rx = agent.policy_applied.subscribe();
+    if tokio::time::timeout(POLICY_WAIT, rx.wait_for(|g| *g >= want))
+        .await
+        .is_err()
+    {
+        warn!(endpoint = %id, "its NetworkPolicy is not compiled after {POLICY_WAIT:?}; answering the runtime anyway");
+    }
 }
 
 fn telemetry_count(agent: &Agent) {

@@ -277,6 +277,11 @@ pub(crate) struct Agent {
     policy: Mutex<policy::PolicyState>,
     /// Local endpoints changed: their policy needs compiling.
     policy_dirty: tokio::sync::Notify,
+    /// Endpoint changes asked to be compiled so far, and how many of them
+    /// the reconciler has compiled: an endpoint ADD returns once its
+    /// policy is in the maps.
+    policy_wanted: std::sync::atomic::AtomicU64,
+    policy_applied: tokio::sync::watch::Sender<u64>,
 }
 
 /// A poisoned lock means a panic elsewhere; the agent reports it instead of
@@ -448,6 +453,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         api_lock: tokio::sync::Mutex::new(()),
         policy: Mutex::new(policy_state),
         policy_dirty: tokio::sync::Notify::new(),
+        policy_wanted: std::sync::atomic::AtomicU64::new(0),
+        policy_applied: tokio::sync::watch::Sender::new(0),
     });
 
     endpoints::restore(&agent).await?;

@@ -278,7 +278,15 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, scope: Scope<'_>) -> Resul
                     .map(|(id, p)| (*id, ns.as_str(), *p)),
                 &views,
             ),
-            // Not in the cluster state (yet): selected by nothing.
+            // Not in the cluster state yet, so its labels are unknown:
+            // where its namespace has policies, it is held isolated both
+            // ways until they can be judged (fail closed); elsewhere no
+            // policy could select it.
+            None if by_ns.get(ns.as_str()).is_some_and(|l| !l.is_empty()) => Compiled {
+                ingress_isolated: true,
+                egress_isolated: true,
+                ..Default::default()
+            },
             None => Compiled::default(),
         };
         let (rules, cidrs) = desired(*ifindex, &compiled);

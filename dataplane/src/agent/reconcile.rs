@@ -84,6 +84,9 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
         }
         if endpoints_changed {
             let started = Instant::now();
+            let wanted = agent
+                .policy_wanted
+                .load(std::sync::atomic::Ordering::SeqCst);
             match tokio::task::block_in_place(|| {
                 super::policy::apply(&agent, &cluster, super::policy::Scope::Endpoints)
             }) {
@@ -93,6 +96,14 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
                     warn!("applying NetworkPolicy: {e:#}");
                 }
             }
+            // Answered either way: a failure is logged, not waited out.
+            agent.policy_applied.send_if_modified(|g| {
+                let newer = *g < wanted;
+                if newer {
+                    *g = wanted;
+                }
+                newer
+            });
             continue;
         }
         if ch.is_empty() && !full {
