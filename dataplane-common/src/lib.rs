@@ -15,6 +15,7 @@
     no_std
 )]
 
+pub mod events;
 pub mod lb;
 pub mod maps;
 pub mod policy;
@@ -33,6 +34,7 @@ pub mod api;
 #[cfg(feature = "netlink")]
 pub mod netlink;
 
+pub use events::*;
 pub use lb::*;
 pub use maps::*;
 #[cfg(any(feature = "user", feature = "api"))]

@@ -41,6 +41,7 @@ pub enum MapKind {
     PerCpuArray,
     LpmTrie,
     HashOfMaps,
+    RingBuf,
 }
 
 impl MapKind {
@@ -53,6 +54,7 @@ impl MapKind {
             MapKind::PerCpuArray => "percpu_array",
             MapKind::LpmTrie => "lpm_trie",
             MapKind::HashOfMaps => "hash_of_maps",
+            MapKind::RingBuf => "ringbuf",
         }
     }
 }
@@ -242,6 +244,46 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: crate::policy::POLICY_CIDR_MAX,
         flags: crate::lb::BPF_F_NO_PREALLOC,
         description: "NetworkPolicy: ipBlock prefixes per endpoint and direction, to address classes",
+    },
+    MapSpec {
+        name: crate::events::MAP_EVENTS,
+        version: 1,
+        kind: MapKind::RingBuf,
+        key_size: 0,
+        value_size: 0,
+        max_entries: crate::events::EVENTS_BYTES,
+        flags: 0,
+        description: "events for dataplane monitor: drops and policy verdicts",
+    },
+    MapSpec {
+        name: crate::events::MAP_EVENT_STATE,
+        version: 1,
+        kind: MapKind::PerCpuArray,
+        key_size: 4,
+        value_size: size::<crate::events::EventState>(),
+        max_entries: 1,
+        flags: 0,
+        description: "per-CPU event budget, events over it and events lost",
+    },
+    MapSpec {
+        name: crate::events::MAP_EVENT_CONFIG,
+        version: 1,
+        kind: MapKind::Array,
+        key_size: 4,
+        value_size: size::<crate::events::EventConfig>(),
+        max_entries: 1,
+        flags: 0,
+        description: "which events are emitted, and the per-CPU rate",
+    },
+    MapSpec {
+        name: crate::events::MAP_POLICY_NAMES,
+        version: 1,
+        kind: MapKind::Hash,
+        key_size: 4,
+        value_size: size::<crate::events::PolicyName>(),
+        max_entries: crate::events::POLICY_NAMES_MAX,
+        flags: crate::lb::BPF_F_NO_PREALLOC,
+        description: "NetworkPolicy names by the ids verdicts carry",
     },
 ];
 
@@ -468,6 +510,10 @@ mod user {
     unsafe impl aya::Pod for crate::lb::CtScratch {}
     unsafe impl aya::Pod for crate::lb::FragKey {}
     unsafe impl aya::Pod for crate::lb::FragValue {}
+    unsafe impl aya::Pod for crate::events::Event {}
+    unsafe impl aya::Pod for crate::events::EventConfig {}
+    unsafe impl aya::Pod for crate::events::EventState {}
+    unsafe impl aya::Pod for crate::events::PolicyName {}
 
     impl IpcacheKey {
         /// The key and LPM prefix length for `net` (address bits plus
@@ -605,7 +651,13 @@ mod tests {
         let mut names = std::collections::HashSet::new();
         for m in MAPS {
             assert!(names.insert(m.name), "{} twice", m.name);
-            assert!(m.key_size > 0 && m.value_size > 0 && m.max_entries > 0);
+            // A ring buffer has neither keys nor values: its size is in bytes.
+            if m.kind == MapKind::RingBuf {
+                assert!(m.key_size == 0 && m.value_size == 0);
+                assert!(m.max_entries.is_power_of_two() && m.max_entries >= 4096);
+            } else {
+                assert!(m.key_size > 0 && m.value_size > 0 && m.max_entries > 0);
+            }
         }
         assert_eq!(MapSpec::by_name(MAP_CONFIG).map(|m| m.value_size), Some(24));
     }

@@ -238,10 +238,11 @@ fn renew(e: *mut CtEntry, life: u64, flags: u16, extend_only: bool) {
 /// An entry already there (a translated flow's own) serves as well. A
 /// packet that is a reply itself only renews its flow's entry: tracking
 /// it would add one for the wrong direction, a second per connection.
+/// Whether it created an entry (the flow's first allowed packet).
 #[inline(never)]
-pub fn track_replies(flow: &Flow) {
+pub fn track_replies(flow: &Flow) -> bool {
     if is_reply(flow) {
-        return;
+        return false;
     }
     // Turned around, as in `pair_key`: ICMP echo identifiers move too.
     let k = key(
@@ -262,12 +263,12 @@ pub fn track_replies(flow: &Flow) {
                     (*e).flags,
                 );
                 renew(e, life, flags, true);
-                return;
+                return false;
             }
         }
     }
     let Ok(sc) = scratch() else {
-        return;
+        return false;
     };
     fill(
         &mut sc.reply,
@@ -279,7 +280,7 @@ pub fn track_replies(flow: &Flow) {
         0,
         0,
     );
-    let _ = insert(&k, &sc.reply);
+    insert(&k, &sc.reply).is_ok()
 }
 
 /// Stores both directions of a new flow, as built in the scratch slot.

@@ -90,7 +90,7 @@ fn try_local(
     };
     svc::apply(ctx, flow, n)?;
     // Judged as delivered: after translation, against the backend.
-    policy::ingress(ep.ifindex, flow, peer_id)?;
+    policy::ingress(ep.ifindex, ep.identity, flow, peer_id)?;
     parse::ipv4_dec_ttl(ctx)?;
     Ok(deliver::to_local(ctx, ep))
 }

@@ -60,7 +60,7 @@ fn host_replies(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     }
     // What the stack delivers: from this node (always allowed), or routed
     // through it.
-    policy::ingress(ifindex(ctx), &flow, policy::identity_of(flow.saddr))?;
+    policy::ingress(ifindex(ctx), 0, &flow, policy::identity_of(flow.saddr))?;
     Ok(Verdict::pass())
 }
 

@@ -14,6 +14,7 @@ mod ct;
 mod deliver;
 mod encap;
 mod endpoints;
+mod events;
 mod fwd;
 mod host;
 mod hostdev;

@@ -10,10 +10,11 @@ use dataplane_common::{
     IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_SERVICES, IPPROTO_SCTP, IPPROTO_TCP,
     IPPROTO_UDP, PEER_ANY, PEER_CLASS, POLICY_ALLOW, POLICY_CIDR_MAX, POLICY_CIDR_PREFIX_DIR,
     POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_ISOLATED, POLICY_MAX, POLICY_PREFIX_FULL,
-    PolicyCidrKey, PolicyCidrValue, PolicyKey, PolicyValue, Reason,
+    PolicyCidrKey, PolicyCidrValue, PolicyKey, PolicyValue, Reason, VERDICT_ALLOWED,
+    VERDICT_DENIED,
 };
 
-use crate::{ct, endpoints, ipcache, l4::Flow};
+use crate::{ct, endpoints, events, ipcache, l4::Flow};
 
 #[btf_map(name = "dp_policy")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue, { POLICY_MAX as usize }> = LpmTrie::new();
@@ -129,20 +130,28 @@ pub fn egress(endpoint: u32, flow: &Flow, daddr: u32, dport: u16) -> Result<(), 
         proto_port(flow.proto, dport),
     ) {
         Ok(None) => Ok(()),
-        Ok(Some(_)) => {
-            ct::track_replies(flow);
+        Ok(Some(id)) => {
+            if ct::track_replies(flow) && id != 0 && events::allowed_wanted() {
+                let ids = (u64::from(flow.src_identity) << 32) | u64::from(peer);
+                events::policy(flow, endpoint, allowed(POLICY_DIR_EGRESS), ids, id);
+            }
             Ok(())
         }
         Err(_) if ct::is_reply(flow) => Ok(()),
-        Err(r) => Err(r),
+        Err(r) => {
+            let ids = (u64::from(flow.src_identity) << 32) | u64::from(peer);
+            events::policy(flow, endpoint, denied(POLICY_DIR_EGRESS), ids, 0);
+            Err(r)
+        }
     }
 }
 
-/// Ingress to the local endpoint `endpoint`: `flow` as it will be
-/// delivered (translated), from a peer of identity `peer_id`. Inlined into
-/// the delivery step: one frame less on the deepest chain.
+/// Ingress to the local endpoint `endpoint` (of identity `own_id`, 0 when
+/// the caller does not have it at hand): `flow` as it will be delivered
+/// (translated), from a peer of identity `peer_id`. Inlined into the
+/// delivery step: one frame less on the deepest chain.
 #[inline(always)]
-pub fn ingress(endpoint: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
+pub fn ingress(endpoint: u32, own_id: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
     match decide(
         endpoint,
         POLICY_DIR_INGRESS,
@@ -151,8 +160,11 @@ pub fn ingress(endpoint: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
         proto_port(flow.proto, flow.dport),
     ) {
         Ok(None) => Ok(()),
-        Ok(Some(_)) => {
-            ct::track_replies(flow);
+        Ok(Some(id)) => {
+            if ct::track_replies(flow) && id != 0 && events::allowed_wanted() {
+                let ids = (u64::from(peer_id) << 32) | u64::from(own_id);
+                events::policy(flow, endpoint, allowed(POLICY_DIR_INGRESS), ids, id);
+            }
             Ok(())
         }
         // The pod's own node may always reach it (kubelet probes); its
@@ -162,6 +174,21 @@ pub fn ingress(endpoint: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
             Ok(())
         }
         Err(_) if ct::is_reply(flow) => Ok(()),
-        Err(r) => Err(r),
+        Err(r) => {
+            let ids = (u64::from(peer_id) << 32) | u64::from(own_id);
+            events::policy(flow, endpoint, denied(POLICY_DIR_INGRESS), ids, 0);
+            Err(r)
+        }
     }
+}
+
+/// An event's `meta` word: the policy direction and the verdict.
+#[inline(always)]
+fn allowed(dir: u8) -> u32 {
+    (u32::from(dir) << 8) | u32::from(VERDICT_ALLOWED)
+}
+
+#[inline(always)]
+fn denied(dir: u8) -> u32 {
+    (u32::from(dir) << 8) | u32::from(VERDICT_DENIED)
 }

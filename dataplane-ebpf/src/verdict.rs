@@ -1,7 +1,7 @@
 //! What a program decided, and the one exit every program leaves through:
 //! the verdict is counted under its reason (forwarded, answered, or the named
 //! drop), drops are logged at debug, and the action goes back to the kernel.
-//! (Drop events for `dataplane monitor` join here.)
+//! Drops also go out as events for `dataplane monitor`.
 //!
 //! A [`Verdict`] is one `u64` so that it can cross BPF-to-BPF calls in a
 //! register: the per-packet paths are split into subprograms the verifier
@@ -107,11 +107,22 @@ pub fn tc_exit(ctx: &TcContext, direction: Direction, len: u32, verdict: Verdict
     let code = verdict.reason_code();
     metrics::count_verdict(Hook::Tc, direction, code, len);
     if code != Reason::Forwarded as u32 {
-        let name = match Reason::from_code(code as u8) {
-            Some(r) => r.name(),
-            None => "?",
-        };
-        debug!(ctx, "drop {} {}", direction.name(), name);
+        report_drop(ctx, direction, code, len);
     }
     verdict.action()
+}
+
+/// The log line and the event of a drop: out of line, so the entry
+/// points' frames (at the base of the deepest chains) stay small.
+#[inline(never)]
+fn report_drop(ctx: &TcContext, direction: Direction, code: u32, len: u32) {
+    let name = match Reason::from_code(code as u8) {
+        Some(r) => r.name(),
+        None => "?",
+    };
+    debug!(ctx, "drop {} {}", direction.name(), name);
+    // Policy denials went out as verdicts, with the policy.
+    if code != Reason::PolicyDenied as u32 {
+        crate::events::tc_drop(ctx, direction as u8, code as u8, len);
+    }
 }

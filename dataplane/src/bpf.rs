@@ -135,6 +135,7 @@ fn aya_map_type(kind: MapKind) -> MapType {
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LpmTrie => MapType::LpmTrie,
+        MapKind::RingBuf => MapType::RingBuf,
     }
 }
 

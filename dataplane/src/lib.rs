@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cluster;
 pub mod lb;
 pub mod maps;
+pub mod monitor;
 pub mod nodes;
 pub mod policy;
 pub mod source_dir;

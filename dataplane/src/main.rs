@@ -58,6 +58,35 @@ enum Command {
     /// NetworkPolicy as the datapath enforces it.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Live drops (each with its named reason) and NetworkPolicy verdicts
+    /// (naming the policy), read straight from the node's pinned ring
+    /// buffer, with or without the agent. One monitor per node at a time.
+    Monitor {
+        #[command(flatten)]
+        pin: PinArgs,
+        /// One JSON object per line with `-o json`.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+        /// Which events: drop, policy (verdicts, allowed ones included), or all.
+        #[arg(long = "type", value_enum, default_value = "all")]
+        kind: dataplane::monitor::Kind,
+        /// Only events with this IPv4 address as source or destination.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Only events with this port as source or destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Also show what the ring held from before the monitor started
+        /// (drops and denials are kept while no one reads).
+        #[arg(long)]
+        backlog: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,6 +353,24 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Monitor {
+            pin,
+            output,
+            kind,
+            ip,
+            port,
+            count,
+            duration,
+            backlog,
+        } => dataplane::monitor::run(
+            &pin.resolve()?,
+            kind,
+            &dataplane::monitor::Filter { ip, port },
+            output,
+            count,
+            duration.map(std::time::Duration::from_secs_f64),
+            backlog,
+        ),
         Command::Map(MapCmd::Dump { name, pin, output }) => {
             print!("{}", maps::dump(&pin.resolve()?, &name, output)?);
             Ok(())

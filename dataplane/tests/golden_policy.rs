@@ -549,3 +549,82 @@ fn bench_policy_lookup_per_packet() {
     }
     println!("{line}");
 }
+
+/// Verdicts as events: a denial always (by default deny), an allow for a
+/// new flow while a monitor asks (naming the policy), nothing for the
+/// flow's later packets or for replies.
+#[test]
+fn verdicts_go_out_as_events_naming_the_policy() {
+    use dataplane::maps::events::{EventConfigMap, EventReader};
+    use dataplane_common::{EVENT_POLICY, POLICY_DIR_INGRESS, VERDICT_ALLOWED, VERDICT_DENIED};
+    use std::time::Duration;
+    let f = fixture(MODE_VXLAN);
+    install(&f);
+    let mut reader = EventReader::open(&f.pin_dir).expect("dp_events");
+    let to_pod = |sport: u16, port: u16, syn: bool| {
+        tcp(
+            (PEER_MAC, PEER_HOST_MAC),
+            (PEER, sport),
+            (POD, port),
+            64,
+            syn,
+            &[],
+            b"",
+        )
+    };
+    // Allowed verdicts are off until a monitor asks.
+    assert_eq!(
+        f.tc("lxc_from_ctr", f.peer_if, &to_pod(40000, 80, true)).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        f.tc("lxc_from_ctr", f.peer_if, &to_pod(40001, 81, true)).0,
+        TC_ACT_SHOT
+    );
+    let events = reader
+        .next_batch(16, Duration::from_millis(10))
+        .expect("read");
+    assert_eq!(events.len(), 1, "only the denial: {events:?}");
+    let d = events[0];
+    assert_eq!(
+        (d.kind, d.verdict, d.policy_dir, d.policy, d.ifindex),
+        (
+            EVENT_POLICY,
+            VERDICT_DENIED,
+            POLICY_DIR_INGRESS,
+            0,
+            f.pod_if
+        )
+    );
+    assert_eq!(
+        (
+            d.saddr,
+            d.daddr,
+            u16::from_be_bytes(d.sport),
+            u16::from_be_bytes(d.dport)
+        ),
+        (PEER, POD, 40001, 81)
+    );
+    assert_eq!((d.src_identity, d.dst_identity), (CLIENT_ID, WEB_ID));
+    EventConfigMap::open(&f.pin_dir)
+        .expect("config")
+        .allowed(true)
+        .expect("on");
+    assert_eq!(
+        f.tc("lxc_from_ctr", f.peer_if, &to_pod(40002, 80, true)).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        f.tc("lxc_from_ctr", f.peer_if, &to_pod(40002, 80, false)).0,
+        TC_ACT_REDIRECT
+    );
+    let events = reader
+        .next_batch(16, Duration::from_millis(10))
+        .expect("read");
+    assert_eq!(events.len(), 1, "one allow per new flow: {events:?}");
+    let a = events[0];
+    assert_eq!(
+        (a.kind, a.verdict, a.policy, u16::from_be_bytes(a.sport)),
+        (EVENT_POLICY, VERDICT_ALLOWED, 7, 40002)
+    );
+}

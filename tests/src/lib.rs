@@ -1192,6 +1192,31 @@ impl Lab {
         Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
     }
 
+    /// Starts `dataplane monitor <args> -o json` on node `node` and waits
+    /// until it reads the ring; [`Monitor::events`] collects what it printed.
+    pub fn monitor(&self, node: usize, args: &[&str]) -> Result<Monitor> {
+        use std::io::BufRead as _;
+        let n = &self.state.nodes[node];
+        let mut child = Command::new(&self.state.dataplane_bin)
+            .arg("monitor")
+            .args(args)
+            .args(["-o", "json", "--pin-dir"])
+            .arg(&n.pin_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting dataplane monitor")?;
+        let mut err = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        err.read_line(&mut line)?;
+        if !line.starts_with("monitoring") {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("dataplane monitor did not start: {line}");
+        }
+        Ok(Monitor { child })
+    }
+
     /// The value of a Prometheus series (`name` or `name{labels}`, as the
     /// text format prints it) from node `node`'s `/metrics`.
     pub fn metric(&self, node: usize, series: &str) -> Result<Option<f64>> {
@@ -1740,4 +1765,45 @@ pub fn http_get(netns: &str, addr: std::net::SocketAddr, path: &str) -> Result<(
             .parse()?;
         Ok((code, body.to_owned()))
     })?
+}
+
+/// A running `dataplane monitor` (killed on drop if still running).
+pub struct Monitor {
+    child: std::process::Child,
+}
+
+impl Monitor {
+    /// Waits for it to end (its `--count` or `--duration`), at most
+    /// `timeout`; its JSON lines, the summary last.
+    pub fn events(mut self, timeout: Duration) -> Result<Vec<Value>> {
+        use std::io::Read as _;
+        let deadline = Instant::now() + timeout;
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                // SAFETY: our own child, by pid.
+                unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+                self.child.wait()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .context("stdout")?
+            .read_to_string(&mut out)?;
+        out.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -577,6 +577,105 @@ fn suite(mode: &str) {
             .cli(xa.node, &["policy", "get", "x/x-a"])
             .expect("policy get");
         assert!(text.contains("x/allow-y-to-a"), "{text}");
+        // Verdicts as events, naming the policy that decided: y/a's new
+        // connection to x/a's named port is allowed by x/allow-y-to-a, z/b's
+        // to port 81 denied by default.
+        let (ya, zb) = (lab.pod("y-a").clone(), lab.pod("z-b").clone());
+        let mon = lab
+            .monitor(
+                xa.node,
+                &[
+                    "--type",
+                    "policy",
+                    "--ip",
+                    &xa.ip.to_string(),
+                    "--count",
+                    "2",
+                    "--duration",
+                    "15",
+                ],
+            )
+            .expect("monitor");
+        assert!(reach(
+            &ya.netns,
+            SocketAddr::from((xa.ip, 80)),
+            "TCP",
+            "x-a"
+        ));
+        assert!(!reach(
+            &zb.netns,
+            SocketAddr::from((xa.ip, 81)),
+            "TCP",
+            "x-a"
+        ));
+        let events = mon.events(Duration::from_secs(20)).expect("events");
+        let verdict = |src: Ipv4Addr, port: u16| {
+            events
+                .iter()
+                .find(|e| e["src"] == src.to_string() && e["dport"] == port)
+                .unwrap_or_else(|| panic!("no verdict from {src} to port {port}: {events:#?}"))
+        };
+        let allowed = verdict(ya.ip, 80);
+        for (field, want) in [
+            ("type", json!("policy-verdict")),
+            ("verdict", json!("allowed")),
+            ("direction", json!("ingress")),
+            ("policy", json!("x/allow-y-to-a")),
+            ("dst", json!(xa.ip.to_string())),
+            ("protocol", json!("tcp")),
+        ] {
+            assert_eq!(allowed[field], want, "{field}: {allowed:#}");
+        }
+        let denied = verdict(zb.ip, 81);
+        for (field, want) in [
+            ("verdict", json!("denied")),
+            ("reason", json!("policy_denied")),
+            ("policy", json!("default deny")),
+            ("direction", json!("ingress")),
+        ] {
+            assert_eq!(denied[field], want, "{field}: {denied:#}");
+        }
+        assert_ne!(
+            denied["src_identity"], allowed["src_identity"],
+            "{events:#?}"
+        );
+        assert_eq!(
+            events.last().map(|e| e["type"].clone()),
+            Some(json!("summary")),
+            "{events:#?}"
+        );
+        // A drop that is not policy's, with its reason: an address of the
+        // node's pod range that no pod has.
+        let nobody = Ipv4Addr::from(u32::from(xa.ip) | 0xfa);
+        let mon = lab
+            .monitor(
+                xa.node,
+                &[
+                    "--type",
+                    "drop",
+                    "--ip",
+                    &nobody.to_string(),
+                    "--count",
+                    "1",
+                    "--duration",
+                    "15",
+                ],
+            )
+            .expect("monitor");
+        let _ = lab::send_udp(&xa.netns, SocketAddr::from((nobody, 9)), b"anyone?");
+        let events = mon.events(Duration::from_secs(20)).expect("events");
+        let drop = &events[0];
+        for (field, want) in [
+            ("type", json!("drop")),
+            ("reason", json!("unknown_destination")),
+            ("direction", json!("from-endpoint")),
+            ("src", json!(xa.ip.to_string())),
+            ("dst", json!(nobody.to_string())),
+            ("dport", json!(9)),
+            ("protocol", json!("udp")),
+        ] {
+            assert_eq!(drop[field], want, "{field}: {events:#?}");
+        }
         // An edit in place: the same policy now admits z instead of y.
         let mut edited = allow_y_to_xa.clone();
         edited["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["ns"] =

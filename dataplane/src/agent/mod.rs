@@ -419,6 +419,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let policy_state = policy::PolicyState::new(
         PolicyMap::new(datapath.take_map(dataplane_common::MAP_POLICY)?)?,
         PolicyCidrMap::new(datapath.take_map(dataplane_common::MAP_POLICY_CIDR)?)?,
+        crate::maps::events::PolicyNamesMap::new(
+            datapath.take_map(dataplane_common::MAP_POLICY_NAMES)?,
+        )?,
     );
 
     let telemetry = telemetry::Telemetry::new(pin_dir.clone());

@@ -14,6 +14,7 @@ use crate::{
     cluster::{Changes, Cluster, Key, Kind, PodInfo},
     maps::{
         SyncStats,
+        events::PolicyNamesMap,
         policy::{CidrPrefix, PolicyCidrMap, PolicyMap, PolicyPrefix, desired, sync_endpoint},
         sync_all,
     },
@@ -23,6 +24,8 @@ use crate::{
 pub(crate) struct PolicyState {
     rules: PolicyMap,
     cidrs: PolicyCidrMap,
+    /// Names of the ids, for verdict events.
+    names: PolicyNamesMap,
     /// Policy ids by (namespace, name), stable while the agent runs.
     ids: BTreeMap<(String, String), u32>,
     /// The entries each endpoint (by ifindex) has in the maps.
@@ -40,10 +43,11 @@ pub(crate) struct PolicyState {
 }
 
 impl PolicyState {
-    pub fn new(rules: PolicyMap, cidrs: PolicyCidrMap) -> Self {
+    pub fn new(rules: PolicyMap, cidrs: PolicyCidrMap, names: PolicyNamesMap) -> Self {
         Self {
             rules,
             cidrs,
+            names,
             ids: BTreeMap::new(),
             applied: BTreeMap::new(),
             sctp_reported: BTreeSet::new(),
@@ -54,11 +58,17 @@ impl PolicyState {
     }
 
     fn id(&mut self, ns: &str, name: &str) -> u32 {
-        let next = self.ids.len() as u32 + 1;
-        *self
-            .ids
-            .entry((ns.to_owned(), name.to_owned()))
-            .or_insert(next)
+        let key = (ns.to_owned(), name.to_owned());
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        let id = self.ids.len() as u32 + 1;
+        self.ids.insert(key, id);
+        // Named before any entry carries the id, so verdicts can say whose.
+        if let Err(e) = self.names.put(id, &format!("{ns}/{name}")) {
+            warn!("{e:#}");
+        }
+        id
     }
 
     /// Replaces (or with None removes) a pod's facts; whether the distinct

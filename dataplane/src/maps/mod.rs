@@ -8,6 +8,7 @@ pub mod config;
 pub mod ct;
 pub mod endpoints;
 pub mod ep_metrics;
+pub mod events;
 pub mod ipcache;
 pub mod metrics;
 pub mod policy;
@@ -91,6 +92,12 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_CT_SCRATCH => {
             bail!("dp_ct_scratch is the programs' per-CPU work space; it holds nothing to read")
         }
+        dataplane_common::MAP_POLICY_NAMES => render(&events::name_rows(pin_dir)?, format),
+        dataplane_common::MAP_EVENT_STATE => render(&events::state_rows(pin_dir)?, format),
+        dataplane_common::MAP_EVENT_CONFIG => render(&events::config_rows(pin_dir)?, format),
+        dataplane_common::MAP_EVENTS => {
+            bail!("dp_events is a stream: read it with `dataplane monitor`")
+        }
         _ => bail!(
             "no map named {name:?}; maps: {}",
             dataplane_common::MAPS
@@ -122,6 +129,10 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         dataplane_common::MAP_POLICY | dataplane_common::MAP_POLICY_CIDR => {
             policy::count(pin_dir, name)?
         }
+        dataplane_common::MAP_POLICY_NAMES => events::name_rows(pin_dir)?.len(),
+        dataplane_common::MAP_EVENT_STATE | dataplane_common::MAP_EVENT_CONFIG => 1,
+        // Bytes waiting to be read are not entries.
+        dataplane_common::MAP_EVENTS => 0,
         _ => bail!("no map named {name:?}"),
     })
 }

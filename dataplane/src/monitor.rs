@@ -1,0 +1,141 @@
+//! `dataplane monitor`: drops with their named reason and policy verdicts
+//! naming the policy, live, straight from the pinned ring buffer (with or
+//! without the agent). Allowed verdicts are turned on while a monitor asks
+//! for them and back off when it leaves.
+
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+use crate::maps::{
+    Format,
+    events::{EventConfigMap, EventReader, EventView, PolicyNamesMap, losses},
+};
+
+/// Which events to show.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Drops (not by policy).
+    Drop,
+    /// Policy verdicts, allowed ones included.
+    Policy,
+    /// Both.
+    All,
+}
+
+/// What to keep.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub ip: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+}
+
+impl Filter {
+    fn keeps(&self, e: &EventView) -> bool {
+        let ip_ok = self
+            .ip
+            .is_none_or(|ip| e.src == ip.to_string() || e.dst == ip.to_string());
+        let port_ok = self.port.is_none_or(|p| e.sport == p || e.dport == p);
+        ip_ok && port_ok
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Streams events to stdout until `count` were shown, `duration` passed,
+/// or SIGINT/SIGTERM; then prints what was over the budget or lost.
+pub fn run(
+    pin_dir: &Path,
+    kind: Kind,
+    filter: &Filter,
+    output: Format,
+    count: Option<usize>,
+    duration: Option<Duration>,
+    backlog: bool,
+) -> Result<()> {
+    let mut reader = EventReader::open(pin_dir)?;
+    let names = PolicyNamesMap::open(pin_dir)?;
+    let mut config = EventConfigMap::open(pin_dir)?;
+    let verdicts = matches!(kind, Kind::Policy | Kind::All);
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let was = if verdicts {
+        Some(config.allowed(true)?)
+    } else {
+        None
+    };
+    let before = losses(pin_dir)?;
+    // The ring keeps what no one read (denials and drops are always
+    // emitted): shown only when asked for.
+    let since = if backlog {
+        0
+    } else {
+        crate::maps::ct::monotonic_ns()
+    };
+    eprintln!("monitoring {} (Ctrl-C to stop)", pin_dir.display());
+    let started = Instant::now();
+    let mut shown = 0usize;
+    let mut known = names.all()?;
+    let result = (|| -> Result<()> {
+        while !STOP.load(Ordering::Relaxed)
+            && count.is_none_or(|c| shown < c)
+            && duration.is_none_or(|d| started.elapsed() < d)
+        {
+            for e in reader.next_batch(256, Duration::from_millis(100))? {
+                if e.ts < since {
+                    continue;
+                }
+                if e.policy != 0 && !known.contains_key(&e.policy) {
+                    known = names.all()?;
+                }
+                let v = EventView::decode(&e, &known);
+                let wanted = match kind {
+                    Kind::Drop => v.verdict.is_none(),
+                    Kind::Policy => v.verdict.is_some(),
+                    Kind::All => true,
+                };
+                if !wanted || !filter.keeps(&v) || count.is_some_and(|c| shown >= c) {
+                    continue;
+                }
+                match output {
+                    Format::Json => println!("{}", serde_json::to_string(&v)?),
+                    Format::Table => println!("{}", v.line()),
+                }
+                shown += 1;
+            }
+        }
+        Ok(())
+    })();
+    // Leave the setting as found (another monitor's, or off).
+    if let Some(was) = was {
+        config.allowed(was)?;
+    }
+    result?;
+    let after = losses(pin_dir)?;
+    let (limited, lost) = (
+        after.limited.saturating_sub(before.limited),
+        after.lost.saturating_sub(before.lost),
+    );
+    match output {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({"type": "summary", "shown": shown, "over_budget": limited, "lost": lost})
+        ),
+        Format::Table => println!(
+            "{shown} events shown; while monitoring, {limited} over the per-CPU budget and {lost} lost to a full ring"
+        ),
+    }
+    Ok(())
+}
