@@ -965,6 +965,44 @@ fn suite(mode: &str) {
             "x/e's Pod object published",
             all.clone(),
         ));
+        // A pod whose Pod object the agent has (labels, no address yet, as
+        // before the kubelet reports it) carries its identity from the
+        // CNI ADD on: x/f, labelled like x/a, gets x/a's identity.
+        lab.write_manifest(
+            "pending.yaml",
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "x-f", "namespace": "x", "labels": {"pod": "a"}},
+                    "spec": {"nodeName": lab.state.nodes[0].name, "containers": []}})
+            .to_string(),
+        )
+        .expect("pending pod");
+        let identity_of = |lab: &Lab, ip: Ipv4Addr| {
+            lab.dump(0, "dp_endpoints")
+                .expect("dump")
+                .into_iter()
+                .find(|e| e["ip"] == ip.to_string())
+                .and_then(|e| e["identity"].as_u64())
+        };
+        let xa_id = identity_of(&lab, w.pod_ips["x-a"]).expect("x-a's identity");
+        // Until the agent has taken in the pending object.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lab
+            .metric(0, "dataplane_objects{kind=\"Pod\"}")
+            .expect("metric")
+            != Some((w.pods.len() + 1) as f64)
+        {
+            assert!(Instant::now() < deadline, "the pending Pod is not taken in");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lab.add_pod_unlisted(0, "x", "x-f", &[("pod", "a")], &PORTS)
+            .expect("pod");
+        assert_eq!(
+            identity_of(&lab, lab.pod("x-f").ip),
+            Some(xa_id),
+            "x/f's identity when its ADD returns"
+        );
+        lab.write_manifest("pending.yaml", "").expect("clear");
+        lab.publish_pods().expect("publish");
         // Deleting every policy opens everything again, quickly.
         let took = count(scenario(&lab, &w, "policies deleted", vec![]));
         assert!(took < Duration::from_secs(3), "took {took:?}");

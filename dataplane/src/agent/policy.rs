@@ -146,6 +146,7 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, scope: Scope<'_>) -> Resul
     let started = std::time::Instant::now();
     let mut st = lock(&agent.policy)?;
     let full = matches!(scope, Scope::Full);
+    let endpoints_changed = matches!(scope, Scope::Endpoints);
     // Which local endpoints to recompile: None, all of them.
     let mut only_in: Option<BTreeSet<String>> = None;
     let mut facts_changed = false;
@@ -201,6 +202,19 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, scope: Scope<'_>) -> Resul
         }
     }
     let st = &mut *st;
+    let local_ips: Vec<(Key, Vec<std::net::IpAddr>)> = lock(&agent.registry)?
+        .values()
+        .map(|e| {
+            (
+                Key {
+                    kind: Kind::Pod,
+                    namespace: e.spec.pod_namespace.clone(),
+                    name: e.spec.pod_name.clone(),
+                },
+                e.spec.ips.clone(),
+            )
+        })
+        .collect();
     let locals: Vec<(u32, String, String)> = lock(&agent.registry)?
         .values()
         .filter(|e| {
@@ -251,11 +265,21 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, scope: Scope<'_>) -> Resul
             ports: &p.ports,
         })
         .collect();
-    let id_stats = if facts_changed {
+    let id_stats = if facts_changed || endpoints_changed {
         let mut by_ip = BTreeMap::new();
         for v in &views {
             for ip in &v.ips {
                 by_ip.insert(EndpointKey::from(std::net::IpAddr::V4(*ip)), v.identity);
+            }
+        }
+        // A new local pod's address is known from its CNI ADD before the
+        // kubelet reports it in the Pod's status: it carries its identity
+        // from its first packet.
+        for (key, ips) in &local_ips {
+            if let Some(f) = st.facts.get(key) {
+                for ip in ips {
+                    by_ip.entry(EndpointKey::from(*ip)).or_insert(f.identity);
+                }
             }
         }
         lock(&agent.endpoints)?.set_identities(by_ip)?
