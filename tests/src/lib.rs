@@ -1192,15 +1192,16 @@ impl Lab {
         Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
     }
 
-    /// Starts `dataplane monitor <args> -o json` on node `node` and waits
-    /// until it reads the ring; [`Monitor::events`] collects what it printed.
+    /// Starts `dataplane monitor <args>` on node `node` and waits until it
+    /// reads the ring; [`Monitor::output`] (or, with `-o json`,
+    /// [`Monitor::events`]) collects what it printed.
     pub fn monitor(&self, node: usize, args: &[&str]) -> Result<Monitor> {
         use std::io::BufRead as _;
         let n = &self.state.nodes[node];
         let mut child = Command::new(&self.state.dataplane_bin)
             .arg("monitor")
             .args(args)
-            .args(["-o", "json", "--pin-dir"])
+            .arg("--pin-dir")
             .arg(&n.pin_dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -1775,7 +1776,15 @@ pub struct Monitor {
 impl Monitor {
     /// Waits for it to end (its `--count` or `--duration`), at most
     /// `timeout`; its JSON lines, the summary last.
-    pub fn events(mut self, timeout: Duration) -> Result<Vec<Value>> {
+    pub fn events(self, timeout: Duration) -> Result<Vec<Value>> {
+        self.output(timeout)?
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    }
+
+    /// Waits as [`Monitor::events`] does; what it printed.
+    pub fn output(mut self, timeout: Duration) -> Result<String> {
         use std::io::Read as _;
         let deadline = Instant::now() + timeout;
         while self.child.try_wait()?.is_none() {
@@ -1793,9 +1802,7 @@ impl Monitor {
             .take()
             .context("stdout")?
             .read_to_string(&mut out)?;
-        out.lines()
-            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
-            .collect()
+        Ok(out)
     }
 }
 

@@ -306,6 +306,26 @@ fn policy(lab: &mut Lab) -> Result<()> {
         r
     });
     result?;
+    // Why was it refused? The verdict as an event, naming the policy.
+    let web0_ip = lab.pod("web-0").ip.to_string();
+    println!(
+        "\n$ dataplane monitor --type policy --ip {web0_ip} --count 1    # node 0, while pod-1-0 tries web-0 again"
+    );
+    let mon = lab.monitor(
+        0,
+        &[
+            "--type",
+            "policy",
+            "--ip",
+            &web0_ip,
+            "--count",
+            "1",
+            "--duration",
+            "10",
+        ],
+    )?;
+    probe(&c, web0)?;
+    print!("{}", mon.output(Duration::from_secs(15))?);
     lab.set_pod_labels("pod-1-0", &[("role", "frontend")])?;
     let started = std::time::Instant::now();
     let stop = AtomicBool::new(false);
