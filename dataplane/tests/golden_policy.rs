@@ -628,3 +628,53 @@ fn verdicts_go_out_as_events_naming_the_policy() {
         (EVENT_POLICY, VERDICT_ALLOWED, 7, 40002)
     );
 }
+
+/// A flood of denials cannot flood the ring: each CPU emits at most its
+/// budget a second; the rest is counted as over the budget.
+#[test]
+fn a_flood_of_denials_is_emitted_up_to_the_budget_and_counted() {
+    use dataplane::maps::events::{EventConfigMap, EventReader, losses};
+    use dataplane_common::EventConfig;
+    use std::time::Duration;
+    // One CPU, one budget (each CPU has its own).
+    // SAFETY: a plain CPU set for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let f = fixture(MODE_VXLAN);
+    install(&f);
+    EventConfigMap::open(&f.pin_dir)
+        .expect("config")
+        .set(EventConfig { mask: 0, rate: 5 })
+        .expect("rate");
+    let mut reader = EventReader::open(&f.pin_dir).expect("dp_events");
+    let before = losses(&f.pin_dir).expect("losses");
+    for i in 0..20u16 {
+        let denied = tcp(
+            (PEER_MAC, PEER_HOST_MAC),
+            (PEER, 41000 + i),
+            (POD, 81),
+            64,
+            true,
+            &[],
+            b"",
+        );
+        assert_eq!(f.tc("lxc_from_ctr", f.peer_if, &denied).0, TC_ACT_SHOT);
+    }
+    let events = reader
+        .next_batch(64, Duration::from_millis(10))
+        .expect("read");
+    let after = losses(&f.pin_dir).expect("losses");
+    // The runs may straddle a second's boundary: at most two budgets.
+    assert!((5..=10).contains(&events.len()), "{} events", events.len());
+    assert_eq!(
+        after.limited - before.limited,
+        20 - events.len() as u64,
+        "every event not emitted is counted"
+    );
+}

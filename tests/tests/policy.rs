@@ -593,6 +593,8 @@ fn suite(mode: &str) {
                     "2",
                     "--duration",
                     "15",
+                    "-o",
+                    "json",
                 ],
             )
             .expect("monitor");
@@ -659,6 +661,8 @@ fn suite(mode: &str) {
                     "1",
                     "--duration",
                     "15",
+                    "-o",
+                    "json",
                 ],
             )
             .expect("monitor");
