@@ -421,7 +421,6 @@ fn remote_and_outside_peers_by_address_port_range_and_ip_block() {
 #[test]
 #[ignore = "a benchmark: cargo xtask bench policy"]
 fn bench_policy_lookup_per_packet() {
-    use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
     use dataplane::policy::{Allow, Compiled, Dir, PeerId};
     use dataplane_common::{EndpointInfo, EndpointKey};
 
@@ -452,21 +451,8 @@ fn bench_policy_lookup_per_packet() {
         },
     )
     .expect("open pod");
-    let prog: &SchedClassifier = f.program("lxc_from_ctr").try_into().expect("tc");
-    let ctx = skb_ctx(f.peer_if);
-    let time = |packet: &[u8], repeat: u32, verdict: u32| -> f64 {
-        let mut out = vec![0u8; packet.len() + 64];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            })
-            .expect("test run");
-        assert_eq!(r.return_value, verdict);
-        r.duration.as_nanos() as f64
+    let time = |packet: &[u8], repeat: u32, verdict: u32| {
+        f.timed("lxc_from_ctr", f.peer_if, packet, repeat, verdict)
     };
     // From the peer; TTL 255 leaves room for the repeats.
     let from_peer = |to: [u8; 4], port: u16| {

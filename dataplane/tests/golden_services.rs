@@ -761,7 +761,6 @@ fn external_flows_follow_the_maglev_table() {
 #[test]
 #[ignore = "a benchmark: cargo xtask bench"]
 fn bench_service_path_per_packet() {
-    use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
     use dataplane::maps::Table as _;
     use dataplane::maps::services::BackendId;
     use dataplane_common::{Backend, FAMILY_IPV4, SCOPE_INTERNAL, ServiceKey, ServiceValue};
@@ -801,21 +800,8 @@ fn bench_service_path_per_packet() {
             },
         )
         .expect("backend");
-    let prog: &SchedClassifier = f.program("lxc_from_ctr").try_into().expect("tc");
-    let ctx = skb_ctx(f.pod_if);
-    let run = |packet: &[u8], repeat: u32| -> f64 {
-        let mut out = vec![0u8; packet.len() + 64];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            })
-            .expect("test run");
-        assert_eq!(r.return_value, TC_ACT_REDIRECT);
-        r.duration.as_nanos() as f64
+    let run = |packet: &[u8], repeat: u32| {
+        f.timed("lxc_from_ctr", f.pod_if, packet, repeat, TC_ACT_REDIRECT)
     };
     let pkt = |sport: u16, dport: u16| {
         tcp(

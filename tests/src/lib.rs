@@ -931,9 +931,9 @@ impl Lab {
 
     /// [`Lab::add_pod`] with a `runtimeConfig` (e.g. portMappings).
     pub fn add_pod_with(&mut self, i: usize, name: &str, runtime_config: Value) -> Result<usize> {
-        self.add_pod_full(i, "default", name, &[], &[], runtime_config)?;
+        let idx = self.add_pod_full(i, "default", name, &[], &[], runtime_config)?;
         self.write_pods_file()?;
-        Ok(self.state.pods.len() - 1)
+        Ok(idx)
     }
 
     /// [`Lab::add_pod`] in `namespace`, with `labels` and named container
@@ -946,9 +946,9 @@ impl Lab {
         labels: &[(&str, &str)],
         ports: &[(&str, &str, u16)],
     ) -> Result<usize> {
-        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)?;
+        let idx = self.add_pod_unlisted(i, namespace, name, labels, ports)?;
         self.write_pods_file()?;
-        Ok(self.state.pods.len() - 1)
+        Ok(idx)
     }
 
     /// [`Lab::add_pod_in`] without publishing its Pod object: the agent
@@ -962,8 +962,7 @@ impl Lab {
         labels: &[(&str, &str)],
         ports: &[(&str, &str, u16)],
     ) -> Result<usize> {
-        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)?;
-        Ok(self.state.pods.len() - 1)
+        self.add_pod_full(i, namespace, name, labels, ports, Value::Null)
     }
 
     /// Publishes every pod's object (see [`Lab::add_pod_unlisted`]).
@@ -979,7 +978,7 @@ impl Lab {
         labels: &[(&str, &str)],
         ports: &[(&str, &str, u16)],
         runtime_config: Value,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let netns = format!("{}-{name}", self.state.nodes[i].netns);
         self.add_netns(&netns)?;
         let mut pod = PodState {
@@ -1026,7 +1025,8 @@ impl Lab {
         pod.mac = inner["mac"].as_str().unwrap_or_default().to_owned();
         pod.result = result;
         self.state.pods.push(pod);
-        self.save()
+        self.save()?;
+        Ok(self.state.pods.len() - 1)
     }
 
     /// CNI DEL for a pod (the pod's namespace stays until teardown).

@@ -9,8 +9,8 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use dataplane_common::{
     Direction, EVENT_DROP, EVENT_POLICY, EVENTS_ALLOWED, Event, EventConfig, EventState,
-    MAP_EVENT_CONFIG, MAP_EVENT_STATE, MAP_EVENTS, MAP_POLICY_NAMES, POLICY_DIR_INGRESS,
-    PolicyName, Reason, VERDICT_ALLOWED, policy_dir_name, proto_name,
+    MAP_EVENT_CONFIG, MAP_EVENT_STATE, MAP_EVENTS, MAP_POLICY_NAMES, PolicyName, Reason,
+    VERDICT_ALLOWED, policy_dir_name, proto_name,
 };
 use serde::Serialize;
 
@@ -116,11 +116,6 @@ impl EventView {
                 self.reason, self.direction, self.ifindex, self.len
             ),
         }
-    }
-
-    /// Whether the policy direction is ingress (verdicts).
-    pub fn is_ingress(&self) -> bool {
-        self.direction == policy_dir_name(POLICY_DIR_INGRESS)
     }
 }
 

@@ -222,6 +222,26 @@ impl Fixture {
         (r.return_value, out)
     }
 
+    /// Runs a tc program `repeat` times on `packet` arriving on `ifindex`,
+    /// asserting its verdict; the kernel's time per run, in nanoseconds
+    /// (for the TEST_RUN benchmarks).
+    pub fn timed(&self, prog: &str, ifindex: u32, packet: &[u8], repeat: u32, verdict: u32) -> f64 {
+        let p: &SchedClassifier = self.program(prog).try_into().expect("tc program");
+        let ctx = skb_ctx(ifindex);
+        let mut out = vec![0u8; packet.len() + 64];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
+        assert_eq!(r.return_value, verdict, "{prog}: verdict");
+        r.duration.as_nanos() as f64
+    }
+
     /// (hook, direction, reason) -> packets, from dp_metrics.
     pub fn counted(&self) -> Vec<(String, String, String, u64)> {
         metrics::rows(&self.pin_dir)

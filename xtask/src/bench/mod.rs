@@ -5,6 +5,7 @@
 //! NetworkPolicies, in the same run: the ratio says whether it stays flat.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -13,6 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use lab::{Lab, LabSpec};
 
 use crate::testing::prepare_lab_with;
+use crate::toolchain::{cache_dir, cargo_with_linker, output};
 
 mod policy;
 mod services;
@@ -85,6 +87,41 @@ fn percentiles(mut lat: Vec<f64>) -> Latency {
         p50: pct(0.50),
         p99: pct(0.99),
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the ignored TEST_RUN benchmark `name` of the golden test file
+/// `test` in release and parses its `<tag> key=value ...` line.
+fn golden_bench(test: &str, name: &str, tag: &str) -> Result<BTreeMap<String, f64>> {
+    let bin = cache_dir()?.join("bin");
+    let out = output(cargo_with_linker(&bin)?.args([
+        "test",
+        "--release",
+        "-p",
+        "dataplane",
+        "--test",
+        test,
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--exact",
+        name,
+    ]))?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(tag))
+        .with_context(|| format!("no {tag} line in:\n{out}"))?;
+    line.split_whitespace()
+        .skip(tag.split_whitespace().count())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').context("key=value")?;
+            Ok((k.to_owned(), v.parse()?))
+        })
+        .collect()
 }
 
 fn verdict(ok: bool) -> &'static str {

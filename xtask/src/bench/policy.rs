@@ -5,7 +5,6 @@
 //! the datapath with 1,000 policies and 10,000 pods in the cluster.
 
 use std::{
-    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     sync::atomic::{AtomicBool, Ordering},
@@ -21,8 +20,7 @@ use dataplane_common::{
 use lab::{Lab, LabSpec};
 use serde_json::{Value, json};
 
-use super::{Latency, percentiles, verdict};
-use crate::toolchain::{cache_dir, cargo_with_linker, output};
+use super::{Latency, golden_bench, median, percentiles, verdict};
 
 const PORT: u16 = 8080;
 /// Round trips (and connects) per phase per round; rounds alternate the
@@ -32,7 +30,11 @@ const ROUNDS: usize = 20;
 const CHANGES: u32 = 200;
 
 pub(super) fn bench() -> Result<()> {
-    let per_packet = test_run_bench()?;
+    let per_packet = golden_bench(
+        "golden_policy",
+        "bench_policy_lookup_per_packet",
+        "BENCH policy-lookup",
+    )?;
     let mut lab = Lab::up(&LabSpec::new(1, 0)?)?;
     lab.set_namespaces(&[("bench", &[("team", "bench")])])?;
     // One client/server pair on one node, measured in rounds alternately
@@ -293,11 +295,6 @@ fn pinned(lab: &Lab, name: &str) -> Result<Map> {
     )?)?)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// The ifindex of `pod`'s endpoint, from `dp_endpoints`.
 fn endpoint_ifindex(lab: &Lab, pod: &str) -> Result<u32> {
     let eps: HashMap<MapData, EndpointKey, EndpointInfo> =
@@ -410,34 +407,4 @@ fn change_latency(lab: &mut Lab) -> Result<(Latency, Latency, f64)> {
     let sync = started.elapsed().as_secs_f64();
     let scale = latency(CHANGES + 1)?;
     Ok((empty, scale, sync))
-}
-
-/// Runs the TEST_RUN benchmark of the golden policy tests and parses its
-/// line.
-fn test_run_bench() -> Result<BTreeMap<String, f64>> {
-    let bin = cache_dir()?.join("bin");
-    let out = output(cargo_with_linker(&bin)?.args([
-        "test",
-        "--release",
-        "-p",
-        "dataplane",
-        "--test",
-        "golden_policy",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--exact",
-        "bench_policy_lookup_per_packet",
-    ]))?;
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("BENCH policy-lookup"))
-        .with_context(|| format!("no BENCH line in:\n{out}"))?;
-    line.split_whitespace()
-        .skip(2)
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').context("key=value")?;
-            Ok((k.to_owned(), v.parse()?))
-        })
-        .collect()
 }

@@ -19,8 +19,8 @@ use lab::{
 };
 use serde_json::{Value, json};
 
-use super::verdict;
-use crate::toolchain::{cache_dir, cargo_with_linker, output};
+use super::{golden_bench, median, verdict};
+use crate::toolchain::output;
 
 const PORT: u16 = 8080;
 /// Connections per target per round; rounds alternate the targets.
@@ -71,7 +71,11 @@ pub(super) fn bench() -> Result<()> {
         r
     })?;
     let (latency, programmed, memory) = result;
-    let per_packet = test_run_bench()?;
+    let per_packet = golden_bench(
+        "golden_services",
+        "bench_service_path_per_packet",
+        "BENCH service-path",
+    )?;
 
     println!(
         "\n== Services, release build; TCP connect() from a pod, median of {} per target, targets alternating",
@@ -249,11 +253,6 @@ fn connect_times(netns: &str, pod: SocketAddr, cip: SocketAddr) -> Result<(f64, 
     })?
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// memlock bytes of the Service maps (and the Maglev tables inside
 /// dp_maglev), by name.
 fn service_memory(lab: &Lab) -> Result<BTreeMap<String, (usize, u64)>> {
@@ -294,33 +293,4 @@ fn service_memory(lab: &Lab) -> Result<BTreeMap<String, (usize, u64)>> {
         }
     }
     Ok(by)
-}
-
-/// Runs the TEST_RUN benchmark of the golden tests and parses its line.
-fn test_run_bench() -> Result<BTreeMap<String, f64>> {
-    let bin = cache_dir()?.join("bin");
-    let out = output(cargo_with_linker(&bin)?.args([
-        "test",
-        "--release",
-        "-p",
-        "dataplane",
-        "--test",
-        "golden_services",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--exact",
-        "bench_service_path_per_packet",
-    ]))?;
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("BENCH service-path"))
-        .with_context(|| format!("no BENCH line in:\n{out}"))?;
-    line.split_whitespace()
-        .skip(2)
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').context("key=value")?;
-            Ok((k.to_owned(), v.parse()?))
-        })
-        .collect()
 }
