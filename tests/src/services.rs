@@ -93,19 +93,54 @@ impl Lab {
         scope: &str,
         backends: usize,
     ) -> Result<Value> {
+        self.wait_frontend_where(i, frontend, scope, &format!("{backends} backends"), |b| {
+            b.len() == backends
+        })
+    }
+
+    /// Waits until node `i` serves `frontend` in `scope` with exactly the
+    /// pods `pods` as backends (by address): unlike a count, this cannot be
+    /// met by the state before a change that keeps the count.
+    pub fn wait_backends(
+        &self,
+        i: usize,
+        frontend: &str,
+        scope: &str,
+        pods: &[&str],
+    ) -> Result<Value> {
+        let mut want: Vec<String> = pods.iter().map(|p| self.pod(p).ip.to_string()).collect();
+        want.sort();
+        self.wait_frontend_where(i, frontend, scope, &format!("backends {pods:?}"), |b| {
+            let mut have: Vec<&str> = b
+                .iter()
+                .filter_map(|v| v.as_str()?.split(':').next())
+                .collect();
+            have.sort_unstable();
+            have == want
+        })
+    }
+
+    fn wait_frontend_where(
+        &self,
+        i: usize,
+        frontend: &str,
+        scope: &str,
+        what: &str,
+        backends_ok: impl Fn(&[Value]) -> bool,
+    ) -> Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let rows = self.frontends(i)?;
             if let Some(r) = rows.iter().find(|r| {
                 r["frontend"] == frontend
                     && r["scope"] == scope
-                    && r["backends"].as_array().map(Vec::len) == Some(backends)
+                    && r["backends"].as_array().is_some_and(|b| backends_ok(b))
             }) {
                 return Ok(r.clone());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "node {i} has no {frontend} ({scope}) with {backends} backends: {rows:#?}\n{}",
+                    "node {i} has no {frontend} ({scope}) with {what}: {rows:#?}\n{}",
                     self.agent_log(i)
                 );
             }
