@@ -8,6 +8,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{Hash as _, Hasher as _},
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -23,14 +25,56 @@ use crate::{
     telemetry,
 };
 
-/// When a file last changed, as far as a scan can tell: mtime and size.
-type Stamp = (SystemTime, u64);
+/// When a file last changed, as far as its metadata can tell: inode,
+/// status-change time (which, unlike mtime, no one can set back) and size.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    ino: u64,
+    ctime: (i64, i64),
+    len: u64,
+}
+
+/// How long after its last change a file's stamp is not trusted alone:
+/// timestamps move in coarse ticks, so two same-size writes within one tick
+/// (a script replacing a document) look alike. Such a file is read again
+/// and compared by content.
+const SETTLE: Duration = Duration::from_secs(2);
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Stamp {
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            len: meta.len(),
+        }
+    }
+
+    /// Whether a change could still hide behind this stamp.
+    fn is_settled(&self) -> bool {
+        let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) else {
+            return false;
+        };
+        let changed = Duration::new(
+            u64::try_from(self.ctime.0).unwrap_or(0),
+            u32::try_from(self.ctime.1).unwrap_or(0),
+        );
+        now.checked_sub(changed).is_some_and(|age| age > SETTLE)
+    }
+}
+
+fn content_hash(text: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
 
 /// The objects of one file, by key.
 type Objects = BTreeMap<Key, Object>;
 
 struct FileState {
     stamp: Stamp,
+    /// Of the text last parsed.
+    hash: u64,
     objects: Objects,
 }
 
@@ -211,16 +255,17 @@ impl DirSource {
             .cloned()
             .collect();
         // None: the file does not parse (its last good objects stay).
-        let mut parsed: Vec<(PathBuf, Stamp, Option<Objects>)> = Vec::new();
+        let mut parsed: Vec<(PathBuf, Stamp, u64, Option<Objects>)> = Vec::new();
         for path in paths {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            let stamp = (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                meta.len(),
-            );
-            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+            let stamp = Stamp::of(&meta);
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|f| f.stamp == stamp && stamp.is_settled())
+            {
                 continue;
             }
             let text = match std::fs::read_to_string(&path) {
@@ -231,15 +276,22 @@ impl DirSource {
                     continue;
                 }
             };
+            let hash = content_hash(&text);
+            if let Some(f) = self.files.get_mut(&path)
+                && f.hash == hash
+            {
+                f.stamp = stamp;
+                continue;
+            }
             let previous = self.files.get(&path).map(|f| &f.objects);
             let objects = Self::parse_file(&path, &text, previous, &mut errors);
-            parsed.push((path, stamp, objects));
+            parsed.push((path, stamp, hash, objects));
         }
         let mut affected: BTreeSet<Key> = BTreeSet::new();
         for path in &gone {
             affected.extend(self.files[path].objects.keys().cloned());
         }
-        for (path, _, objects) in &parsed {
+        for (path, _, _, objects) in &parsed {
             if let Some(objects) = objects {
                 affected.extend(objects.keys().cloned());
                 if let Some(old) = self.files.get(path) {
@@ -255,7 +307,7 @@ impl DirSource {
                 self.disown(&path, f.objects.keys());
             }
         }
-        for (path, stamp, objects) in parsed {
+        for (path, stamp, hash, objects) in parsed {
             match objects {
                 Some(objects) => {
                     if let Some(old) = self.files.remove(&path) {
@@ -267,13 +319,21 @@ impl DirSource {
                             .or_default()
                             .insert(path.clone());
                     }
-                    self.files.insert(path, FileState { stamp, objects });
+                    self.files.insert(
+                        path,
+                        FileState {
+                            stamp,
+                            hash,
+                            objects,
+                        },
+                    );
                 }
                 // Remember the broken version so it is not reparsed and
                 // re-reported until it changes again.
                 None => {
                     if let Some(f) = self.files.get_mut(&path) {
                         f.stamp = stamp;
+                        f.hash = hash;
                     }
                 }
             }
@@ -483,6 +543,33 @@ mod tests {
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         let (updates, _) = src.scan();
         assert_eq!(kinds(&updates), ["+n1", "-n2"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_same_size_rewrite_with_the_same_times_is_seen() {
+        let dir = std::env::temp_dir().join(format!("dp-dir-stamp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = |cidr: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDR: {cidr}\n")
+        };
+        let path = dir.join("a.yaml");
+        let write = |text: String| {
+            let f = std::fs::File::create(&path).unwrap();
+            std::io::Write::write_all(&mut &f, text.as_bytes()).unwrap();
+            // The same mtime each time, as two writes in one tick get.
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+                .unwrap();
+        };
+        write(node("10.1.1.0/24"));
+        let mut src = DirSource::new(dir.clone());
+        assert_eq!(kinds(&src.scan().0), ["+n1"]);
+        write(node("10.1.2.0/24"));
+        assert_eq!(kinds(&src.scan().0), ["+n1"], "same size, same mtime");
+        // Read again while fresh, but the same text is not reparsed.
+        write(node("10.1.2.0/24"));
+        assert_eq!(src.scan(), (vec![], 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
