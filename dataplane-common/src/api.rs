@@ -101,6 +101,11 @@ pub enum Request {
         namespace: String,
         name: String,
     },
+    /// Answers once everything the cluster source holds now is in the
+    /// datapath: a directory source rereads its files first; the API
+    /// source's watches deliver on their own, so there it covers what they
+    /// have delivered. For tools that change the cluster and then look.
+    Sync,
 }
 
 /// One entry of a pod's compiled policy, as `dataplane policy get` shows it.

@@ -534,6 +534,9 @@ pub enum Update {
     /// applied to the datapath before this (an empty state would remove
     /// every node).
     Synced,
+    /// A barrier of the local API's `sync`: everything the source reported
+    /// before it is in the datapath once the reconciler has passed it.
+    Barrier(u64),
 }
 
 /// What an applied update may have changed, for the reconciler.
@@ -554,6 +557,8 @@ pub struct Changes {
     /// Namespaces whose NetworkPolicies changed.
     pub policy_namespaces: BTreeSet<String>,
     pub synced: bool,
+    /// The latest sync barrier among the updates (not a change itself).
+    pub barrier: Option<u64>,
 }
 
 impl Changes {
@@ -649,6 +654,7 @@ impl Cluster {
                     ch.nodes = true;
                 }
             }
+            Update::Barrier(n) => ch.barrier = ch.barrier.max(Some(n)),
         }
     }
 

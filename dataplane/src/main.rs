@@ -58,6 +58,16 @@ enum Command {
     /// NetworkPolicy as the datapath enforces it.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Check Kubernetes manifests as the agent's directory source reads
+    /// them: each problem with its file, document and field. Exits 1 when
+    /// any is found.
+    Validate {
+        /// Files, or directories of them (`*.yaml`, `*.yml`, `*.json`).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
     /// Live drops (each with its named reason) and NetworkPolicy verdicts
     /// (naming the policy), read straight from the node's pinned ring
     /// buffer, with or without the agent. One monitor per node at a time.
@@ -324,6 +334,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Endpoint(cmd) => endpoint(cmd),
+        Command::Validate { paths, output } => {
+            let problems = dataplane::source_dir::check(&paths)?;
+            match output {
+                maps::Format::Json => {
+                    let rows: Vec<serde_json::Value> = problems
+                        .iter()
+                        .map(|(file, p)| {
+                            serde_json::json!({
+                                "file": file.display().to_string(),
+                                "document": p.document,
+                                "message": p.message,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+                maps::Format::Table => {
+                    for (file, p) in &problems {
+                        println!("{}: {p}", file.display());
+                    }
+                }
+            }
+            if !problems.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Map(MapCmd::List { pin }) => {
             let dir = pin.resolve()?;
             let mut rows = Vec::new();

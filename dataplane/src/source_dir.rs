@@ -71,6 +71,84 @@ fn content_hash(text: &str) -> u64 {
 /// The objects of one file, by key.
 type Objects = BTreeMap<Key, Object>;
 
+/// What is wrong with one document of a file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// 1-based, in the file.
+    pub document: usize,
+    pub message: String,
+    #[serde(skip)]
+    pub outcome: Outcome,
+}
+
+/// What the source does about a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The document is left out.
+    Skipped,
+    /// The object keeps the version it had before.
+    KeptLastGood,
+    /// The file does not parse: all of its last good objects stay.
+    FileKept,
+}
+
+impl Outcome {
+    fn says(self) -> &'static str {
+        match self {
+            Outcome::Skipped => "skipped",
+            Outcome::KeptLastGood => "keeping its last good version",
+            Outcome::FileKept => "keeping the file's last good objects",
+        }
+    }
+}
+
+impl Problem {
+    fn new(index: usize, message: String, outcome: Outcome) -> Self {
+        Problem {
+            document: index + 1,
+            message,
+            outcome,
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "document {}: {}", self.document, self.message)
+    }
+}
+
+/// Every problem the directory source would report in the manifests at
+/// `paths` (files, or directories whose manifest files are read in name
+/// order), without applying anything: `dataplane validate`.
+pub fn check(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, Problem)>> {
+    use anyhow::Context as _;
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| is_manifest(p))
+                .collect();
+            in_dir.sort();
+            files.extend(in_dir);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let mut problems = Vec::new();
+        DirSource::parse_file(&text, None, &mut problems);
+        out.extend(problems.into_iter().map(|p| (f.clone(), p)));
+    }
+    Ok(out)
+}
+
 struct FileState {
     stamp: Stamp,
     /// Of the text last parsed.
@@ -155,21 +233,24 @@ impl DirSource {
     /// Parses one file. `previous` is what it held when it last parsed:
     /// objects that turn invalid keep that version. Returns None when the
     /// file as a whole does not parse (its previous objects then stay).
+    /// Every problem found goes to `problems`.
     fn parse_file(
-        path: &Path,
         text: &str,
         previous: Option<&BTreeMap<Key, Object>>,
-        errors: &mut u64,
+        problems: &mut Vec<Problem>,
     ) -> Option<BTreeMap<Key, Object>> {
         let mut out = BTreeMap::new();
-        let mut take = |errors: &mut u64,
+        let mut take = |problems: &mut Vec<Problem>,
                         i: usize,
                         api: &str,
                         kind_name: &str,
                         converted: Option<_>| {
             let Some(converted) = converted else {
-                *errors += 1;
-                warn!(file = %path.display(), "document {}: unknown kind {kind_name:?} (apiVersion {api:?}); skipped", i + 1);
+                problems.push(Problem::new(
+                    i,
+                    format!("unknown kind {kind_name:?} (apiVersion {api:?})"),
+                    Outcome::Skipped,
+                ));
                 return;
             };
             match converted {
@@ -178,19 +259,24 @@ impl DirSource {
                 }
                 Err(inv) => {
                     let inv: cluster::Invalid = inv;
-                    *errors += 1;
                     match &inv.key {
                         Some(key) => {
                             let kept = previous.and_then(|p| p.get(key)).cloned();
-                            warn!(file = %path.display(), "document {}: {inv}; {}", i + 1,
-                                if kept.is_some() { "keeping its last good version" } else { "skipped" });
+                            let outcome = if kept.is_some() {
+                                Outcome::KeptLastGood
+                            } else {
+                                Outcome::Skipped
+                            };
+                            problems.push(Problem::new(i, inv.to_string(), outcome));
                             if let Some(o) = kept {
                                 out.insert(key.clone(), o);
                             }
                         }
-                        None => {
-                            warn!(file = %path.display(), "document {}: {kind_name}: {inv}; skipped", i + 1)
-                        }
+                        None => problems.push(Problem::new(
+                            i,
+                            format!("{kind_name}: {inv}"),
+                            Outcome::Skipped,
+                        )),
                     }
                 }
             }
@@ -200,7 +286,7 @@ impl DirSource {
                 let converted = Kind::of(&meta.api_version, &meta.kind).map(|kind| {
                     cluster::convert(kind, &mut serde_json::Deserializer::from_str(piece))
                 });
-                take(errors, i, &meta.api_version, &meta.kind, converted);
+                take(problems, i, &meta.api_version, &meta.kind, converted);
             }
             return Some(out);
         }
@@ -210,21 +296,19 @@ impl DirSource {
                 Ok(v) => match serde_json::to_value(&v) {
                     Ok(j) => j,
                     Err(e) => {
-                        *errors += 1;
-                        warn!(file = %path.display(), "document {}: {e}; skipped", i + 1);
+                        problems.push(Problem::new(i, e.to_string(), Outcome::Skipped));
                         continue;
                     }
                 },
                 Err(e) => {
-                    *errors += 1;
-                    warn!(file = %path.display(), "document {}: {e}; keeping the file's last good objects", i + 1);
+                    problems.push(Problem::new(i, e.to_string(), Outcome::FileKept));
                     return None;
                 }
             };
             let api = json["apiVersion"].as_str().unwrap_or_default().to_owned();
             let kind_name = json["kind"].as_str().unwrap_or_default().to_owned();
             let converted = Kind::of(&api, &kind_name).map(|kind| cluster::convert(kind, json));
-            take(errors, i, &api, &kind_name, converted);
+            take(problems, i, &api, &kind_name, converted);
         }
         Some(out)
     }
@@ -284,7 +368,12 @@ impl DirSource {
                 continue;
             }
             let previous = self.files.get(&path).map(|f| &f.objects);
-            let objects = Self::parse_file(&path, &text, previous, &mut errors);
+            let mut problems = Vec::new();
+            let objects = Self::parse_file(&text, previous, &mut problems);
+            for p in &problems {
+                errors += 1;
+                warn!(file = %path.display(), "{p}; {}", p.outcome.says());
+            }
             parsed.push((path, stamp, hash, objects));
         }
         let mut affected: BTreeSet<Key> = BTreeSet::new();
@@ -389,10 +478,17 @@ impl DirSource {
 
 /// Reports the directory's objects now and every change after; `Synced`
 /// follows the first read.
-pub async fn run(dir: PathBuf, tx: mpsc::Sender<Update>, t: telemetry::Shared) {
+pub async fn run(
+    dir: PathBuf,
+    tx: mpsc::Sender<Update>,
+    mut barriers: mpsc::UnboundedReceiver<u64>,
+    t: telemetry::Shared,
+) {
     let mut source = DirSource::new(dir.clone());
     let mut warned = false;
     let mut synced = false;
+    // Sync barriers to pass on behind the next scan's updates.
+    let mut barrier: Option<u64> = None;
     loop {
         let watch = Inotify::init().and_then(|ino| {
             ino.watches().add(
@@ -438,7 +534,24 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<Update>, t: telemetry::Shared) {
                 }
                 synced = true;
             }
-            let Some(Ok(first)) = events.next().await else {
+            if let Some(b) = barrier.take()
+                && tx.send(Update::Barrier(b)).await.is_err()
+            {
+                return;
+            }
+            let first = tokio::select! {
+                e = events.next() => e,
+                Some(b) = barriers.recv() => {
+                    // A sync: scan now, whatever inotify has said so far.
+                    let mut b = b;
+                    while let Ok(more) = barriers.try_recv() {
+                        b = b.max(more);
+                    }
+                    barrier = Some(b);
+                    continue;
+                }
+            };
+            let Some(Ok(first)) = first else {
                 break;
             };
             // Editors write in several steps: let them finish.

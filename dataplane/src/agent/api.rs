@@ -16,6 +16,9 @@ use tracing::{debug, warn};
 use super::{Agent, endpoints, lock};
 use crate::telemetry;
 
+/// How long a `sync` waits for the reconciler.
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(super) fn bind(socket: &Path) -> Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -126,6 +129,27 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
         }
         Request::PolicyGet { namespace, name } => {
             Response::Policy(Box::new(super::policy::view(agent, &namespace, &name)?))
+        }
+        Request::Sync => {
+            let n = agent
+                .barrier_seq
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            let mut passed = agent.barrier_passed.subscribe();
+            agent
+                .barrier_requests
+                .send(n)
+                .map_err(|_| anyhow::anyhow!("the cluster source has stopped"))?;
+            tokio::time::timeout(SYNC_WAIT, passed.wait_for(|p| *p >= n))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "the cluster state was not applied within {} s (is the state complete? see the agent's log)",
+                        SYNC_WAIT.as_secs()
+                    )
+                })?
+                .context("reconciler")?;
+            Response::Ok
         }
         Request::EndpointList => {
             let mut endpoints: Vec<_> = lock(&agent.registry)?

@@ -36,6 +36,7 @@ mod services;
 
 use crate::{
     bpf::{AttachMode, Attached, Datapath, XdpSetting},
+    cluster::Update,
     maps::{
         config::ConfigMap,
         ct::{AffinityMap, CtMap},
@@ -282,6 +283,13 @@ pub(crate) struct Agent {
     /// policy is in the maps.
     policy_wanted: std::sync::atomic::AtomicU64,
     policy_applied: tokio::sync::watch::Sender<u64>,
+    /// Sync barriers asked for (the local API's `sync`), to the source: it
+    /// rereads what it watches and passes the barrier on behind what it
+    /// found.
+    barrier_seq: std::sync::atomic::AtomicU64,
+    barrier_requests: mpsc::UnboundedSender<u64>,
+    /// The latest barrier the reconciler has passed.
+    barrier_passed: tokio::sync::watch::Sender<u64>,
 }
 
 /// A poisoned lock means a panic elsewhere; the agent reports it instead of
@@ -425,6 +433,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     );
 
     let telemetry = telemetry::Telemetry::new(pin_dir.clone());
+    let (barrier_requests, barriers) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         node: args.node.clone(),
         pod_mtu,
@@ -458,6 +467,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         policy_dirty: tokio::sync::Notify::new(),
         policy_wanted: std::sync::atomic::AtomicU64::new(0),
         policy_applied: tokio::sync::watch::Sender::new(0),
+        barrier_seq: std::sync::atomic::AtomicU64::new(0),
+        barrier_requests,
+        barrier_passed: tokio::sync::watch::Sender::new(0),
     });
 
     endpoints::restore(&agent).await?;
@@ -477,11 +489,22 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     match args.source.clone() {
         Source::Dir(dir) => {
             let t = telemetry.clone();
-            tokio::spawn(async move { source_dir::run(dir, tx, t).await });
+            tokio::spawn(async move { source_dir::run(dir, tx, barriers, t).await });
         }
         Source::Kube => {
             let client = source_kube::client(args.kubeconfig.as_ref()).await?;
             let t = telemetry.clone();
+            // The watches deliver on their own: a barrier follows whatever
+            // they have delivered so far.
+            let forward = tx.clone();
+            tokio::spawn(async move {
+                let mut barriers = barriers;
+                while let Some(b) = barriers.recv().await {
+                    if forward.send(Update::Barrier(b)).await.is_err() {
+                        return;
+                    }
+                }
+            });
             tokio::spawn(async move { source_kube::run(client, tx, t).await });
         }
     }

@@ -55,6 +55,8 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
     let mut problems = Problems::default();
     let mut resync = tokio::time::interval(RESYNC);
     resync.tick().await;
+    // A sync barrier seen before the state is complete waits for it.
+    let mut barrier: Option<u64> = None;
     loop {
         let mut ch = Changes::default();
         let mut endpoints_changed = false;
@@ -76,6 +78,7 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
                 false
             }
         };
+        barrier = barrier.max(ch.barrier.take());
         for kind in Kind::ALL {
             telemetry::set_objects(&agent.telemetry, kind.name(), cluster.count(kind));
         }
@@ -83,50 +86,64 @@ pub(super) async fn run(mut rx: mpsc::Receiver<Update>, agent: Arc<Agent>) {
             continue;
         }
         if endpoints_changed {
+            compile_endpoints(&agent, &cluster);
+        } else if !ch.is_empty() || full {
             let started = Instant::now();
-            let wanted = agent
-                .policy_wanted
-                .load(std::sync::atomic::Ordering::SeqCst);
-            match tokio::task::block_in_place(|| {
-                super::policy::apply(&agent, &cluster, super::policy::Scope::Endpoints)
-            }) {
-                Ok(()) => telemetry::reconciled(&agent.telemetry, "policy", started.elapsed()),
+            match apply(&agent, &cluster, &ch, full, &mut problems).await {
+                Ok(()) => {
+                    telemetry::reconciled(&agent.telemetry, "cluster", started.elapsed());
+                    if ch.synced {
+                        if let Ok(mut st) = lock(&agent.status) {
+                            st.synced = true;
+                        }
+                        info!("cluster state applied");
+                    }
+                    let _ = agent.update_ready();
+                }
                 Err(e) => {
                     telemetry::error(&agent.telemetry, "reconcile");
-                    warn!("applying NetworkPolicy: {e:#}");
+                    warn!("applying cluster state: {e:#}");
                 }
             }
-            // Answered either way: a failure is logged, not waited out.
-            agent.policy_applied.send_if_modified(|g| {
-                let newer = *g < wanted;
+        }
+        // Everything before the barrier has been applied (or failed and
+        // been logged): whoever waits on it may go on.
+        if let Some(b) = barrier.take() {
+            agent.barrier_passed.send_if_modified(|passed| {
+                let newer = *passed < b;
                 if newer {
-                    *g = wanted;
+                    *passed = b;
                 }
                 newer
             });
-            continue;
-        }
-        if ch.is_empty() && !full {
-            continue;
-        }
-        let started = Instant::now();
-        match apply(&agent, &cluster, &ch, full, &mut problems).await {
-            Ok(()) => {
-                telemetry::reconciled(&agent.telemetry, "cluster", started.elapsed());
-                if ch.synced {
-                    if let Ok(mut st) = lock(&agent.status) {
-                        st.synced = true;
-                    }
-                    info!("cluster state applied");
-                }
-                let _ = agent.update_ready();
-            }
-            Err(e) => {
-                telemetry::error(&agent.telemetry, "reconcile");
-                warn!("applying cluster state: {e:#}");
-            }
         }
     }
+}
+
+/// Compiles the policy of local endpoints that came or went, and tells the
+/// endpoint adds waiting for it.
+fn compile_endpoints(agent: &Agent, cluster: &Cluster) {
+    let started = Instant::now();
+    let wanted = agent
+        .policy_wanted
+        .load(std::sync::atomic::Ordering::SeqCst);
+    match tokio::task::block_in_place(|| {
+        super::policy::apply(agent, cluster, super::policy::Scope::Endpoints)
+    }) {
+        Ok(()) => telemetry::reconciled(&agent.telemetry, "policy", started.elapsed()),
+        Err(e) => {
+            telemetry::error(&agent.telemetry, "reconcile");
+            warn!("applying NetworkPolicy: {e:#}");
+        }
+    }
+    // Answered either way: a failure is logged, not waited out.
+    agent.policy_applied.send_if_modified(|g| {
+        let newer = *g < wanted;
+        if newer {
+            *g = wanted;
+        }
+        newer
+    });
 }
 
 /// Moves the datapath to what the model says for what `ch` touched (all of
