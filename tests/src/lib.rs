@@ -34,13 +34,17 @@ use serde_json::Value;
 use std::sync::Mutex;
 
 pub mod apiserver;
+pub mod cli;
 pub mod cni;
+pub mod manifests;
 pub mod services;
+pub mod tool;
 
 /// Where lab state, agent logs and API sockets live.
 pub const RUN_ROOT: &str = "/run/dataplane-lab";
-/// bpffs root the lab's agents pin under (`<root>/<node>/`).
-pub const PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
+/// bpffs directory under which each lab's agents pin
+/// (`<root>/<lab id>/<node>/`), apart from a real agent's pins.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/dataplane-lab";
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const UNDERLAY_PREFIX: u8 = 24;
 
@@ -85,6 +89,12 @@ pub struct LabSpec {
     pub publish_pod_cidrs: bool,
     /// Extra arguments for every agent (e.g. `--ct-max 256`).
     pub agent_args: Vec<String>,
+    /// Node names; `node-<i>` (with `node_suffix`) where not given.
+    pub node_names: Vec<String>,
+    /// Pod CIDRs of the nodes; `10.244.<i>.0/24` where not given.
+    pub node_pod_cidrs: Vec<String>,
+    /// The lab's name (`lab up --name`); its id when empty.
+    pub name: String,
 }
 
 impl LabSpec {
@@ -118,8 +128,41 @@ impl LabSpec {
             wait_ready: true,
             publish_pod_cidrs: true,
             agent_args: Vec::new(),
+            node_names: Vec::new(),
+            node_pod_cidrs: Vec::new(),
+            name: String::new(),
         })
     }
+
+    /// Node `i`'s name.
+    pub fn node_name(&self, i: usize) -> String {
+        self.node_names
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("node-{i}{}", self.node_suffix))
+    }
+
+    fn node_pod_cidr(&self, i: usize) -> String {
+        self.node_pod_cidrs
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("10.244.{i}.0/24"))
+    }
+}
+
+/// The `dataplane-lab` binary (pod servers and probes run it):
+/// `$DATAPLANE_LAB_BIN`, this program if it is that binary, else next to
+/// the `dataplane` binary.
+pub fn lab_bin(dataplane_bin: &Path) -> PathBuf {
+    if let Some(p) = std::env::var_os("DATAPLANE_LAB_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(me) = std::env::current_exe()
+        && me.file_name().is_some_and(|n| n == "dataplane-lab")
+    {
+        return me;
+    }
+    dataplane_bin.with_file_name("dataplane-lab")
 }
 
 /// The `dataplane` binary: `$DATAPLANE_BIN` (set by `cargo xtask`), else the
@@ -182,6 +225,17 @@ pub struct PodState {
     /// Named container ports: (name, protocol, number).
     #[serde(default)]
     pub ports: Vec<(String, String, u16)>,
+    /// The process serving the pod's container ports (`lab up
+    /// --manifests`, `lab apply`).
+    #[serde(default)]
+    pub server_pid: Option<u32>,
+}
+
+impl PodState {
+    /// `namespace/name`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -193,6 +247,25 @@ pub struct HostState {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LabState {
     pub id: String,
+    /// `lab up --name`, else the id.
+    #[serde(default)]
+    pub name: String,
+    /// The agents pin under `<pin_root>/<node>/`.
+    #[serde(default)]
+    pub pin_root: PathBuf,
+    /// `vxlan` or `native`.
+    #[serde(default)]
+    pub mode: String,
+    /// IPv6 left on in the lab's namespaces.
+    #[serde(default)]
+    pub ipv6: bool,
+    /// The `dataplane-lab` binary (pod servers, probes).
+    #[serde(default)]
+    pub lab_bin: PathBuf,
+    /// The objects applied through `lab up --manifests` and `lab apply`,
+    /// as the API server holds them (defaulted, allocated).
+    #[serde(default)]
+    pub objects: Vec<Value>,
     pub run_dir: PathBuf,
     pub dataplane_bin: PathBuf,
     /// Where the lab's CNI plugins are installed (first on CNI_PATH).
@@ -231,8 +304,6 @@ pub struct Lab {
     pub api: Option<apiserver::ApiServer>,
     agents: Vec<Child>,
     armed: bool,
-    ipv6: bool,
-    node_suffix: String,
     publish_pod_cidrs: std::sync::atomic::AtomicBool,
     /// What [`Lab::publish`] last sent to the API server, per kind.
     published: Mutex<std::collections::BTreeMap<String, Vec<(String, String)>>>,
@@ -363,6 +434,15 @@ impl Lab {
         let mut lab = Lab {
             state: LabState {
                 id: id.clone(),
+                name: if spec.name.is_empty() {
+                    id.clone()
+                } else {
+                    spec.name.clone()
+                },
+                pin_root: Path::new(PIN_ROOT).join(&id),
+                mode: spec.mode.clone(),
+                ipv6: spec.ipv6,
+                lab_bin: lab_bin(&spec.dataplane_bin),
                 run_dir: run_dir.clone(),
                 dataplane_bin: spec.dataplane_bin.clone(),
                 cni_bin_dir: run_dir.join("cni-bin"),
@@ -373,8 +453,6 @@ impl Lab {
             },
             agents: Vec::new(),
             armed: true,
-            ipv6: spec.ipv6,
-            node_suffix: spec.node_suffix.clone(),
             publish_pod_cidrs: spec.publish_pod_cidrs.into(),
             api: None,
             published: Mutex::default(),
@@ -382,6 +460,19 @@ impl Lab {
         lab.build(spec)
             .with_context(|| format!("building lab {id}"))?;
         Ok(lab)
+    }
+
+    /// The lab `state` describes, made by another process (`lab up`), to
+    /// change or inspect; dropping it leaves the lab running.
+    pub fn attach(state: LabState) -> Lab {
+        Lab {
+            state,
+            api: None,
+            agents: Vec::new(),
+            armed: false,
+            publish_pod_cidrs: true.into(),
+            published: Mutex::default(),
+        }
     }
 
     fn save(&self) -> Result<()> {
@@ -400,7 +491,7 @@ impl Lab {
         self.save()?;
         ip(&["netns", "add", name])?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
-        if !self.ipv6 {
+        if !self.state.ipv6 {
             // No router solicitations or MLD reports muddying exact packet
             // counts.
             sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1")?;
@@ -433,22 +524,14 @@ impl Lab {
             self.api = Some(api);
         }
 
-        let all: Vec<usize> = (0..spec.nodes).collect();
-        self.write_nodes_file(spec.nodes, &all)?;
         for i in 0..spec.nodes {
             let netns = format!("{id}-n{i}");
-            let name = format!("{netns}{}", spec.node_suffix);
-            let node_ip =
-                Ipv4Addr::new(172, 20, 0, 11 + u8::try_from(i).context("too many nodes")?);
-            self.add_underlay_host(&netns, &format!("n{i}"), node_ip)?;
-            sysctl(&netns, "net.ipv4.ip_forward", "1")?;
-            let cgroup = if spec.cgroups {
-                Some(self.add_cgroup(&netns)?)
-            } else {
-                None
-            };
-            let node = NodeState {
-                pin_dir: dataplane_common::pin_dir(Path::new(PIN_ROOT), &name),
+            let name = spec.node_name(i);
+            dataplane_common::pin::validate_node_name(&name)
+                .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?;
+            let node_ip = Self::node_ip(i)?;
+            self.state.nodes.push(NodeState {
+                pin_dir: dataplane_common::pin_dir(&self.state.pin_root, &name),
                 api_socket: self.state.run_dir.join(format!("{name}.sock")),
                 log: self.state.run_dir.join(format!("{name}.log")),
                 conflist: self
@@ -457,14 +540,24 @@ impl Lab {
                     .join(format!("{name}-net.d/05-dataplane.conflist")),
                 ipam_dir: self.state.run_dir.join(format!("{name}-ipam")),
                 agent_args: Vec::new(),
-                cgroup,
+                cgroup: None,
                 netns,
                 name,
                 ip: node_ip,
-                pod_cidr: format!("10.244.{i}.0/24"),
+                pod_cidr: spec.node_pod_cidr(i),
                 agent_pid: None,
-            };
-            self.state.nodes.push(node);
+            });
+        }
+        self.save()?;
+        let all: Vec<usize> = (0..spec.nodes).collect();
+        self.write_nodes_file(spec.nodes, &all)?;
+        for i in 0..spec.nodes {
+            let netns = self.state.nodes[i].netns.clone();
+            self.add_underlay_host(&netns, &format!("n{i}"), Self::node_ip(i)?)?;
+            sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+            if spec.cgroups {
+                self.state.nodes[i].cgroup = Some(self.add_cgroup(&netns)?);
+            }
             self.save()?;
             self.start_agent(i, spec)?;
         }
@@ -521,6 +614,7 @@ impl Lab {
             .map(|a| a.to_string())
             .collect();
         for (flag, value) in [
+            ("--pin-root", self.state.pin_root.display().to_string()),
             ("--api-socket", node.api_socket.display().to_string()),
             (
                 "--state-dir",
@@ -681,25 +775,53 @@ impl Lab {
         ))
     }
 
+    /// Node `i`'s object: the one applied to the lab (labels and all) if
+    /// any, with the address and pod CIDR the lab gave the node.
     fn node_object(&self, i: usize) -> Result<Value> {
-        let cidr = format!("10.244.{i}.0/24");
-        let spec = if self
+        let node = &self.state.nodes[i];
+        let mut obj = self
+            .applied(i)
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name}}));
+        if self
             .publish_pod_cidrs
             .load(std::sync::atomic::Ordering::Relaxed)
         {
-            serde_json::json!({"podCIDR": cidr, "podCIDRs": [cidr]})
-        } else {
-            serde_json::json!({})
-        };
-        Ok(serde_json::json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": format!("{}-n{i}{}", self.state.id, self.node_suffix)},
-            "spec": spec,
-            "status": {"addresses": [{"type": "InternalIP", "address": Self::node_ip(i)?.to_string()}]},
-        }))
+            obj["spec"]["podCIDR"] = serde_json::json!(node.pod_cidr);
+            obj["spec"]["podCIDRs"] = serde_json::json!([node.pod_cidr]);
+        } else if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.remove("podCIDR");
+            spec.remove("podCIDRs");
+        }
+        obj["status"]["addresses"] =
+            serde_json::json!([{"type": "InternalIP", "address": node.ip.to_string()}]);
+        Ok(obj)
+    }
+
+    /// The Node object applied for node `i`, if any.
+    fn applied(&self, i: usize) -> Option<&Value> {
+        let name = &self.state.nodes[i].name;
+        self.state
+            .objects
+            .iter()
+            .find(|o| o["kind"] == "Node" && o["metadata"]["name"] == name.as_str())
     }
 
     fn pod_object(&self, p: &PodState) -> Value {
+        // A pod from a manifest: that object, scheduled and with its
+        // address, as the kubelet reports it.
+        if let Some(obj) = self.state.objects.iter().find(|o| {
+            o["kind"] == "Pod"
+                && o["metadata"]["name"] == p.name.as_str()
+                && o["metadata"]["namespace"] == p.namespace.as_str()
+        }) {
+            let mut obj = obj.clone();
+            obj["spec"]["nodeName"] = serde_json::json!(self.state.nodes[p.node].name);
+            obj["status"]["podIP"] = serde_json::json!(p.ip.to_string());
+            obj["status"]["podIPs"] = serde_json::json!([{"ip": p.ip.to_string()}]);
+            obj["status"]["phase"] = serde_json::json!("Running");
+            return obj;
+        }
         serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
@@ -979,7 +1101,11 @@ impl Lab {
         ports: &[(&str, &str, u16)],
         runtime_config: Value,
     ) -> Result<usize> {
-        let netns = format!("{}-{name}", self.state.nodes[i].netns);
+        if self.find_pod(&format!("{namespace}/{name}")).is_some() {
+            bail!("pod {namespace}/{name} exists already");
+        }
+        // Namespace names have no dots: "<ns>.<name>" is unambiguous.
+        let netns = format!("{}-{namespace}.{name}", self.state.nodes[i].netns);
         self.add_netns(&netns)?;
         let mut pod = PodState {
             labels: labels
@@ -997,9 +1123,10 @@ impl Lab {
             ip: Ipv4Addr::UNSPECIFIED,
             mac: String::new(),
             host_ifname: String::new(),
-            container_id: format!("{}-{name}", self.state.id),
+            container_id: format!("{}-{namespace}.{name}", self.state.id),
             ifname: "eth0".into(),
             result: Value::Null,
+            server_pid: None,
         };
         let mut at = self.attachment(&pod);
         at.runtime_config = runtime_config;
@@ -1031,12 +1158,24 @@ impl Lab {
 
     /// CNI DEL for a pod (the pod's namespace stays until teardown).
     pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let idx = self.unwire_pod(name)?;
+        self.state.pods.remove(idx);
+        self.save()?;
+        self.write_pods_file()
+    }
+
+    /// CNI DEL for a pod (by `namespace/name` or name), its server stopped;
+    /// returns its index (the caller removes it from the state).
+    fn unwire_pod(&mut self, name: &str) -> Result<usize> {
         let idx = self
             .state
             .pods
             .iter()
-            .position(|p| p.name == name)
+            .position(|p| p.full_name() == name || p.name == name)
             .with_context(|| format!("no pod {name}"))?;
+        if let Some(pid) = self.state.pods[idx].server_pid.take() {
+            stop_server(pid, &self.state.pods[idx]);
+        }
         let pod = self.state.pods[idx].clone();
         self.runtime(pod.node)
             .del(
@@ -1045,9 +1184,20 @@ impl Lab {
                 Some(&pod.result),
             )?
             .map_err(|f| anyhow::anyhow!("CNI DEL for {name}: {f}"))?;
-        self.state.pods.remove(idx);
-        self.save()?;
-        self.write_pods_file()
+        Ok(idx)
+    }
+
+    /// CNI DEL for a pod and its network namespace deleted, as when the
+    /// runtime removes a pod's sandbox.
+    pub fn delete_pod(&mut self, name: &str) -> Result<()> {
+        let idx = self.unwire_pod(name)?;
+        let pod = self.state.pods.remove(idx);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &pod.netns])
+            .stderr(Stdio::null())
+            .status();
+        self.state.namespaces.retain(|n| *n != pod.netns);
+        self.save()
     }
 
     pub fn register(&self, pod: &PodState) -> Result<()> {
@@ -1080,12 +1230,23 @@ impl Lab {
         }
     }
 
+    /// A pod by `namespace/name`, or by name alone (the first of that
+    /// name); panics when there is none (a test's mistake).
     pub fn pod(&self, name: &str) -> &PodState {
-        self.state
-            .pods
-            .iter()
-            .find(|p| p.name == name)
+        self.find_pod(name)
             .unwrap_or_else(|| panic!("no pod {name} in lab {}", self.state.id))
+    }
+
+    /// A pod by `namespace/name`, or by name alone (the first of that name).
+    pub fn find_pod(&self, name: &str) -> Option<&PodState> {
+        match name.split_once('/') {
+            Some((ns, n)) => self
+                .state
+                .pods
+                .iter()
+                .find(|p| p.namespace == ns && p.name == n),
+            None => self.state.pods.iter().find(|p| p.name == name),
+        }
     }
 
     /// Stops node `i`'s agent (SIGTERM, then SIGKILL after a grace period).
@@ -1299,6 +1460,23 @@ fn is_agent(pid: u32, node: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `pid` is the pod server of `pod` (pids get reused).
+fn is_server(pid: u32, pod: &PodState) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.contains(&b"pod-serve".as_slice()) && args.contains(&pod.netns.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+/// Stops a pod's server if `pid` is still it.
+fn stop_server(pid: u32, pod: &PodState) {
+    if is_server(pid, pod) {
+        stop_process(pid, None);
+    }
+}
+
 /// SIGTERM, a grace period, then SIGKILL. With `node`, only if the pid is
 /// still that node's agent.
 fn stop_process(pid: u32, node: Option<&str>) {
@@ -1330,6 +1508,11 @@ pub fn teardown(state: &LabState) {
             stop_process(pid, Some(&node.name));
         }
     }
+    for pod in &state.pods {
+        if let Some(pid) = pod.server_pid {
+            stop_server(pid, pod);
+        }
+    }
     // Pods first, the underlay last: deleting a netns deletes its veth ends.
     for ns in state.namespaces.iter().rev() {
         let _ = Command::new("ip")
@@ -1339,6 +1522,13 @@ pub fn teardown(state: &LabState) {
     }
     for node in &state.nodes {
         let _ = fs::remove_dir_all(&node.pin_dir);
+    }
+    if !state.pin_root.as_os_str().is_empty() {
+        let _ = fs::remove_dir(&state.pin_root);
+        // The common root too, once no lab pins under it.
+        if let Some(root) = state.pin_root.parent() {
+            let _ = fs::remove_dir(root);
+        }
     }
     for cg in state.cgroups.iter().rev() {
         // Empty once the namespaces' processes are gone; a cgroup keeps no

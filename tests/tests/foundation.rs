@@ -434,7 +434,8 @@ fn node_names_with_dots_work_and_the_cli_finds_them() {
                 "--node",
                 &n0.name,
             ])
-            .args(["--pin-root", lab::PIN_ROOT]),
+            .arg("--pin-root")
+            .arg(&lab.state.pin_root),
     )
     .expect("dataplane map dump --node");
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");

@@ -15,7 +15,8 @@ use lab::{
 };
 use serde_json::json;
 
-use crate::{labcmd::print_lab, testing::prepare_lab};
+use crate::testing::prepare_lab;
+use lab::cli::print_lab;
 
 pub(crate) fn demo(keep: bool) -> Result<()> {
     prepare_lab()?;

@@ -43,36 +43,17 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// A lab to explore by hand.
-    #[command(subcommand)]
-    Lab(LabCmd),
+    /// A simulated cluster to use by hand: `cargo xtask lab --help` (up,
+    /// apply, delete, exec, probe, matrix, status, down).
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks: Services, NetworkPolicy, and the control plane (change latency, full sync, agent memory).
     Bench {
         /// Only this part: `services`, `policy` or `control-plane`.
         only: Option<String>,
     },
-}
-
-#[derive(Subcommand)]
-pub(crate) enum LabCmd {
-    /// Build a lab and leave it running.
-    Up {
-        #[arg(long, default_value_t = 2)]
-        nodes: usize,
-        #[arg(long, default_value_t = 2)]
-        pods_per_node: usize,
-        /// auto, tcx or clsact.
-        #[arg(long, default_value = "auto")]
-        attach_mode: String,
-        /// vxlan or native.
-        #[arg(long, default_value = "vxlan")]
-        mode: String,
-    },
-    /// Show the labs on this machine.
-    Status,
-    /// Remove labs: the given ones, or else every lab no running process owns
-    /// (persisted labs and those left by killed test runs).
-    Down { ids: Vec<String> },
 }
 
 fn main() {
@@ -88,7 +69,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Build { release } => toolchain::build(release).map(drop),
         Cmd::Test { args } => testing::test(&args),
         Cmd::Demo { keep } => demo::demo(keep),
-        Cmd::Lab(cmd) => labcmd::lab_cmd(cmd),
+        Cmd::Lab { args } => labcmd::lab(&args),
         Cmd::Bench { only } => bench::bench(only.as_deref()),
     }
 }

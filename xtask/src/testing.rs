@@ -77,10 +77,16 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
         ensure_test_tools()?;
     }
     let mut cmd = cargo_with_linker(&bin)?;
-    cmd.arg("test").env("DATAPLANE_BIN", &dataplane).env(
-        "DATAPLANE_CNI_BIN",
-        dataplane.with_file_name("dataplane-cni"),
-    );
+    cmd.arg("test")
+        .env("DATAPLANE_BIN", &dataplane)
+        .env(
+            "DATAPLANE_CNI_BIN",
+            dataplane.with_file_name("dataplane-cni"),
+        )
+        .env(
+            "DATAPLANE_LAB_BIN",
+            dataplane.with_file_name("dataplane-lab"),
+        );
     if !root {
         // Unit tests still run; the lab tests cannot.
         cmd.args(["--lib", "--bins"]);
@@ -113,6 +119,10 @@ pub(crate) fn prepare_lab_with(release: bool) -> Result<()> {
         env::set_var(
             "DATAPLANE_CNI_BIN",
             dataplane.with_file_name("dataplane-cni"),
+        );
+        env::set_var(
+            "DATAPLANE_LAB_BIN",
+            dataplane.with_file_name("dataplane-lab"),
         );
     }
     Ok(())

@@ -182,7 +182,21 @@ pub(crate) fn cargo_with_linker(bin: &Path) -> Result<Command> {
 pub(crate) fn build(release: bool) -> Result<PathBuf> {
     let bin = setup()?;
     let mut cmd = cargo_with_linker(&bin)?;
-    cmd.args(["build", "-p", "dataplane", "-p", "dataplane-cni"]);
+    cmd.args([
+        "build",
+        "-p",
+        "dataplane",
+        "-p",
+        "dataplane-cni",
+        "-p",
+        "dataplane-lab",
+        "--bin",
+        "dataplane",
+        "--bin",
+        "dataplane-cni",
+        "--bin",
+        "dataplane-lab",
+    ]);
     if release {
         cmd.arg("--release");
     }
