@@ -503,7 +503,8 @@ pub fn print_lab(state: &LabState) {
     if let Some(ext) = &state.external {
         println!("  external host  {}  netns {}", ext.ip, ext.netns);
     }
-    if let Some(n) = state.nodes.first() {
+    // Hints for a lab that stays up (`lab up`), not one a program owns.
+    if let Some(n) = state.nodes.first().filter(|_| state.owner_pid.is_none()) {
         println!("\ntry:");
         if let [a, b, ..] = state.pods.as_slice() {
             println!("  lab probe {} {} 80/tcp", a.full_name(), b.full_name());

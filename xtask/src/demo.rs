@@ -20,15 +20,135 @@ use lab::cli::print_lab;
 
 pub(crate) fn demo(keep: bool) -> Result<()> {
     prepare_lab()?;
+    walk(keep)?;
+    println!("\n==================== under the hood ====================");
     for mode in ["vxlan", "native"] {
-        demo_mode(mode, keep)?;
+        demo_mode(mode)?;
     }
+    Ok(())
+}
+
+/// The lab as a person uses it, on the manifests in `deploy/examples`:
+/// the same `lab` commands, run in-process, printing what they print.
+fn walk(keep: bool) -> Result<()> {
+    let examples = crate::workspace_root().join("deploy/examples");
+    let name = format!("demo-{}", std::process::id());
+    // Shown as typed (the lab made last needs no --lab), run on this one.
+    let lab_cmd = |args: &[&str]| -> i32 {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.strip_prefix(&format!("{}/", crate::workspace_root().display()))
+                    .unwrap_or(a)
+                    .to_owned()
+            })
+            .collect();
+        println!("\n$ lab {}", shown.join(" "));
+        lab::cli::main(
+            ["lab", "--lab", &name]
+                .into_iter()
+                .chain(args.iter().copied()),
+        )
+    };
+    let path = |p: &str| examples.join(p).display().to_string();
+    println!("==================== the lab: manifests in, a cluster out ====================");
+    println!(
+        "== a 2-node cluster from deploy/examples/shop: namespaces shop and ops, five pods (each serving HTTP on 80), the api Service"
+    );
+    let up = lab::cli::main(["lab", "up", "--manifests", &path("shop"), "--name", &name]);
+    if up != 0 {
+        anyhow::bail!("lab up failed");
+    }
+    struct Down<'a>(&'a str, bool);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if self.1 {
+                println!(
+                    "\nlab {} left running: `cargo xtask lab down {}` removes it",
+                    self.0, self.0
+                );
+            } else {
+                lab::cli::main(["lab", "down", self.0]);
+            }
+        }
+    }
+    let _down = Down(&name, keep);
+    let lab = Lab::attach(
+        Lab::list()?
+            .into_iter()
+            .find(|l| l.name == name)
+            .context("the demo's lab")?,
+    );
+
+    println!(
+        "\n== who reaches whom: every ordered pair of pods on 80/tcp ('.' allowed, 'X' denied)"
+    );
+    lab_cmd(&["matrix"]);
+
+    println!(
+        "\n== the api Service: a ClusterIP the lab allocated and NodePort 30080, from every node, a pod and the external host"
+    );
+    for (from, to, port) in [
+        ("node/node-0", "svc/shop/api", "80/tcp"),
+        ("node/node-1", "svc/shop/api", "80/tcp"),
+        ("shop/frontend", "svc/shop/api", "80/tcp"),
+        ("external", "node/node-0", "30080/tcp"),
+        ("external", "node/node-1", "30080/tcp"),
+    ] {
+        lab_cmd(&["probe", from, to, port]);
+    }
+
+    println!(
+        "\n== NetworkPolicy: only the api reaches the db; only the frontend and the ops namespace reach the api"
+    );
+    lab_cmd(&["apply", "-f", &path("shop-policies.yaml")]);
+    lab_cmd(&["matrix"]);
+    lab_cmd(&["probe", "external", "node/node-0", "30080/tcp"]);
+
+    println!("\n== why was the frontend refused by the db? the verdict, as the db's node saw it");
+    let db = lab.find_pod("shop/db").context("db")?.clone();
+    let db_ip = db.ip.to_string();
+    println!(
+        "\n$ dataplane monitor --type policy --ip {db_ip} --count 1    # on {}, while the frontend tries again",
+        lab.state.nodes[db.node].name
+    );
+    let mon = lab.monitor(
+        db.node,
+        &[
+            "--type",
+            "policy",
+            "--ip",
+            &db_ip,
+            "--count",
+            "1",
+            "--duration",
+            "10",
+        ],
+    )?;
+    let probe = lab.probe("shop/frontend", "shop/db", 80, "TCP")?;
+    print!("{}", mon.output(Duration::from_secs(15))?);
+    println!("  (the probe: {})", probe.verdict);
+    println!("\n$ dataplane policy get shop/db    # the db's compiled policy, entry by entry");
+    print!("{}", lab.cli(db.node, &["policy", "get", "shop/db"])?);
+
+    println!(
+        "\n== a relabelled pod: the frontend becomes app=api (it loses the api, and gains the db)"
+    );
+    lab_cmd(&["apply", "-f", &path("shop-relabel.yaml")]);
+    lab_cmd(&["matrix"]);
+
+    println!("\n== the policies deleted: everyone reaches everyone again");
+    lab_cmd(&["delete", "-f", &path("shop-policies.yaml")]);
+    lab_cmd(&["matrix"]);
+
+    println!("\n$ dataplane service list    # node-0's frontends, as the datapath has them");
+    print!("{}", lab.cli(0, &["service", "list"])?);
     Ok(())
 }
 
 /// One lab in `mode`: traffic of every kind, what the underlay carried, and
 /// what the datapath saw of it.
-pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
+pub(crate) fn demo_mode(mode: &str) -> Result<()> {
     let spec = LabSpec {
         mode: mode.into(),
         ..LabSpec::new(2, 2)?
@@ -193,19 +313,7 @@ pub(crate) fn demo_mode(mode: &str, keep: bool) -> Result<()> {
         0,
         &["map", "dump", "dp_metrics"],
     )?;
-    // Relabels pods: needs the lab mutably, so after the views above.
-    policy(&mut lab)?;
-
-    if keep {
-        let state = lab.persist()?;
-        println!(
-            "\nlab {} left running; remove it with: cargo xtask lab down {}",
-            state.id, state.id
-        );
-    } else {
-        drop(lab);
-        println!("\nlab removed (use --keep to explore it)");
-    }
+    drop(lab);
     Ok(())
 }
 
@@ -220,150 +328,6 @@ fn spread(netns: &str, to: SocketAddr, n: usize) -> Result<String> {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
         .join(", "))
-}
-
-/// Who answers a TCP connection from `netns` to `to` within a second.
-fn probe(netns: &str, to: SocketAddr) -> Result<String> {
-    probe_within(netns, to, Duration::from_secs(1))
-}
-
-/// Who answers a TCP connection from `netns` to `to` within `wait`.
-fn probe_within(netns: &str, to: SocketAddr, wait: Duration) -> Result<String> {
-    lab::in_netns_thread(netns, || {
-        let started = std::time::Instant::now();
-        match std::net::TcpStream::connect_timeout(&to, wait) {
-            Ok(mut s) => {
-                use std::io::BufRead as _;
-                s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                let mut line = String::new();
-                std::io::BufReader::new(&mut s).read_line(&mut line)?;
-                let who = line.split_whitespace().next().unwrap_or("?").to_owned();
-                Ok(format!("answered by {who}"))
-            }
-            Err(_) => Ok(format!(
-                "no answer (gave up after {} ms)",
-                started.elapsed().as_millis()
-            )),
-        }
-    })?
-}
-
-/// NetworkPolicy on the web pods: only frontends may reach them; a
-/// relabelled pod gets in within moments.
-fn policy(lab: &mut Lab) -> Result<()> {
-    println!(
-        "\n== NetworkPolicy: the web pods (app=web) admit only pods labelled role=frontend, on 8080"
-    );
-    for p in ["web-0", "web-1", "web-2"] {
-        lab.set_pod_labels(p, &[("app", "web")])?;
-    }
-    lab.set_pod_labels("pod-0-0", &[("role", "frontend")])?;
-    lab.set_policies(vec![json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"namespace": "default", "name": "web-frontends"},
-        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{
-            "from": [{"podSelector": {"matchLabels": {"role": "frontend"}}}],
-            "ports": [{"port": 8080, "protocol": "TCP"}]}]},
-    })])?;
-    let stop = AtomicBool::new(false);
-    let (a, c) = (
-        lab.pod("pod-0-0").netns.clone(),
-        lab.pod("pod-1-0").netns.clone(),
-    );
-    let web0 = SocketAddr::from((lab.pod("web-0").ip, 8080));
-    let web1 = SocketAddr::from((lab.pod("web-1").ip, 8080));
-    let cip = SocketAddr::from(([10, 96, 0, 10], 80));
-    let lab_ref: &Lab = lab;
-    let result = std::thread::scope(|s| -> Result<()> {
-        for p in ["web-0", "web-1", "web-2"] {
-            let (ns, stop) = (lab_ref.pod(p).netns.clone(), &stop);
-            s.spawn(move || identity_server(&ns, p, &[8080], stop));
-        }
-        let r = (|| -> Result<()> {
-            // Applied within moments of the manifest: wait for the first
-            // refusal rather than a fixed time.
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while std::time::Instant::now() < deadline && probe(&c, web0)?.starts_with("answered") {
-            }
-            println!(
-                "  pod-0-0 (role=frontend, node 0) -> web-1 (node 1): {}",
-                probe(&a, web1)?
-            );
-            println!(
-                "  pod-1-0 (no role, node 1) -> web-0 (node 0):       {}",
-                probe(&c, web0)?
-            );
-            println!(
-                "  pod-1-0 -> the web Service's ClusterIP:            {} (judged against the backend)",
-                probe(&c, cip)?
-            );
-            println!(
-                "  the node itself -> web-0:                          {} (a pod's node is always admitted)",
-                probe(&lab_ref.state.nodes[0].netns, web0)?
-            );
-            Ok(())
-        })();
-        stop.store(true, Ordering::Relaxed);
-        r
-    });
-    result?;
-    // Why was it refused? The verdict as an event, naming the policy.
-    let web0_ip = lab.pod("web-0").ip.to_string();
-    println!(
-        "\n$ dataplane monitor --type policy --ip {web0_ip} --count 1    # node 0, while pod-1-0 tries web-0 again"
-    );
-    let mon = lab.monitor(
-        0,
-        &[
-            "--type",
-            "policy",
-            "--ip",
-            &web0_ip,
-            "--count",
-            "1",
-            "--duration",
-            "10",
-        ],
-    )?;
-    probe(&c, web0)?;
-    print!("{}", mon.output(Duration::from_secs(15))?);
-    lab.set_pod_labels("pod-1-0", &[("role", "frontend")])?;
-    let started = std::time::Instant::now();
-    let stop = AtomicBool::new(false);
-    let lab_ref: &Lab = lab;
-    std::thread::scope(|s| -> Result<()> {
-        let (ns, stop_ref) = (lab_ref.pod("web-0").netns.clone(), &stop);
-        s.spawn(move || identity_server(&ns, "web-0", &[8080], stop_ref));
-        let r = (|| -> Result<()> {
-            // Short probes: the time measured is the policy's, not a
-            // retransmission's.
-            let quick = Duration::from_millis(50);
-            let mut seen = probe_within(&c, web0, quick)?;
-            while !seen.starts_with("answered") && started.elapsed() < Duration::from_secs(5) {
-                seen = probe_within(&c, web0, quick)?;
-            }
-            println!(
-                "  pod-1-0 relabelled role=frontend: {seen} {} ms after the label changed",
-                started.elapsed().as_millis()
-            );
-            Ok(())
-        })();
-        stop.store(true, Ordering::Relaxed);
-        r
-    })?;
-    println!(
-        "\n$ dataplane map dump dp_policy    # node 0: web-0's compiled policy (peers are identities)"
-    );
-    print!("{}", lab.cli(0, &["map", "dump", "dp_policy"])?);
-    println!(
-        "\n$ dataplane map dump dp_metrics | grep policy    # node 0: what the policy refused"
-    );
-    for l in lab.cli(0, &["map", "dump", "dp_metrics"])?.lines() {
-        if l.contains("policy") || l.starts_with("HOOK") {
-            println!("{l}");
-        }
-    }
-    Ok(())
 }
 
 /// A Deployment-like set of three pods behind a Service, reached from pods
