@@ -223,14 +223,14 @@ impl Store {
         out
     }
 
-    /// nodePorts in use ((port, protocol)), and by whom.
-    fn node_ports(&self, except: &ObjKey) -> BTreeMap<(u16, String), ObjKey> {
+    /// nodePorts in use by other Services, and by whom: numbers are
+    /// allocated across protocols (one Service may use a number for both).
+    fn node_ports(&self, except: &ObjKey) -> BTreeMap<u16, ObjKey> {
         let mut out = BTreeMap::new();
         for (k, v) in self.of_kind("Service").filter(|(k, _)| *k != except) {
             for p in v["spec"]["ports"].as_array().into_iter().flatten() {
                 if let Some(n) = p["nodePort"].as_u64().and_then(|n| u16::try_from(n).ok()) {
-                    let proto = p["protocol"].as_str().unwrap_or("TCP").to_owned();
-                    out.insert((n, proto), k.clone());
+                    out.insert(n, k.clone());
                 }
             }
         }
@@ -392,7 +392,9 @@ impl Store {
         if let Some(ip) = spec["clusterIP"].as_str().map(str::to_owned) {
             spec["clusterIPs"] = json!([ip]);
         }
-        let mut used = self.node_ports(key);
+        let used = self.node_ports(key);
+        // This Service's own: (number, protocol).
+        let mut mine: BTreeSet<(u16, String)> = BTreeSet::new();
         let old_ports: Vec<Value> = old
             .and_then(|o| o["spec"]["ports"].as_array().cloned())
             .unwrap_or_default();
@@ -422,12 +424,20 @@ impl Store {
                                 format!("{n} is outside the range 30000-32767"),
                             )
                         })?;
-                    if let Some(owner) = used.get(&(n, proto.clone())) {
+                    if let Some(owner) = used.get(&n) {
                         return Err(at(
                             doc,
                             Some(key),
                             &field("nodePort"),
-                            format!("{n}/{proto} is already allocated to {owner}"),
+                            format!("{n} is already allocated to {owner}"),
+                        ));
+                    }
+                    if mine.contains(&(n, proto.clone())) {
+                        return Err(at(
+                            doc,
+                            Some(key),
+                            &field("nodePort"),
+                            format!("{n}/{proto} is used twice in this Service"),
                         ));
                     }
                     n
@@ -442,12 +452,12 @@ impl Store {
                         })
                         .and_then(|o| o["nodePort"].as_u64())
                         .and_then(|n| u16::try_from(n).ok())
-                        .filter(|n| !used.contains_key(&(*n, proto.clone())));
+                        .filter(|n| !used.contains_key(n) && !mine.contains(&(*n, proto.clone())));
                     match kept {
                         Some(n) => n,
                         None => (DYNAMIC_NODE_PORTS..=*NODE_PORTS.end())
                             .chain(*NODE_PORTS.start()..DYNAMIC_NODE_PORTS)
-                            .find(|n| !used.contains_key(&(*n, proto.clone())))
+                            .find(|n| !used.contains_key(n) && !mine.iter().any(|(m, _)| m == n))
                             .ok_or_else(|| {
                                 at(doc, Some(key), &field("nodePort"), "no nodePort is free")
                             })?,
@@ -455,7 +465,7 @@ impl Store {
                 }
             };
             p["nodePort"] = json!(port);
-            used.insert((port, proto), key.clone());
+            mine.insert((port, proto));
         }
         Ok(())
     }
@@ -743,6 +753,43 @@ mod tests {
         assert_eq!(
             b["spec"]["ports"][0]["targetPort"], 53,
             "replaced, not merged"
+        );
+
+        // A LoadBalancer: nodePorts too, and the ingress the manifest
+        // gives stays (the lab stands in for the cloud controller).
+        let mut lb = svc(
+            "lb",
+            json!({"type": "LoadBalancer", "ports": [{"port": 443}]}),
+        );
+        lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}});
+        s.apply(&[doc(1, lb)], &nodes()).expect("lb");
+        let lb = s.get("Service", "default", "lb").expect("lb");
+        assert_eq!(
+            lb["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "192.0.2.10"
+        );
+        assert_eq!(
+            lb["spec"]["ports"][0]["nodePort"], 31001,
+            "numbers across protocols"
+        );
+        // One Service may use a number for TCP and UDP; another may not.
+        let both = svc(
+            "both",
+            json!({"type": "NodePort", "ports": [
+                {"name": "t", "port": 53, "nodePort": 30053},
+                {"name": "u", "port": 53, "protocol": "UDP", "nodePort": 30053}]}),
+        );
+        s.apply(&[doc(1, both)], &nodes())
+            .expect("same number, two protocols");
+        let other = svc(
+            "other",
+            json!({"type": "NodePort", "ports": [{"port": 1, "protocol": "UDP", "nodePort": 31000}]}),
+        );
+        let e = s.apply(&[doc(1, other)], &nodes()).expect_err("taken");
+        assert!(
+            e.to_string()
+                .ends_with("31000 is already allocated to Service default/b"),
+            "{e}"
         );
     }
 

@@ -376,6 +376,28 @@ fn manifests_in_matrix_out_and_kubectl_style_changes() {
         "bad input changed the matrix"
     );
 
+    // A relabelled namespace: ops loses the api (its selector was on the
+    // namespace's team label), and gets it back.
+    let ns = dir.join("ns.yaml");
+    std::fs::write(
+        &ns,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ops, labels: {team: audit}}\n",
+    )
+    .expect("write");
+    lab.ok(&["apply", "-f", ns.to_str().expect("path")]);
+    let (allowed, _) = lab.matrix(&[]);
+    assert!(
+        !allowed["ops/monitor"]["shop/api-0"] && !allowed["ops/monitor"]["shop/api-1"],
+        "{allowed:?}"
+    );
+    std::fs::write(
+        &ns,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ops, labels: {team: ops}}\n",
+    )
+    .expect("write");
+    lab.ok(&["apply", "-f", ns.to_str().expect("path")]);
+    assert_eq!(lab.matrix(&[]).1, with_policy);
+
     // A relabelled pod: the matrix follows its new labels.
     let relabel = examples().join("shop-relabel.yaml");
     let out = lab.ok(&["apply", "-f", relabel.to_str().expect("path")]);
