@@ -106,6 +106,24 @@ pub enum Request {
     /// source's watches deliver on their own, so there it covers what they
     /// have delivered. For tools that change the cluster and then look.
     Sync,
+    /// The addresses of a pod (`namespace/name`) or a Service
+    /// (`svc/namespace/name`: its cluster IPs), as the agent knows them.
+    Resolve {
+        name: String,
+    },
+    /// Every security identity with the labels it stands for.
+    Identities,
+}
+
+/// A security identity, for `dataplane identity list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityInfo {
+    pub id: u32,
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
+    /// Local endpoints (pod `namespace/name`) that have it.
+    pub endpoints: Vec<String>,
 }
 
 /// One entry of a pod's compiled policy, as `dataplane policy get` shows it.
@@ -141,6 +159,12 @@ pub enum Response {
         removed: usize,
     },
     Policy(Box<PolicyView>),
+    Addresses {
+        ips: Vec<IpAddr>,
+    },
+    Identities {
+        identities: Vec<IdentityInfo>,
+    },
     Error {
         message: String,
     },

@@ -16,6 +16,7 @@
 )]
 
 pub mod events;
+pub mod explain;
 pub mod lb;
 pub mod maps;
 pub mod policy;
@@ -35,6 +36,7 @@ pub mod api;
 pub mod netlink;
 
 pub use events::*;
+pub use explain::*;
 pub use lb::*;
 pub use maps::*;
 #[cfg(any(feature = "user", feature = "api"))]

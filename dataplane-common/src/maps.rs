@@ -266,6 +266,16 @@ pub const MAPS: &[MapSpec] = &[
         description: "per-CPU event budget, events over it and events lost",
     },
     MapSpec {
+        name: crate::explain::MAP_EXPLAIN,
+        version: 1,
+        kind: MapKind::Array,
+        key_size: 4,
+        value_size: size::<crate::explain::ExplainTrace>(),
+        max_entries: 1,
+        flags: 0,
+        description: "what the last dry run of `dataplane explain` decided, step by step",
+    },
+    MapSpec {
         name: crate::events::MAP_EVENT_CONFIG,
         version: 1,
         kind: MapKind::Array,
@@ -494,6 +504,7 @@ mod user {
     // SAFETY: all are repr(C), contain only integers and byte arrays, and have
     // no implicit padding (sizes asserted above).
     unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for crate::explain::ExplainTrace {}
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for EpMetricsKey {}
     unsafe impl aya::Pod for Counter {}

@@ -122,6 +122,9 @@ fn lifetime(proto: u8, tcp_flags: u8, flags: u16) -> (u64, u16) {
 /// A RST also closes the other direction at once.
 #[inline(always)]
 pub fn touch(e: *mut CtEntry, flow: &Flow, dir: u8, len: u32) {
+    if flow.dry {
+        return;
+    }
     // SAFETY: a valid map value pointer. The bpf target has no atomic
     // add in `core`: a flow's packets arrive mostly on one CPU (RSS), so the
     // per-flow counters are exact in practice and approximate at worst.
@@ -241,7 +244,7 @@ fn renew(e: *mut CtEntry, life: u64, flags: u16, extend_only: bool) {
 /// Whether it created an entry (the flow's first allowed packet).
 #[inline(never)]
 pub fn track_replies(flow: &Flow) -> bool {
-    if is_reply(flow) {
+    if flow.dry || is_reply(flow) {
         return false;
     }
     // Turned around, as in `pair_key`: ICMP echo identifiers move too.

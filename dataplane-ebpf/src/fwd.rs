@@ -4,10 +4,13 @@
 //! hop.
 
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_neigh, programs::TcContext};
-use dataplane_common::{EndpointInfo, IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, Reason};
+use dataplane_common::{
+    EXPLAIN_ROUTE_LOCAL, EXPLAIN_ROUTE_TUNNEL, EXPLAIN_ROUTE_UPLINK, EndpointInfo,
+    IPCACHE_KIND_REMOTE_PODS, IpcacheEntry, Reason,
+};
 
 use crate::{
-    config, deliver, encap, icmp,
+    config, deliver, encap, explain, icmp,
     l4::Flow,
     parse::{self, IP_DF, Ipv4Hdr},
     policy,
@@ -50,6 +53,7 @@ impl Pkt {
                 frag: 0,
                 has_ports: false,
                 l4_off: 0,
+                dry: false,
                 src_identity: 0,
             },
             nat: Nat::none(),
@@ -79,6 +83,9 @@ fn try_local(
     n: &Nat,
     ep: &EndpointInfo,
 ) -> Result<Verdict, Reason> {
+    if flow.dry {
+        explain::route(EXPLAIN_ROUTE_LOCAL, ep.ifindex);
+    }
     if ip.ttl <= 1 {
         return Ok(icmp::Error::time_exceeded().verdict());
     }
@@ -118,6 +125,10 @@ fn try_tunnel(
     node: &IpcacheEntry,
 ) -> Result<Verdict, Reason> {
     let identity = flow.src_identity;
+    if flow.dry {
+        let [a, b, c, d, ..] = node.tunnel_endpoint;
+        explain::route(EXPLAIN_ROUTE_TUNNEL, u32::from_ne_bytes([a, b, c, d]));
+    }
     let cfg = config::get()?;
     if let Err(mtu) = encap::fits(ctx, cfg) {
         if ip.frag_off() & IP_DF != 0 {
@@ -155,6 +166,9 @@ fn try_uplink(
     n: &Nat,
 ) -> Result<Verdict, Reason> {
     let cfg = config::get()?;
+    if flow.dry {
+        explain::route(EXPLAIN_ROUTE_UPLINK, 0);
+    }
     if ip.ttl <= 1 {
         return Ok(icmp::Error::time_exceeded().verdict());
     }

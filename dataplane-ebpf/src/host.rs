@@ -7,10 +7,13 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{DP_F_MASQUERADE, Direction, EP_F_LOCAL, EndpointKey, Hook, Reason};
+use dataplane_common::{
+    DP_F_MASQUERADE, Direction, EP_F_LOCAL, EXPLAIN_ROUTE_HOST, EXPLAIN_ROUTE_STACK, EndpointKey,
+    Hook, Reason,
+};
 
 use crate::{
-    config, endpoints,
+    config, endpoints, explain,
     fwd::{self, Pkt},
     icmp, ipcache, l4, metrics, parse,
     route::{self, Route},
@@ -48,6 +51,7 @@ pub fn host_in(mut ctx: TcContext) -> i32 {
     let mut v = parse_in(&mut ctx, &mut p);
     if v.continues() {
         let code = svc::from_network(&p.flow, p.node, len, &mut p.nat);
+        svc::explain_nat(&p.flow, code, &p.nat);
         v = forward_in(&mut ctx, &mut p, code);
     }
     if let Some(err) = v.wants_answer() {
@@ -95,11 +99,15 @@ fn try_forward_in(ctx: &mut TcContext, p: &mut Pkt, code: u32) -> Result<Verdict
     match route::v4(n.daddr(flow))? {
         Route::Local(ep) => Ok(fwd::local(ctx, ip, flow, n, ep)),
         Route::Host => {
+            explain::route_if(flow, EXPLAIN_ROUTE_HOST);
             svc::apply(ctx, flow, n)?;
             Ok(Verdict::pass())
         }
         // Not for us to forward: the stack routes it (VXLAN traffic too).
-        Route::Stack | Route::Tunnel(..) if !n.translates() => Ok(Verdict::pass()),
+        Route::Stack | Route::Tunnel(..) if !n.translates() => {
+            explain::route_if(flow, EXPLAIN_ROUTE_STACK);
+            Ok(Verdict::pass())
+        }
         Route::Tunnel(node, _) => Ok(fwd::tunnel(ctx, ip, flow, n, node)),
         Route::Stack => Ok(fwd::uplink(ctx, ip, flow, n)),
     }
@@ -141,6 +149,7 @@ fn try_to_network(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     let mut flow = l4::flow(ctx, &ip)?;
     let mut n = Nat::none();
     let code = svc::masquerade(&flow, u32::from_ne_bytes(cfg.node_ipv4), ctx.len(), &mut n);
+    svc::explain_nat(&flow, code, &n);
     match code & 0xff {
         svc::DROP => Err(svc::dropped_reason(code)),
         svc::NAT => {

@@ -9,10 +9,10 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use dataplane_common::{Direction, Reason};
+use dataplane_common::{Direction, EXPLAIN_ROUTE_LOCAL, Reason};
 
 use crate::{
-    fwd, icmp, l4, parse,
+    explain, fwd, icmp, l4, parse,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -45,6 +45,7 @@ fn try_from_node(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     let mut flow = l4::flow(ctx, &ip)?;
     let mut n = Nat::none();
     let code = svc::from_endpoint(&flow, ctx.len(), &mut n);
+    svc::explain_nat(&flow, code, &n);
     match code & 0xff {
         svc::REJECT => return Ok(icmp::Error::port_unreachable().verdict()),
         svc::DROP => return Err(svc::dropped_reason(code)),
@@ -53,6 +54,9 @@ fn try_from_node(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     }
     match route::v4(n.daddr(&flow))? {
         Route::Local(ep) => {
+            if flow.dry {
+                explain::route(EXPLAIN_ROUTE_LOCAL, ep.ifindex);
+            }
             if ip.ttl <= 1 {
                 return Ok(icmp::Error::time_exceeded().verdict());
             }

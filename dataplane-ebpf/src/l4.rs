@@ -46,7 +46,9 @@ pub struct Flow {
     /// The flow has ports: TCP, UDP, ICMP echo (and their fragments).
     pub has_ports: bool,
     /// Offset of the transport header from the start of the frame.
-    pub l4_off: u32,
+    pub l4_off: u16,
+    /// A dry run of `dataplane explain`: decided, but changing nothing.
+    pub dry: bool,
     /// The sender's security identity, where the hook knows it (a local
     /// pod, a VNI); 0: look it up by address.
     pub src_identity: u32,
@@ -81,7 +83,7 @@ fn frag_key(ip: &Ipv4Hdr) -> FragKey {
 /// its protocol has ports (the caller decides whether that matters).
 #[inline(always)]
 pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Flow, Reason> {
-    let l4_off = (ETH_HLEN + ip.len()) as u32;
+    let l4_off = (ETH_HLEN + ip.len()) as u16;
     let mut f = Flow {
         saddr: u32::from_ne_bytes(ip.saddr),
         daddr: u32::from_ne_bytes(ip.daddr),
@@ -92,6 +94,7 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Flow, Reason> {
         frag: FRAG_NONE,
         has_ports: false,
         l4_off,
+        dry: crate::explain::is_dry(ctx),
         src_identity: 0,
     };
     let frag_off = ip.frag_off();
@@ -117,7 +120,7 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Flow, Reason> {
         IPPROTO_TCP => {
             // Ports, then (at 13) the flags: a TCP header is at least 20 bytes.
             let h: [u8; 14] = ctx.load(off).map_err(|_| Reason::L4Malformed)?;
-            if ctx.len() < l4_off + 20 {
+            if ctx.len() < u32::from(l4_off) + 20 {
                 return Err(Reason::L4Malformed);
             }
             f.sport = u16::from_ne_bytes([h[0], h[1]]);
@@ -147,7 +150,7 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Flow, Reason> {
         }
         _ => {}
     }
-    if f.frag == FRAG_FIRST && f.has_ports {
+    if f.frag == FRAG_FIRST && f.has_ports && !f.dry {
         let v = FragValue {
             sport: f.sport.to_ne_bytes(),
             dport: f.dport.to_ne_bytes(),

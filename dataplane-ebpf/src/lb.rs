@@ -97,8 +97,10 @@ pub fn select(
         if now.saturating_sub(last) < u64::from(fe.affinity_timeout) * NS
             && let Some(b) = backend(id)
         {
-            // SAFETY: as above.
-            unsafe { (*a).last_used = now };
+            if !flow.dry {
+                // SAFETY: as above.
+                unsafe { (*a).last_used = now };
+            }
             return Ok((id, b));
         }
     }
@@ -130,7 +132,7 @@ pub fn select(
         }
     };
     let b = backend(id).ok_or(Reason::ServiceNoBackend)?;
-    if fe.flags & SVC_F_AFFINITY != 0 {
+    if fe.flags & SVC_F_AFFINITY != 0 && !flow.dry {
         let v = AffinityValue {
             last_used: now,
             backend_id: id,

@@ -4,10 +4,10 @@
 //! counted by the sender's program instead).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use dataplane_common::{Direction, EndpointKey, Reason};
+use dataplane_common::{Direction, EXPLAIN_ROUTE_HOST, EXPLAIN_ROUTE_STACK, EndpointKey, Reason};
 
 use crate::{
-    arp, endpoints, fwd, icmp, l4, metrics, parse, policy,
+    arp, endpoints, explain, fwd, icmp, l4, metrics, parse, policy,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -109,9 +109,12 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
     let len = ctx.len();
     let mut n = Nat::none();
     let code = svc::from_endpoint(&flow, len, &mut n);
+    svc::explain_nat(&flow, code, &n);
     match code & 0xff {
         svc::REJECT => {
-            metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
+            if !flow.dry {
+                metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
+            }
             return Ok(icmp::Error::port_unreachable().verdict());
         }
         svc::DROP => return Err(svc::dropped_reason(code)),
@@ -120,16 +123,22 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
     let (daddr, dport) = n.destination(&flow);
     policy::egress(ifindex, &flow, daddr, dport)?;
     let route = route::v4(daddr.to_ne_bytes())?;
-    metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
+    if !flow.dry {
+        metrics::count_endpoint(ctx, ifindex, Direction::FromEndpoint, len);
+    }
     match route {
         Route::Host => {
+            explain::route_if(&flow, EXPLAIN_ROUTE_HOST);
             svc::apply(ctx, &mut flow, &n)?;
             Ok(Verdict::pass())
         }
         // The stack routes (and answers TTL and MTU itself), unless the
         // packet was rewritten: a reply from a Service may now come from
         // this node's own address, which the stack would refuse.
-        Route::Stack if !n.translates() => Ok(Verdict::pass()),
+        Route::Stack if !n.translates() => {
+            explain::route_if(&flow, EXPLAIN_ROUTE_STACK);
+            Ok(Verdict::pass())
+        }
         Route::Stack => Ok(fwd::uplink(ctx, &ip, &mut flow, &n)),
         Route::Local(ep) => Ok(fwd::local(ctx, &ip, &mut flow, &n, ep)),
         Route::Tunnel(node, _) => Ok(fwd::tunnel(ctx, &ip, &mut flow, &n, node)),

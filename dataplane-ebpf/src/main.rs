@@ -15,6 +15,7 @@ mod deliver;
 mod encap;
 mod endpoints;
 mod events;
+mod explain;
 mod fwd;
 mod host;
 mod hostdev;

@@ -2,14 +2,14 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{
-    Direction, IDENTITY_FIRST_POD, IDENTITY_MAX, IPCACHE_KIND_REMOTE_HOST,
+    Direction, EXPLAIN_ROUTE_HOST, IDENTITY_FIRST_POD, IDENTITY_MAX, IPCACHE_KIND_REMOTE_HOST,
     IPCACHE_KIND_REMOTE_PODS, Reason,
 };
 
 use crate::{
     config,
     deliver::PACKET_HOST,
-    encap, fwd, icmp, ipcache, l4, parse,
+    encap, explain, fwd, icmp, ipcache, l4, parse,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -37,7 +37,12 @@ fn from_overlay(ctx: &mut TcContext) -> Verdict {
 #[inline(always)]
 fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     let cfg = config::get()?;
-    let (peer, vni) = encap::get_key(ctx)?;
+    // A dry run says which node sent it and with which VNI.
+    let (peer, vni) = if explain::is_dry(ctx) {
+        explain::tunnel_key(ctx)
+    } else {
+        encap::get_key(ctx)?
+    };
     // The configured VNI, or a pod's security identity (a pod of the
     // sending node, see below).
     let pod_vni = (IDENTITY_FIRST_POD..=IDENTITY_MAX).contains(&vni);
@@ -65,7 +70,8 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     // Replies of flows this node translated come back here.
     let mut flow = l4::flow(ctx, &ip)?;
     let mut n = Nat::none();
-    svc::replies(&flow, ctx.len(), &mut n);
+    let code = svc::replies(&flow, ctx.len(), &mut n);
+    svc::explain_nat(&flow, code, &n);
     match route::v4(n.daddr(&flow))? {
         Route::Local(ep) => {
             flow.src_identity = peer_id;
@@ -75,6 +81,7 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
         // carries the MACs of the sending pod's veth: without PACKET_HOST the
         // stack would take it for someone else's and drop it silently.
         Route::Host => {
+            explain::route_if(&flow, EXPLAIN_ROUTE_HOST);
             svc::apply(ctx, &mut flow, &n)?;
             ctx.change_type(PACKET_HOST)
                 .map_err(|_| Reason::HelperFailed)?;

@@ -6,15 +6,16 @@
 
 use aya_ebpf::{btf_maps::LpmTrie, macros::btf_map, maps::lpm_trie::Key};
 use dataplane_common::{
-    EndpointKey, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_UNKNOWN, IDENTITY_WORLD,
-    IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_SERVICES, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, PEER_ANY, PEER_CLASS, POLICY_ALLOW, POLICY_CIDR_MAX, POLICY_CIDR_PREFIX_DIR,
-    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_ISOLATED, POLICY_MAX, POLICY_PREFIX_FULL,
-    PolicyCidrKey, PolicyCidrValue, PolicyKey, PolicyValue, Reason, VERDICT_ALLOWED,
-    VERDICT_DENIED,
+    EXPLAIN_POLICY_ALLOWED, EXPLAIN_POLICY_DENIED, EXPLAIN_POLICY_HOST, EXPLAIN_POLICY_NONE,
+    EXPLAIN_POLICY_OPEN, EXPLAIN_POLICY_REPLY, EndpointKey, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
+    IDENTITY_UNKNOWN, IDENTITY_WORLD, IPCACHE_KIND_HOST, IPCACHE_KIND_REMOTE_HOST,
+    IPCACHE_KIND_SERVICES, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PEER_ANY, PEER_CLASS,
+    POLICY_ALLOW, POLICY_CIDR_MAX, POLICY_CIDR_PREFIX_DIR, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS,
+    POLICY_ISOLATED, POLICY_MAX, POLICY_PREFIX_FULL, PolicyCidrKey, PolicyCidrValue, PolicyKey,
+    PolicyValue, Reason, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 
-use crate::{ct, endpoints, events, ipcache, l4::Flow};
+use crate::{ct, endpoints, events, explain, ipcache, l4::Flow};
 
 #[btf_map(name = "dp_policy")]
 static POLICY: LpmTrie<PolicyKey, PolicyValue, { POLICY_MAX as usize }> = LpmTrie::new();
@@ -122,13 +123,17 @@ fn proto_port(proto: u8, port: u16) -> u32 {
 #[inline(never)]
 pub fn egress(endpoint: u32, flow: &Flow, daddr: u32, dport: u16) -> Result<(), Reason> {
     let peer = identity_of(daddr);
-    match decide(
+    let decided = decide(
         endpoint,
         POLICY_DIR_EGRESS,
         peer,
         daddr,
         proto_port(flow.proto, dport),
-    ) {
+    );
+    if flow.dry {
+        note(POLICY_DIR_EGRESS, endpoint, peer, &decided, flow);
+    }
+    match decided {
         Ok(None) => Ok(()),
         Ok(Some(id)) => {
             if ct::track_replies(flow) && id != 0 && events::allowed_wanted() {
@@ -139,8 +144,10 @@ pub fn egress(endpoint: u32, flow: &Flow, daddr: u32, dport: u16) -> Result<(), 
         }
         Err(_) if ct::is_reply(flow) => Ok(()),
         Err(r) => {
-            let ids = (u64::from(flow.src_identity) << 32) | u64::from(peer);
-            events::policy(flow, endpoint, denied(POLICY_DIR_EGRESS), ids, 0);
+            if !flow.dry {
+                let ids = (u64::from(flow.src_identity) << 32) | u64::from(peer);
+                events::policy(flow, endpoint, denied(POLICY_DIR_EGRESS), ids, 0);
+            }
             Err(r)
         }
     }
@@ -152,13 +159,17 @@ pub fn egress(endpoint: u32, flow: &Flow, daddr: u32, dport: u16) -> Result<(), 
 /// delivery step: one frame less on the deepest chain.
 #[inline(always)]
 pub fn ingress(endpoint: u32, own_id: u32, flow: &Flow, peer_id: u32) -> Result<(), Reason> {
-    match decide(
+    let decided = decide(
         endpoint,
         POLICY_DIR_INGRESS,
         peer_id,
         flow.saddr,
         proto_port(flow.proto, flow.dport),
-    ) {
+    );
+    if flow.dry {
+        note(POLICY_DIR_INGRESS, endpoint, peer_id, &decided, flow);
+    }
+    match decided {
         Ok(None) => Ok(()),
         Ok(Some(id)) => {
             if ct::track_replies(flow) && id != 0 && events::allowed_wanted() {
@@ -175,11 +186,27 @@ pub fn ingress(endpoint: u32, own_id: u32, flow: &Flow, peer_id: u32) -> Result<
         }
         Err(_) if ct::is_reply(flow) => Ok(()),
         Err(r) => {
-            let ids = (u64::from(peer_id) << 32) | u64::from(own_id);
-            events::policy(flow, endpoint, denied(POLICY_DIR_INGRESS), ids, 0);
+            if !flow.dry {
+                let ids = (u64::from(peer_id) << 32) | u64::from(own_id);
+                events::policy(flow, endpoint, denied(POLICY_DIR_INGRESS), ids, 0);
+            }
             Err(r)
         }
     }
+}
+
+/// A dry run's note of a decision, in the terms of the match above.
+#[inline(always)]
+fn note(dir: u8, endpoint: u32, peer: u32, decided: &Result<Option<u32>, Reason>, flow: &Flow) {
+    let (policy, result) = match decided {
+        Ok(None) => (0, EXPLAIN_POLICY_NONE),
+        Ok(Some(0)) => (0, EXPLAIN_POLICY_OPEN),
+        Ok(Some(id)) => (*id, EXPLAIN_POLICY_ALLOWED),
+        Err(_) if dir == POLICY_DIR_INGRESS && peer == IDENTITY_HOST => (0, EXPLAIN_POLICY_HOST),
+        Err(_) if ct::is_reply(flow) => (0, EXPLAIN_POLICY_REPLY),
+        Err(_) => (0, EXPLAIN_POLICY_DENIED),
+    };
+    explain::policy(dir, endpoint, peer, policy, result);
 }
 
 /// An event's `meta` word: the policy direction and the verdict.

@@ -22,7 +22,7 @@ use dataplane_common::{
     IPPROTO_TCP, IPPROTO_UDP, Reason, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue,
 };
 
-use crate::{ct, endpoints, ipcache, l4::Flow, lb, nat};
+use crate::{ct, endpoints, explain, ipcache, l4::Flow, lb, nat};
 
 /// A packet's rewrite.
 #[derive(Clone, Copy)]
@@ -129,6 +129,9 @@ fn known(flow: &Flow, dir: u8, want: u16, len: u32, out: &mut Nat) -> bool {
         return false;
     }
     *out = Nat::from_entry(entry);
+    if flow.dry {
+        explain::ct(entry.flags, dir, entry.id, entry.backend_id);
+    }
     ct::touch(e, flow, dir, len);
     true
 }
@@ -182,7 +185,12 @@ fn new_internal(flow: &Flow, out: &mut Nat) -> u32 {
     };
     let (backend_id, b) = match lb::select(flow, &key, fe) {
         Ok(b) => b,
-        Err(Reason::ServiceNoBackend) => return REJECT,
+        Err(Reason::ServiceNoBackend) => {
+            if flow.dry {
+                explain::reject(fe.id);
+            }
+            return REJECT;
+        }
         Err(r) => return drop(r),
     };
     let baddr = ct::v4(&b.addr);
@@ -223,7 +231,9 @@ fn new_internal(flow: &Flow, out: &mut Nat) -> u32 {
     );
     sc.orig_key = ct::flow_key(flow, CT_DIR_ORIG);
     sc.reply_key = ct::key(baddr, src.0, bport, src.1, flow.proto, CT_DIR_REPLY);
-    if let Err(r) = ct::create(sc) {
+    if flow.dry {
+        explain::service(fe.id, backend_id, false);
+    } else if let Err(r) = ct::create(sc) {
         return drop(r);
     }
     *out = Nat::from_entry(&sc.orig);
@@ -252,7 +262,12 @@ fn new_external(flow: &Flow, node: u32, out: &mut Nat) -> u32 {
     };
     let (backend_id, b) = match lb::select(flow, &key, fe) {
         Ok(b) => b,
-        Err(Reason::ServiceNoBackend) => return REJECT,
+        Err(Reason::ServiceNoBackend) => {
+            if flow.dry {
+                explain::reject(fe.id);
+            }
+            return REJECT;
+        }
         Err(r) => return drop(r),
     };
     let baddr = ct::v4(&b.addr);
@@ -294,15 +309,23 @@ fn new_external(flow: &Flow, node: u32, out: &mut Nat) -> u32 {
             flow.proto,
             CT_DIR_REPLY,
         );
-        if let Err(r) = ct::create(sc) {
+        if flow.dry {
+            explain::service(fe.id, backend_id, false);
+        } else if let Err(r) = ct::create(sc) {
             return drop(r);
         }
         *out = Nat::from_entry(&sc.orig);
         return NAT;
     }
-    let port = match ct::claim_port(baddr, bport, flow.proto, node, sc) {
-        Ok(p) => p,
-        Err(r) => return drop(r),
+    // A dry run claims no port: the client's stands in for it.
+    let port = if flow.dry {
+        explain::service(fe.id, backend_id, true);
+        flow.sport
+    } else {
+        match ct::claim_port(baddr, bport, flow.proto, node, sc) {
+            Ok(p) => p,
+            Err(r) => return drop(r),
+        }
     };
     ct::fill(
         &mut sc.orig,
@@ -314,7 +337,9 @@ fn new_external(flow: &Flow, node: u32, out: &mut Nat) -> u32 {
         fe.id,
         backend_id,
     );
-    if let Err(r) = ct::create_orig(sc) {
+    if !flow.dry
+        && let Err(r) = ct::create_orig(sc)
+    {
         return drop(r);
     }
     *out = Nat::from_entry(&sc.orig);
@@ -359,9 +384,14 @@ fn new_masquerade(flow: &Flow, node: u32, out: &mut Nat) -> u32 {
         0,
         0,
     );
-    let port = match ct::claim_port(flow.daddr, flow.dport, flow.proto, node, sc) {
-        Ok(p) => p,
-        Err(r) => return drop(r),
+    let port = if flow.dry {
+        explain::port_claim();
+        flow.sport
+    } else {
+        match ct::claim_port(flow.daddr, flow.dport, flow.proto, node, sc) {
+            Ok(p) => p,
+            Err(r) => return drop(r),
+        }
     };
     ct::fill(
         &mut sc.orig,
@@ -374,11 +404,21 @@ fn new_masquerade(flow: &Flow, node: u32, out: &mut Nat) -> u32 {
         0,
     );
     sc.orig_key = ct::flow_key(flow, CT_DIR_ORIG);
-    if let Err(r) = ct::create_orig(sc) {
+    if !flow.dry
+        && let Err(r) = ct::create_orig(sc)
+    {
         return drop(r);
     }
     *out = Nat::from_entry(&sc.orig);
     NAT
+}
+
+/// Notes the rewrite of a dry run (a [`NAT`] decision).
+#[inline(always)]
+pub fn explain_nat(flow: &Flow, code: u32, n: &Nat) {
+    if flow.dry && code & 0xff == NAT {
+        explain::nat(n.flags, n.src, n.sport, n.dst, n.dport);
+    }
 }
 
 /// Rewrites the packet as `n` says.

@@ -105,6 +105,11 @@ impl Verdict {
 #[inline(always)]
 pub fn tc_exit(ctx: &TcContext, direction: Direction, len: u32, verdict: Verdict) -> i32 {
     let code = verdict.reason_code();
+    // A dry run is noted, not counted, logged or reported.
+    if crate::explain::is_dry(ctx) {
+        crate::explain::verdict(verdict.action(), code);
+        return verdict.action();
+    }
     metrics::count_verdict(Hook::Tc, direction, code, len);
     if code != Reason::Forwarded as u32 {
         report_drop(ctx, direction, code, len);

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod cluster;
+pub mod explain;
 pub mod lb;
 pub mod maps;
 pub mod monitor;

@@ -58,6 +58,28 @@ enum Command {
     /// NetworkPolicy as the datapath enforces it.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Run a packet through this node's live programs (BPF_PROG_TEST_RUN
+    /// against the real maps, as a dry run that changes nothing) and tell
+    /// its path step by step: endpoint, conntrack, Service and backend,
+    /// policy decisions and the policies that made them, route, verdict.
+    Explain {
+        /// Source: an IP, a pod `namespace/name` (through the agent).
+        src: String,
+        /// Destination: an IP, a pod `namespace/name`, or a Service
+        /// `svc/namespace/name` (its ClusterIP).
+        dst: String,
+        /// `tcp/PORT`, `udp/PORT` or `icmp`.
+        what: String,
+        /// The source port (default: an ephemeral one).
+        #[arg(long)]
+        sport: Option<u16>,
+        #[command(flatten)]
+        pin: PinArgs,
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
     /// Check Kubernetes manifests as the agent's directory source reads
     /// them: each problem with its file, document and field. Exits 1 when
     /// any is found.
@@ -334,6 +356,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Endpoint(cmd) => endpoint(cmd),
+        Command::Explain {
+            src,
+            dst,
+            what,
+            sport,
+            pin,
+            socket,
+            output,
+        } => dataplane::explain::run(
+            &dataplane::explain::Request {
+                pin_dir: &pin.resolve()?,
+                socket: &socket.socket,
+                src: &src,
+                dst: &dst,
+                what: &what,
+                sport,
+            },
+            output,
+        ),
         Command::Validate { paths, output } => {
             let problems = dataplane::source_dir::check(&paths)?;
             match output {

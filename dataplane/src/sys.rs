@@ -118,6 +118,7 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     Ok(idx)
 }
 
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
@@ -137,6 +138,60 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
     } else {
         Ok(rc)
     }
+}
+
+/// What one `BPF_PROG_TEST_RUN` returned: the program's return code, the
+/// packet as it left, and the context (`struct __sk_buff`) after the run.
+pub struct TestRunOut {
+    pub retval: u32,
+    pub data: Vec<u8>,
+    pub ctx: Vec<u8>,
+}
+
+/// Runs the program `prog` once on `data` with the context `ctx` (for tc
+/// programs a `struct __sk_buff` in which only some fields may be set).
+pub fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8], ctx: &[u8]) -> io::Result<TestRunOut> {
+    let mut data_out = vec![0u8; data.len() + 1024];
+    let mut ctx_out = vec![0u8; ctx.len()];
+    // struct { u32 prog_fd, retval, data_size_in, data_size_out; u64 data_in,
+    // data_out; u32 repeat, duration, ctx_size_in, ctx_size_out; u64 ctx_in,
+    // ctx_out; u32 flags, cpu, batch_size; }
+    let words = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+    let mut attr = [
+        words(prog.as_raw_fd() as u32, 0),
+        words(data.len() as u32, data_out.len() as u32),
+        data.as_ptr() as u64,
+        data_out.as_mut_ptr() as u64,
+        words(1, 0),
+        words(ctx.len() as u32, ctx_out.len() as u32),
+        ctx.as_ptr() as u64,
+        ctx_out.as_mut_ptr() as u64,
+        0,
+        0,
+    ];
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    let retval = (attr[0] >> 32) as u32;
+    let out_len = ((attr[1] >> 32) as usize).min(data_out.len());
+    let ctx_len = ((attr[5] >> 32) as usize).min(ctx_out.len());
+    data_out.truncate(out_len);
+    ctx_out.truncate(ctx_len);
+    Ok(TestRunOut {
+        retval,
+        data: data_out,
+        ctx: ctx_out,
+    })
+}
+
+/// An exclusive `flock` on `path` (a file or directory), held until the
+/// returned file is dropped.
+pub fn lock_exclusive(path: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(f)
 }
 
 /// Opens a pinned object (a link, here). `Ok(None)` when nothing is pinned

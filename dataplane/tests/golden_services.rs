@@ -837,3 +837,130 @@ fn bench_service_path_per_packet() {
         "BENCH service-path established_ns={est_svc:.1} plain_ns={est_plain:.1} new_flow_ns={new_svc:.1} new_plain_ns={new_plain:.1}"
     );
 }
+
+/// `dataplane explain`'s own code, on this fixture's programs and maps: a
+/// dry run decides as a real packet would and changes nothing.
+#[test]
+fn explain_is_a_dry_run_of_the_live_program_that_changes_nothing() {
+    use dataplane::explain::{Explained, Request, explain};
+    let f = fixture(MODE_VXLAN);
+    let _svcs = services(&f);
+    let ct_entries = || dataplane::maps::count(&f.pin_dir, "dp_ct").expect("dp_ct");
+    let affinities = || dataplane::maps::count(&f.pin_dir, "dp_affinity").expect("dp_affinity");
+    let ask = |src: &str, dst: &str, what: &str, sport: u16| -> Explained {
+        explain(&Request {
+            pin_dir: &f.pin_dir,
+            // No agent: addresses only, identities by number.
+            socket: std::path::Path::new("/nonexistent/agent.sock"),
+            src,
+            dst,
+            what,
+            sport: Some(sport),
+        })
+        .unwrap_or_else(|e| panic!("explain {src} {dst} {what}: {e:#}"))
+    };
+    let step = |e: &Explained, s: &str| -> String {
+        e.steps
+            .iter()
+            .find(|x| x.step == s)
+            .map(|x| x.detail.clone())
+            .unwrap_or_else(|| panic!("no {s} step in {e:#?}"))
+    };
+    let counted = f.counted();
+
+    // A new flow to a Service: frontend, backend, rewrite, both policies,
+    // delivered to the backend on this node.
+    let e = ask("10.244.0.10", "10.96.0.10", "tcp/80", 40000);
+    assert_eq!((e.program.as_str(), e.ifindex), ("lxc_from_ctr", f.pod_if));
+    assert_eq!(e.verdict, "forwarded", "{e:#?}");
+    assert_eq!(step(&e, "conntrack"), "no entry: a new flow");
+    assert!(
+        step(&e, "service")
+            .starts_with("10.96.0.10:80/tcp (internal) -> backend 10.244.0.11:8080/tcp"),
+        "{e:#?}"
+    );
+    assert_eq!(step(&e, "nat"), "destination -> 10.244.0.11:8080");
+    assert!(step(&e, "egress policy").ends_with("no NetworkPolicy selects it: allowed"));
+    assert!(step(&e, "route").ends_with("a pod of this node"), "{e:#?}");
+    assert_eq!(
+        e.leaves_as.as_deref(),
+        Some("10.244.0.10:40000 -> 10.244.0.11:8080")
+    );
+    assert_eq!(ct_entries(), 0, "a dry run creates no conntrack entry");
+    assert_eq!(f.counted(), counted, "nor counts");
+
+    // The same packet for real is tracked; explained again, the tracked
+    // flow is what it meets.
+    let syn = tcp(
+        (POD_MAC, HOST_MAC),
+        (POD, 40000),
+        (WEB, 80),
+        64,
+        true,
+        &[],
+        &[],
+    );
+    assert_eq!(f.tc("lxc_from_ctr", f.pod_if, &syn).0, TC_ACT_REDIRECT);
+    assert_eq!(ct_entries(), 2);
+    let e = ask("10.244.0.10", "10.96.0.10", "tcp/80", 40000);
+    assert_eq!(
+        step(&e, "conntrack"),
+        "a tracked flow (original direction, service): 10.96.0.10:80/tcp (internal) -> 10.244.0.11:8080/tcp"
+    );
+    assert_eq!(ct_entries(), 2);
+
+    // Affinity is looked up, not written.
+    let e = ask("10.244.0.10", "10.96.0.15", "tcp/80", 40001);
+    assert_eq!(e.verdict, "forwarded", "{e:#?}");
+    assert_eq!(affinities(), 0, "a dry run keeps no affinity");
+
+    // A Service without endpoints: refused with ICMP.
+    let e = ask("10.244.0.10", "10.96.0.13", "tcp/80", 40002);
+    assert_eq!(e.verdict, "answered", "{e:#?}");
+    assert!(step(&e, "service").ends_with("has no backend: refused with ICMP port unreachable"));
+
+    // In the cluster's range, on no node.
+    let e = ask("10.244.0.10", "10.244.200.5", "udp/53", 40003);
+    assert_eq!(
+        (e.verdict.as_str(), e.reason.as_str()),
+        ("dropped", "unknown_destination")
+    );
+
+    // From outside to a NodePort whose backend is on another node: SNAT to
+    // this node (no port claimed), into the tunnel.
+    let e = ask("172.20.0.100", "172.20.0.11", "tcp/30082", 41000);
+    assert_eq!((e.program.as_str(), e.ifindex), ("host_in", f.uplink_if));
+    assert_eq!(
+        step(&e, "nat"),
+        "destination -> 10.244.1.10:8080, source -> 172.20.0.11:41000 (a real packet claims a free NAT port; shown with the client's)"
+    );
+    assert!(
+        step(&e, "route").starts_with("encapsulated (VXLAN) to node 172.20.0.12"),
+        "{e:#?}"
+    );
+    assert_eq!(e.next_node.as_deref(), Some("172.20.0.12"));
+
+    // A remote pod's packet through the tunnel, to a local pod.
+    let e = ask("10.244.1.10", "10.244.0.11", "udp/5353", 41001);
+    assert_eq!((e.program.as_str(), e.ifindex), ("overlay_in", f.tunnel_if));
+    assert_eq!(e.verdict, "forwarded", "{e:#?}");
+    assert_eq!(ct_entries(), 2, "still only the real flow's");
+    // Counted: the one real packet above, nothing of the dry runs.
+    let mut want = counted;
+    let k = (
+        "tc".to_string(),
+        "from-endpoint".to_string(),
+        "forwarded".to_string(),
+    );
+    match want
+        .iter_mut()
+        .find(|r| (&r.0, &r.1, &r.2) == (&k.0, &k.1, &k.2))
+    {
+        Some(r) => r.3 += 1,
+        None => want.push((k.0, k.1, k.2, 1)),
+    }
+    want.sort();
+    let mut got = f.counted();
+    got.sort();
+    assert_eq!(got, want);
+}

@@ -94,6 +94,18 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Why a packet goes where it goes: `dataplane explain` on the node
+    /// where it enters, and on the next node when it is encapsulated there.
+    Explain {
+        /// A pod (`namespace/name`) or `external`.
+        from: String,
+        /// A pod, `svc/<namespace>/<name>`, `node/<name>` or an IP.
+        to: String,
+        /// `PORT/PROTOCOL`, e.g. `80/tcp`.
+        port: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Every pod to every pod, as Kubernetes' network-policy tests print
     /// it: `.` allowed, `X` denied; rows are sources.
     Matrix {
@@ -258,6 +270,39 @@ fn run(cli: Cli) -> Result<i32> {
                 ),
             }
             Ok(if r.allowed() { 0 } else { 1 })
+        }
+        Cmd::Explain {
+            from,
+            to,
+            port,
+            output,
+        } => {
+            let lab = Lab::attach(find(cli.lab.as_deref())?);
+            let (port, proto) = tool::port_protocol(&port)?;
+            let hops = lab.explain(&from, &to, port, &proto)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&hops)?),
+                Output::Table => {
+                    for h in &hops {
+                        println!(
+                            "on {}: {}",
+                            h["node"].as_str().unwrap_or("?"),
+                            h["packet"].as_str().unwrap_or("?")
+                        );
+                        for s in h["steps"].as_array().into_iter().flatten() {
+                            println!(
+                                "  {:<15} {}",
+                                s["step"].as_str().unwrap_or("?"),
+                                s["detail"].as_str().unwrap_or("?")
+                            );
+                        }
+                        if let Some(l) = h["leaves_as"].as_str() {
+                            println!("  {:<15} {l}", "leaves as");
+                        }
+                    }
+                }
+            }
+            Ok(0)
         }
         Cmd::Matrix {
             port,

@@ -706,6 +706,84 @@ impl Lab {
         })
     }
 
+    /// `dataplane explain` of one packet from `from` to `to` on
+    /// `port`/`proto`, run on the node where it enters (a pod's node, or
+    /// for `external` the node addressed) and, while the datapath
+    /// encapsulates it to another node of the lab, on that node too, as the
+    /// packet it became. Each hop's JSON, in order.
+    pub fn explain(&self, from: &str, to: &str, port: u16, proto: &str) -> Result<Vec<Value>> {
+        let proto = protocol(proto)?.to_lowercase();
+        let dst = self.address(to)?;
+        let (mut node, src) = if from == "external" {
+            let ext = self
+                .state
+                .external
+                .as_ref()
+                .context("the lab has no external host")?;
+            let node = self
+                .state
+                .nodes
+                .iter()
+                .position(|n| n.ip == dst)
+                .context("from external, explain a packet to a node's address (node/<name>)")?;
+            (node, ext.ip)
+        } else if from.starts_with("node/") {
+            bail!(
+                "explaining a node's own packets is not supported yet (their path is the host stack's)"
+            );
+        } else {
+            let p = self.pod_named(from)?;
+            (p.node, p.ip)
+        };
+        let (mut src, mut dst, mut dport) = (src.to_string(), dst.to_string(), port);
+        let mut sport: Option<u16> = None;
+        let mut hops = Vec::new();
+        for _ in 0..self.state.nodes.len() {
+            let n = &self.state.nodes[node];
+            let mut cmd = Command::new(&self.state.dataplane_bin);
+            cmd.args([
+                "--netns",
+                &n.netns,
+                "explain",
+                &src,
+                &dst,
+                &format!("{proto}/{dport}"),
+            ])
+            .args(["-o", "json", "--pin-dir"])
+            .arg(&n.pin_dir)
+            .arg("--socket")
+            .arg(&n.api_socket);
+            if let Some(s) = sport {
+                cmd.args(["--sport", &s.to_string()]);
+            }
+            let out = crate::run(&mut cmd)?;
+            let mut hop: Value = serde_json::from_slice(&out.stdout)?;
+            hop["node"] = json!(n.name);
+            let next = hop["next_node"]
+                .as_str()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok());
+            let leaves = hop["leaves_as"].as_str().map(str::to_owned);
+            hops.push(hop);
+            // Follow it while it stays in the lab, as the packet it became.
+            let (Some(next), Some(leaves)) = (next, leaves) else {
+                break;
+            };
+            let Some(i) = self.state.nodes.iter().position(|n| n.ip == next) else {
+                break;
+            };
+            let (s, d) = leaves.split_once(" -> ").context("leaves_as")?;
+            let (s, d): (SocketAddr, SocketAddr) = (s.parse()?, d.parse()?);
+            (src, dst, dport, sport) = (
+                s.ip().to_string(),
+                d.ip().to_string(),
+                d.port(),
+                Some(s.port()),
+            );
+            node = i;
+        }
+        Ok(hops)
+    }
+
     /// Runs `argv` (no shell) where `target` lives (see [`Lab::place`]),
     /// with the caller's standard streams; its exit status.
     pub fn exec(&self, target: &str, argv: &[String]) -> Result<std::process::ExitStatus> {

@@ -128,6 +128,11 @@ fn walk(keep: bool) -> Result<()> {
     let probe = lab.probe("shop/frontend", "shop/db", 80, "TCP")?;
     print!("{}", mon.output(Duration::from_secs(15))?);
     println!("  (the probe: {})", probe.verdict);
+    println!(
+        "\n== the same question before sending anything: the packet run through each node's live programs as a dry run"
+    );
+    lab_cmd(&["explain", "shop/frontend", "shop/db", "80/tcp"]);
+    lab_cmd(&["explain", "shop/frontend", "svc/shop/api", "80/tcp"]);
     println!("\n$ dataplane policy get shop/db    # the db's compiled policy, entry by entry");
     print!("{}", lab.cli(db.node, &["policy", "get", "shop/db"])?);
 

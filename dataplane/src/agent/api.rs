@@ -151,6 +151,29 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 .context("reconciler")?;
             Response::Ok
         }
+        Request::Resolve { name } => {
+            let d = lock(&agent.directory)?;
+            let ips = match name.strip_prefix("svc/") {
+                Some(svc) => {
+                    let (ns, n) = svc.split_once('/').ok_or_else(|| {
+                        anyhow::anyhow!("{name:?}: expected svc/<namespace>/<name>")
+                    })?;
+                    d.services.get(&(ns.to_owned(), n.to_owned())).cloned()
+                }
+                None => {
+                    let (ns, n) = name.split_once('/').unwrap_or(("default", name.as_str()));
+                    d.pods.get(&(ns.to_owned(), n.to_owned())).cloned()
+                }
+            };
+            match ips {
+                Some(ips) if !ips.is_empty() => Response::Addresses { ips },
+                Some(_) => anyhow::bail!("{name} has no address yet"),
+                None => anyhow::bail!("the agent knows no {name}"),
+            }
+        }
+        Request::Identities => Response::Identities {
+            identities: super::policy::identities(agent)?,
+        },
         Request::EndpointList => {
             let mut endpoints: Vec<_> = lock(&agent.registry)?
                 .values()

@@ -290,6 +290,16 @@ pub(crate) struct Agent {
     barrier_requests: mpsc::UnboundedSender<u64>,
     /// The latest barrier the reconciler has passed.
     barrier_passed: tokio::sync::watch::Sender<u64>,
+    /// Pods' and Services' addresses by name, for the local API's
+    /// `resolve` (kept by the reconciler).
+    directory: Mutex<Directory>,
+}
+
+/// Addresses by (namespace, name).
+#[derive(Default)]
+pub(crate) struct Directory {
+    pods: std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>>,
+    services: std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>>,
 }
 
 /// A poisoned lock means a panic elsewhere; the agent reports it instead of
@@ -470,6 +480,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         barrier_seq: std::sync::atomic::AtomicU64::new(0),
         barrier_requests,
         barrier_passed: tokio::sync::watch::Sender::new(0),
+        directory: Mutex::default(),
     });
 
     endpoints::restore(&agent).await?;

@@ -389,6 +389,42 @@ pub(super) fn apply(agent: &Agent, cluster: &Cluster, scope: Scope<'_>) -> Resul
 }
 
 /// A local pod's compiled policy, as the maps hold it (`policy get`).
+/// Every identity, with the local endpoints that have it.
+pub(super) fn identities(agent: &Agent) -> Result<Vec<dataplane_common::api::IdentityInfo>> {
+    let by_ifindex: BTreeMap<u32, String> = lock(&agent.registry)?
+        .values()
+        .map(|e| {
+            (
+                e.ifindex,
+                format!("{}/{}", e.spec.pod_namespace, e.spec.pod_name),
+            )
+        })
+        .collect();
+    let mut endpoints: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for v in lock(&agent.endpoints)?.desired().values() {
+        if let Some(name) = by_ifindex.get(&v.ifindex)
+            && v.flags & dataplane_common::EP_F_LOCAL != 0
+        {
+            let list = endpoints.entry(v.identity).or_default();
+            if !list.contains(name) {
+                list.push(name.clone());
+            }
+        }
+    }
+    let st = lock(&agent.policy)?;
+    Ok(st
+        .identities
+        .iter()
+        .map(|(id, set)| dataplane_common::api::IdentityInfo {
+            id,
+            namespace: set.namespace.clone(),
+            labels: set.labels.clone().into_iter().collect(),
+            namespace_labels: set.namespace_labels.clone().into_iter().collect(),
+            endpoints: endpoints.remove(&id).unwrap_or_default(),
+        })
+        .collect())
+}
+
 pub(super) fn view(
     agent: &Agent,
     namespace: &str,

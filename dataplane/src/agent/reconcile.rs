@@ -225,6 +225,36 @@ async fn apply(
         }
         Ok(())
     })?;
+    {
+        let mut d = lock(&agent.directory)?;
+        if full {
+            d.pods.clear();
+            d.services.clear();
+        }
+        let pods: Vec<crate::cluster::Key> = if full {
+            cluster.pods().map(|(k, _)| k.clone()).collect()
+        } else {
+            ch.pods.iter().cloned().collect()
+        };
+        for k in pods {
+            let name = (k.namespace.clone(), k.name.clone());
+            match cluster.pod(&k) {
+                Some(p) => d.pods.insert(name, p.ips.clone()),
+                None => d.pods.remove(&name),
+            };
+        }
+        let services: Vec<(String, String)> = if full {
+            cluster.service_names().into_iter().collect()
+        } else {
+            ch.services.iter().cloned().collect()
+        };
+        for (ns, n) in services {
+            match cluster.service(&ns, &n).1 {
+                Some(s) => d.services.insert((ns, n), s.cluster_ips.clone()),
+                None => d.services.remove(&(ns, n)),
+            };
+        }
+    }
     // Pods, namespaces and policies all feed identities and policies.
     if full || !ch.namespaces.is_empty() || !ch.pods.is_empty() || !ch.policy_namespaces.is_empty()
     {
