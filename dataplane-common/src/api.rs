@@ -95,6 +95,9 @@ pub enum Request {
     /// Removes every conntrack entry (established Service and masqueraded
     /// flows lose their translation).
     CtFlush,
+    /// Removes the entries of NAT flows only (masquerade, NodePort SNAT):
+    /// those flows lose their translation, their ports are free again.
+    NatFlush,
     /// A local pod's compiled NetworkPolicy, with the policies its entries
     /// came from.
     PolicyGet {

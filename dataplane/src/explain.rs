@@ -398,8 +398,12 @@ pub fn explain(req: &Request<'_>) -> Result<Explained> {
     // One dry run at a time per node: the trace has one slot.
     let _lock = crate::sys::lock_exclusive(req.pin_dir)?;
     explain_map.set(0, ExplainTrace::default(), 0)?;
-    let out = crate::sys::prog_test_run(fd.as_fd(), &packet, &dry_ctx(ifindex, tunnel))
-        .with_context(|| format!("running {program} (BPF_PROG_TEST_RUN)"))?;
+    let out = match crate::sys::prog_test_run(fd.as_fd(), &packet, &dry_ctx(ifindex, tunnel)) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => bail!(
+            "the packet enters on ifindex {ifindex}, which is no device in this network namespace: run explain in the node's (--netns)"
+        ),
+        r => r.with_context(|| format!("running {program} (BPF_PROG_TEST_RUN)"))?,
+    };
     let t = explain_map.get(&0, 0)?;
     drop(_lock);
 

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cluster;
 pub mod explain;
+pub mod inspect;
 pub mod lb;
 pub mod maps;
 pub mod monitor;

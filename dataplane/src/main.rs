@@ -36,13 +36,26 @@ enum LogFormat {
 enum Command {
     /// Run the node agent.
     Agent(Box<agent::AgentArgs>),
-    /// Ask the running agent how it is.
+    /// The node at a glance: the agent (health, mode, peers, endpoints,
+    /// frontends) and the pinned datapath (programs and where they are
+    /// attached, conntrack size, the fullest map). Works without the agent
+    /// (exit 1, saying so).
     Status {
         #[command(flatten)]
         socket: SocketArg,
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
     },
+    /// Other nodes this node reaches, with their pod CIDRs (from the
+    /// pinned ipcache).
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Security identities and the labels they stand for.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// NAT flows (masquerade, NodePort SNAT) in conntrack.
+    #[command(subcommand)]
+    Nat(NatCmd),
     /// Endpoints (pods) registered with the agent.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
@@ -75,8 +88,6 @@ enum Command {
         sport: Option<u16>,
         #[command(flatten)]
         pin: PinArgs,
-        #[command(flatten)]
-        socket: SocketArg,
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
     },
@@ -105,6 +116,10 @@ enum Command {
         /// Only events with this IPv4 address as source or destination.
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
+        /// Only events of this pod (`namespace/name`, its address through
+        /// the agent).
+        #[arg(long, conflicts_with = "ip")]
+        pod: Option<String>,
         /// Only events with this port as source or destination port.
         #[arg(long)]
         port: Option<u16>,
@@ -118,6 +133,46 @@ enum Command {
         /// (drops and denials are kept while no one reads).
         #[arg(long)]
         backlog: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Every other node: its address and pod CIDRs.
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCmd {
+    /// Every identity with its labels (from the agent; without it, the
+    /// identities the endpoints carry, unlabelled).
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NatCmd {
+    /// Both directions of every NAT flow: the original, the rewrite.
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// Remove NAT flows, through the agent (they lose their translation;
+    /// their ports are free again).
+    Flush {
+        #[command(flatten)]
+        socket: SocketArg,
     },
 }
 
@@ -153,6 +208,18 @@ enum CtCmd {
     List {
         #[command(flatten)]
         pin: PinArgs,
+        /// Only entries with this source address.
+        #[arg(long)]
+        src: Option<IpAddr>,
+        /// Only entries with this destination address.
+        #[arg(long)]
+        dst: Option<IpAddr>,
+        /// Only entries with this source or destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only this protocol (tcp, udp, icmp).
+        #[arg(long)]
+        proto: Option<String>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
     },
@@ -171,19 +238,26 @@ enum CtCmd {
     },
 }
 
-#[derive(Debug, clap::Args)]
-struct SocketArg {
-    /// The agent's API socket.
-    #[arg(long, default_value = api::DEFAULT_SOCKET)]
-    socket: PathBuf,
-}
+/// Every inspection verb picks its node alike: its pins (for what the
+/// maps hold) and its agent's socket (for what only the agent knows).
+type SocketArg = PinArgs;
 
 #[derive(Debug, Subcommand)]
 enum EndpointCmd {
-    /// List endpoints.
+    /// This node's endpoints, from the pinned map (pod names from the
+    /// agent when it answers).
     List {
         #[command(flatten)]
-        socket: SocketArg,
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// One endpoint by pod (`namespace/name`) or address, with its
+    /// counters.
+    Get {
+        endpoint: String,
+        #[command(flatten)]
+        pin: PinArgs,
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
     },
@@ -226,10 +300,29 @@ struct PinArgs {
     /// Read maps from exactly this directory (overrides --node/--pin-root).
     #[arg(long)]
     pin_dir: Option<PathBuf>,
+    /// The agent's API socket.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 impl PinArgs {
+    /// The node's pin directory; an error that says so when no datapath
+    /// is pinned there.
     fn resolve(&self) -> Result<PathBuf> {
+        let dir = self.find()?;
+        let config = dataplane_common::MapSpec::by_name(dataplane_common::MAP_CONFIG)
+            .context("contract")?
+            .pin_name();
+        if !dir.join(&config).exists() {
+            bail!(
+                "no datapath is pinned in {} (is the agent running on this node? --node or --pin-dir pick the node)",
+                dir.display()
+            );
+        }
+        Ok(dir)
+    }
+
+    fn find(&self) -> Result<PathBuf> {
         if let Some(dir) = &self.pin_dir {
             return Ok(dir.clone());
         }
@@ -308,51 +401,48 @@ fn run(cli: Cli) -> Result<()> {
             .build()?
             .block_on(agent::run(*args)),
         Command::Status { socket, output } => {
-            match call(&socket, &Request::Status)? {
-                Response::Status(st) if output == maps::Format::Json => {
-                    println!("{}", serde_json::to_string_pretty(&st)?);
-                }
-                Response::Status(st) => {
-                    print!(
-                        "{}",
-                        maps::table(
-                            &[
-                                "NODE",
-                                "VERSION",
-                                "MODE",
-                                "NODE-IP",
-                                "POD-CIDR",
-                                "PEERS",
-                                "READY",
-                                "ATTACH",
-                                "XDP",
-                                "ENDPOINTS",
-                                "FRONTENDS",
-                                "PIN-DIR"
-                            ],
-                            vec![vec![
-                                st.node,
-                                st.version,
-                                st.mode,
-                                st.node_ip,
-                                st.pod_cidr.unwrap_or_else(|| "-".into()),
-                                st.nodes.to_string(),
-                                st.ready.to_string(),
-                                st.attach_mode,
-                                st.xdp,
-                                st.endpoints.to_string(),
-                                if st.frontends_empty > 0 {
-                                    format!("{} ({} empty)", st.frontends, st.frontends_empty)
-                                } else {
-                                    st.frontends.to_string()
-                                },
-                                st.pin_dir
-                            ]],
-                        )
-                    );
-                }
-                other => bail!("unexpected response {other:?}"),
+            // Pins as given; else where the agent says it pins.
+            let pin_dir = socket.pin_dir.clone().or_else(|| {
+                socket
+                    .node
+                    .as_ref()
+                    .map(|n| dataplane_common::pin_dir(&socket.pin_root, n))
+            });
+            let st = dataplane::inspect::status(&socket.socket, pin_dir)?;
+            dataplane::inspect::print_status(&st, output)
+        }
+        Command::Node(NodeCmd::List { pin, output }) => {
+            print!(
+                "{}",
+                maps::render(&dataplane::inspect::nodes(&pin.resolve()?)?, output)?
+            );
+            Ok(())
+        }
+        Command::Identity(IdentityCmd::List { pin, output }) => {
+            let (rows, missing) = dataplane::inspect::identities(&pin.resolve()?, &pin.socket)?;
+            if let Some(why) = missing {
+                eprintln!(
+                    "labels need the agent ({why}); identities from the pinned endpoints only"
+                );
             }
+            print!("{}", maps::render(&rows, output)?);
+            Ok(())
+        }
+        Command::Nat(NatCmd::List { pin, output }) => {
+            print!(
+                "{}",
+                maps::render(
+                    &maps::ct::rows_where(&pin.resolve()?, maps::ct::is_nat)?,
+                    output
+                )?
+            );
+            Ok(())
+        }
+        Command::Nat(NatCmd::Flush { socket }) => {
+            let Response::Flushed { removed } = call(&socket, &Request::NatFlush)? else {
+                bail!("unexpected response");
+            };
+            println!("removed {removed} conntrack entries of NAT flows");
             Ok(())
         }
         Command::Endpoint(cmd) => endpoint(cmd),
@@ -362,12 +452,11 @@ fn run(cli: Cli) -> Result<()> {
             what,
             sport,
             pin,
-            socket,
             output,
         } => dataplane::explain::run(
             &dataplane::explain::Request {
                 pin_dir: &pin.resolve()?,
-                socket: &socket.socket,
+                socket: &pin.socket,
                 src: &src,
                 dst: &dst,
                 what: &what,
@@ -436,19 +525,41 @@ fn run(cli: Cli) -> Result<()> {
             output,
             kind,
             ip,
+            pod,
             port,
             count,
             duration,
             backlog,
-        } => dataplane::monitor::run(
-            &pin.resolve()?,
-            kind,
-            &dataplane::monitor::Filter { ip, port },
-            output,
-            count,
-            duration.map(std::time::Duration::from_secs_f64),
-            backlog,
-        ),
+        } => {
+            let ip = match pod {
+                None => ip,
+                Some(pod) => {
+                    let name = if pod.contains('/') {
+                        pod
+                    } else {
+                        format!("default/{pod}")
+                    };
+                    match call(&pin, &Request::Resolve { name: name.clone() })? {
+                        Response::Addresses { ips } => ips.into_iter().find_map(|a| match a {
+                            IpAddr::V4(v4) => Some(v4),
+                            IpAddr::V6(_) => None,
+                        }),
+                        _ => None,
+                    }
+                    .with_context(|| format!("--pod {name}: no IPv4 address"))
+                    .map(Some)?
+                }
+            };
+            dataplane::monitor::run(
+                &pin.resolve()?,
+                kind,
+                &dataplane::monitor::Filter { ip, port },
+                output,
+                count,
+                duration.map(std::time::Duration::from_secs_f64),
+                backlog,
+            )
+        }
         Command::Map(MapCmd::Dump { name, pin, output }) => {
             print!("{}", maps::dump(&pin.resolve()?, &name, output)?);
             Ok(())
@@ -460,11 +571,30 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Ct(CtCmd::List { pin, output }) => {
-            print!(
-                "{}",
-                maps::render(&maps::ct::rows(&pin.resolve()?)?, output)?
-            );
+        Command::Ct(CtCmd::List {
+            pin,
+            src,
+            dst,
+            port,
+            proto,
+            output,
+        }) => {
+            let proto = proto.map(|p| p.to_ascii_lowercase());
+            let addr = |a: &str| {
+                a.rsplit_once(':')
+                    .map_or(a.to_owned(), |(ip, _)| ip.to_owned())
+            };
+            let port_of = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+            let rows: Vec<_> = maps::ct::rows(&pin.resolve()?)?
+                .into_iter()
+                .filter(|r| src.is_none_or(|s| addr(&r.src) == s.to_string()))
+                .filter(|r| dst.is_none_or(|d| addr(&r.dst) == d.to_string()))
+                .filter(|r| {
+                    port.is_none_or(|p| port_of(&r.src) == Some(p) || port_of(&r.dst) == Some(p))
+                })
+                .filter(|r| proto.as_ref().is_none_or(|p| r.proto == *p))
+                .collect();
+            print!("{}", maps::render(&rows, output)?);
             Ok(())
         }
         Command::Ct(CtCmd::Stats { pin, output }) => {
@@ -539,36 +669,36 @@ fn call(socket: &SocketArg, request: &Request) -> Result<Response> {
 
 fn endpoint(cmd: EndpointCmd) -> Result<()> {
     match cmd {
-        EndpointCmd::List { socket, output } => {
-            let Response::Endpoints { endpoints } = call(&socket, &Request::EndpointList)? else {
-                bail!("unexpected response");
+        EndpointCmd::List { pin, output } => {
+            let (rows, missing) = dataplane::inspect::endpoints(&pin.resolve()?, &pin.socket)?;
+            if let Some(why) = missing {
+                eprintln!("pod names need the agent ({why}); endpoints from the pinned map only");
+            }
+            print!("{}", maps::render(&rows, output)?);
+        }
+        EndpointCmd::Get {
+            endpoint,
+            pin,
+            output,
+        } => {
+            let (rows, _) = dataplane::inspect::endpoints(&pin.resolve()?, &pin.socket)?;
+            let full = if endpoint.contains('/') || endpoint.parse::<IpAddr>().is_ok() {
+                endpoint.clone()
+            } else {
+                format!("default/{endpoint}")
             };
+            let e = rows
+                .into_iter()
+                .find(|e| e.ip == endpoint || e.pod.as_deref() == Some(full.as_str()))
+                .with_context(|| format!("no endpoint {endpoint} on this node"))?;
             match output {
-                maps::Format::Json => println!("{}", serde_json::to_string_pretty(&endpoints)?),
-                maps::Format::Table => print!(
-                    "{}",
-                    maps::table(
-                        &["CONTAINER", "POD", "IFNAME", "IFINDEX", "IPS", "MAC"],
-                        endpoints
-                            .into_iter()
-                            .map(|e| {
-                                vec![
-                                    e.spec.container_id,
-                                    format!("{}/{}", e.spec.pod_namespace, e.spec.pod_name),
-                                    e.spec.host_ifname,
-                                    e.ifindex.to_string(),
-                                    e.spec
-                                        .ips
-                                        .iter()
-                                        .map(ToString::to_string)
-                                        .collect::<Vec<_>>()
-                                        .join(","),
-                                    e.spec.mac,
-                                ]
-                            })
-                            .collect(),
-                    )
-                ),
+                maps::Format::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+                maps::Format::Table => {
+                    print!("{}", maps::render(std::slice::from_ref(&e), output)?);
+                    for (dir, (packets, bytes)) in &e.counters {
+                        println!("{dir}: {packets} packets, {bytes} bytes");
+                    }
+                }
             }
         }
         EndpointCmd::Add {

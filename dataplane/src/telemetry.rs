@@ -58,6 +58,12 @@ struct VerdictLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    hook: String,
+    direction: String,
+}
+
 /// What the agent reports about itself; shared by the tasks that do work.
 pub struct Telemetry {
     registry: Registry,
@@ -140,28 +146,82 @@ impl Collector for Datapath {
             warn!("metrics: dp_metrics: {e:#}");
             Vec::new()
         });
-        let labels = |r: &maps::metrics::MetricsRow| VerdictLabels {
+        // Forwarded packets by where they were seen; every other verdict is
+        // a drop (or an answer in its place) under its named reason.
+        let (forwarded, dropped): (Vec<_>, Vec<_>) =
+            rows.iter().partition(|r| r.reason == "forwarded");
+        let flow = |r: &maps::metrics::MetricsRow| FlowLabels {
+            hook: r.hook.clone(),
+            direction: r.direction.clone(),
+        };
+        let drop = |r: &maps::metrics::MetricsRow| VerdictLabels {
             hook: r.hook.clone(),
             direction: r.direction.clone(),
             reason: r.reason.clone(),
         };
-        let mut family = encoder.encode_descriptor(
-            "dataplane_packets",
-            "Packets by verdict (forwarded or the drop reason), per hook and direction.",
-            None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
-        for r in &rows {
-            ConstCounter::new(r.packets).encode(family.encode_family(&labels(r))?)?;
+        for (name, help, bytes) in [
+            (
+                "dataplane_forward_count",
+                "Packets the datapath forwarded, per hook and direction.",
+                false,
+            ),
+            (
+                "dataplane_forward_bytes",
+                "Bytes the datapath forwarded, per hook and direction.",
+                true,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for r in &forwarded {
+                let v = if bytes { r.bytes } else { r.packets };
+                ConstCounter::new(v).encode(family.encode_family(&flow(r))?)?;
+            }
         }
-        let mut family = encoder.encode_descriptor(
-            "dataplane_bytes",
-            "Bytes by verdict, per hook and direction.",
-            None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
-        for r in &rows {
-            ConstCounter::new(r.bytes).encode(family.encode_family(&labels(r))?)?;
+        for (name, help, bytes) in [
+            (
+                "dataplane_drop_count",
+                "Packets dropped (or answered with an ICMP error instead), by reason, hook and direction.",
+                false,
+            ),
+            (
+                "dataplane_drop_bytes",
+                "Bytes dropped, by reason, hook and direction.",
+                true,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for r in &dropped {
+                let v = if bytes { r.bytes } else { r.packets };
+                ConstCounter::new(v).encode(family.encode_family(&drop(r))?)?;
+            }
+        }
+        if let Ok(l) = maps::events::losses(&self.pin_dir) {
+            for (name, help, v) in [
+                (
+                    "dataplane_events_lost",
+                    "Monitor events the ring buffer had no room for.",
+                    l.lost,
+                ),
+                (
+                    "dataplane_events_over_budget",
+                    "Monitor events not emitted: over a CPU's budget per second.",
+                    l.limited,
+                ),
+            ] {
+                let metric = ConstCounter::new(v);
+                let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+                metric.encode(enc)?;
+            }
         }
         Ok(())
     }

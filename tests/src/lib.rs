@@ -1342,10 +1342,14 @@ impl Lab {
         let mut cmd = Command::new(&self.state.dataplane_bin);
         cmd.args(args);
         match args {
-            ["ct", "flush", ..] | ["status" | "endpoint" | "policy", ..] => {
+            ["ct" | "nat", "flush", ..] | ["status" | "policy", ..] => {
                 cmd.arg("--socket").arg(&n.api_socket);
             }
-            ["map" | "service" | "ct", ..] => {
+            ["endpoint" | "identity" | "explain", ..] => {
+                cmd.arg("--socket").arg(&n.api_socket);
+                cmd.arg("--pin-dir").arg(&n.pin_dir);
+            }
+            ["map" | "service" | "ct" | "nat" | "node", ..] => {
                 cmd.arg("--pin-dir").arg(&n.pin_dir);
             }
             _ => {}

@@ -683,7 +683,7 @@ fn health_readiness_and_metrics() {
     assert_eq!(m("dataplane_map_capacity{map=\"dp_endpoints\"}"), 65536.0);
     assert_eq!(
         m(
-            "dataplane_packets_total{hook=\"tc\",direction=\"from-endpoint\",reason=\"source_spoofed\"}"
+            "dataplane_drop_count_total{hook=\"tc\",direction=\"from-endpoint\",reason=\"source_spoofed\"}"
         ),
         5.0
     );

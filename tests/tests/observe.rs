@@ -11,15 +11,17 @@ fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
 }
 
-/// The shop example with its policies, in `mode`.
-fn shop(mode: &str) -> Lab {
+/// The shop example, with its policies when `policies`, in `mode`.
+fn shop(mode: &str, policies: bool) -> Lab {
     let spec = LabSpec {
         mode: mode.into(),
         ..LabSpec::new(2, 0).expect("spec")
     };
     let mut lab = Lab::up(&spec).expect("lab");
     let mut docs = manifests::load(&examples().join("shop")).expect("shop");
-    docs.extend(manifests::load(&examples().join("shop-policies.yaml")).expect("policies"));
+    if policies {
+        docs.extend(manifests::load(&examples().join("shop-policies.yaml")).expect("policies"));
+    }
     lab.apply_docs(&docs).expect("apply");
     lab
 }
@@ -54,7 +56,7 @@ fn last_step(hops: &[Value], step: &str) -> String {
 }
 
 fn explain_agrees_with_real_packets(mode: &str) {
-    let lab = shop(mode);
+    let lab = shop(mode, true);
     let (ct_before, counted_before) = (conntrack(&lab), counters(&lab));
     let pod_ip = |p: &str| lab.find_pod(p).expect("pod").ip;
 
@@ -162,4 +164,268 @@ fn explain_agrees_with_real_packets_in_vxlan_mode() {
 #[test]
 fn explain_agrees_with_real_packets_in_native_mode() {
     explain_agrees_with_real_packets("native");
+}
+
+/// Runs the CLI against node `i` (pins and socket), returning (exit code,
+/// stdout, stderr).
+fn cli_raw(lab: &Lab, i: usize, args: &[&str]) -> (i32, String, String) {
+    let n = &lab.state.nodes[i];
+    // In the node's network namespace, as an operator on the node would.
+    let out = std::process::Command::new(&lab.state.dataplane_bin)
+        .args(["--netns", &n.netns])
+        .args(args)
+        .arg("--pin-dir")
+        .arg(&n.pin_dir)
+        .arg("--socket")
+        .arg(&n.api_socket)
+        .output()
+        .expect("dataplane");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspection_shows_the_flows_just_opened_and_every_json_parses() {
+    let mut lab = shop("vxlan", false);
+    let frontend = lab.find_pod("shop/frontend").expect("pod").clone();
+    let node = frontend.node;
+
+    // ct list shows the flow a probe just opened (filtered to it), and
+    // ct flush removes it.
+    let r = lab
+        .probe("shop/frontend", "svc/shop/api", 80, "TCP")
+        .expect("probe");
+    assert!(r.allowed(), "{r:?}");
+    let flows = |lab: &Lab| -> Vec<Value> {
+        serde_json::from_str(
+            &lab.cli(
+                node,
+                &[
+                    "ct",
+                    "list",
+                    "-o",
+                    "json",
+                    "--src",
+                    &frontend.ip.to_string(),
+                    "--dst",
+                    "10.96.1.1",
+                    "--port",
+                    "80",
+                    "--proto",
+                    "TCP",
+                ],
+            )
+            .expect("ct list"),
+        )
+        .expect("json")
+    };
+    let rows = flows(&lab);
+    assert_eq!(rows.len(), 1, "the probe's original direction: {rows:#?}");
+    let dnat = rows[0]["dnat"].as_str().expect("dnat");
+    let backends = [
+        lab.find_pod("shop/api-0").expect("pod").ip,
+        lab.find_pod("shop/api-1").expect("pod").ip,
+    ];
+    assert!(
+        backends.iter().any(|b| dnat.starts_with(&b.to_string())),
+        "{rows:#?}"
+    );
+    let out = lab.cli(node, &["ct", "flush"]).expect("flush");
+    assert!(out.starts_with("removed "), "{out}");
+    assert!(flows(&lab).is_empty(), "flushed");
+
+    // nat list shows a NodePort flow SNATed toward another node's backend
+    // (both directions); nat flush removes exactly those.
+    for i in 0..2 {
+        let to = format!("node/{}", lab.state.nodes[i].name);
+        for _ in 0..4 {
+            assert!(
+                lab.probe("external", &to, 30080, "TCP")
+                    .expect("probe")
+                    .allowed()
+            );
+        }
+    }
+    let nat: Vec<Value> = (0..2)
+        .flat_map(|i| {
+            let v: Vec<Value> = serde_json::from_str(
+                &lab.cli(i, &["nat", "list", "-o", "json"])
+                    .expect("nat list"),
+            )
+            .expect("json");
+            v
+        })
+        .collect();
+    assert!(
+        nat.iter().any(|r| r["flags"]
+            .as_array()
+            .is_some_and(|f| f.contains(&Value::from("nodeport-snat")))),
+        "8 NodePort flows over 2 backends on 2 nodes: some crossed nodes: {nat:#?}"
+    );
+    assert!(nat.iter().all(|r| r["src"].as_str().is_some()));
+    for i in 0..2 {
+        lab.cli(i, &["nat", "flush"]).expect("nat flush");
+        let left: Vec<Value> = serde_json::from_str(
+            &lab.cli(i, &["nat", "list", "-o", "json"])
+                .expect("nat list"),
+        )
+        .expect("json");
+        assert!(left.is_empty(), "{left:#?}");
+    }
+
+    // Every view in JSON parses, and says what the lab holds.
+    let json = |args: &[&str]| -> Value {
+        let (code, out, err) = cli_raw(&lab, node, &[args, &["-o", "json"]].concat());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    };
+    let st = json(&["status"]);
+    assert_eq!(
+        (st["agent_running"].as_bool(), st["ready"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let programs = st["programs"].as_array().expect("programs");
+    for p in [
+        "lxc_from_ctr",
+        "host_in",
+        "overlay_in",
+        "host_xdp",
+        "sock_connect4",
+    ] {
+        assert!(
+            programs.iter().any(|r| r["program"] == p),
+            "{p}: {programs:#?}"
+        );
+    }
+    assert!(st["conntrack"][1].as_u64().is_some_and(|m| m > 0));
+    let eps = json(&["endpoint", "list"]);
+    assert!(
+        eps.as_array()
+            .expect("list")
+            .iter()
+            .any(|e| e["pod"] == "shop/frontend" && e["ip"] == frontend.ip.to_string())
+    );
+    let ep = json(&["endpoint", "get", "shop/frontend"]);
+    assert_eq!(ep["ip"], frontend.ip.to_string());
+    assert!(
+        ep["counters"]["from-endpoint"][0]
+            .as_u64()
+            .is_some_and(|p| p > 0),
+        "{ep}"
+    );
+    let nodes = json(&["node", "list"]);
+    let other = &lab.state.nodes[1 - node];
+    assert_eq!(nodes[0]["address"], other.ip.to_string());
+    assert_eq!(nodes[0]["pod_cidrs"], serde_json::json!([other.pod_cidr]));
+    let ids = json(&["identity", "list"]);
+    assert!(
+        ids.as_array()
+            .expect("list")
+            .iter()
+            .any(|i| i["namespace"] == "shop"
+                && i["labels"]["app"] == "frontend"
+                && i["endpoints"] == serde_json::json!(["shop/frontend"])),
+        "{ids:#}"
+    );
+    for args in [
+        &["service", "list"][..],
+        &["ct", "list"],
+        &["ct", "stats"],
+        &["nat", "list"],
+        &["policy", "get", "shop/frontend"],
+        &["explain", "shop/frontend", "svc/shop/api", "tcp/80"],
+    ] {
+        json(args);
+    }
+    for m in dataplane_common::MAPS {
+        if m.kind == dataplane_common::MapKind::RingBuf {
+            // A stream: dumping would consume it; it says where to read it.
+            let (code, _, err) = cli_raw(&lab, node, &["map", "dump", m.name]);
+            assert!(
+                code != 0 && err.contains("dataplane monitor"),
+                "{}: {err}",
+                m.name
+            );
+            continue;
+        }
+        let v = json(&["map", "dump", m.name]);
+        assert!(v.is_array(), "{}: {v}", m.name);
+    }
+    let (code, out, err) = cli_raw(&lab, node, &["monitor", "-o", "json", "--duration", "0.3"]);
+    assert_eq!(code, 0, "{err}");
+    for l in out.lines() {
+        let _: Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("monitor line not JSON ({e}): {l}"));
+    }
+    // Not a node's view: no node flags.
+    let out = std::process::Command::new(&lab.state.dataplane_bin)
+        .args(["validate", "-o", "json"])
+        .arg(examples().join("shop"))
+        .output()
+        .expect("validate");
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (Some(0), "[]")
+    );
+
+    // Without the agent: the pinned views still answer, status says so
+    // (exit 1), names are missing and said to be.
+    lab.stop_agent(node);
+    let (code, out, err) = cli_raw(&lab, node, &["status"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("agent: not running") && out.contains("conntrack:"),
+        "{out}"
+    );
+    let (code, out, err) = cli_raw(&lab, node, &["endpoint", "list", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("pod names need the agent"), "{err}");
+    let eps: Vec<Value> = serde_json::from_str(&out).expect("json");
+    assert!(
+        eps.iter()
+            .any(|e| e["ip"] == frontend.ip.to_string() && e["pod"].is_null())
+    );
+    let (code, _, err) = cli_raw(&lab, node, &["identity", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("labels need the agent"), "{err}");
+    let (code, _, err) = cli_raw(
+        &lab,
+        node,
+        &["explain", "10.244.200.9", "10.244.200.8", "udp/53"],
+    );
+    assert_eq!(code, 0, "addresses need no agent: {err}");
+
+    // Without a datapath: said plainly, non-zero.
+    let empty = std::env::temp_dir().join(format!("dp-observe-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("dir");
+    for args in [
+        &["service", "list"][..],
+        &["ct", "list"],
+        &["map", "list"],
+        &["node", "list"],
+        &["monitor", "--count", "1"],
+    ] {
+        let out = std::process::Command::new(&lab.state.dataplane_bin)
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&empty)
+            .output()
+            .expect("dataplane");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains("no datapath is pinned in"), "{args:?}: {err}");
+    }
+    let out = std::process::Command::new(&lab.state.dataplane_bin)
+        .args(["status", "--socket", "/nonexistent/agent.sock"])
+        .output()
+        .expect("dataplane");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no datapath and no agent on this node"));
+    let _ = std::fs::remove_dir_all(&empty);
 }

@@ -127,6 +127,13 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 .context("conntrack worker")??;
             Response::Flushed { removed }
         }
+        Request::NatFlush => {
+            let a = agent.clone();
+            let removed = tokio::task::spawn_blocking(move || super::services::flush_nat(&a))
+                .await
+                .context("conntrack worker")??;
+            Response::Flushed { removed }
+        }
         Request::PolicyGet { namespace, name } => {
             Response::Policy(Box::new(super::policy::view(agent, &namespace, &name)?))
         }

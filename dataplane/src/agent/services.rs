@@ -241,6 +241,14 @@ pub(super) fn flush(agent: &Agent) -> Result<usize> {
     Ok(removed)
 }
 
+/// `dataplane nat flush`: the entries of NAT flows go.
+pub(super) fn flush_nat(agent: &Agent) -> Result<usize> {
+    let (removed, _) = lock(&agent.ct)?.remove_where(ct::is_nat)?;
+    *lock(&agent.ct_flushed)? += removed;
+    info!(removed, "NAT flows flushed on request");
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,8 @@ use std::{collections::BTreeSet, os::fd::AsFd as _, path::Path};
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, IterableMap as _, Map, MapData, PerCpuArray};
 use dataplane_common::{
-    AffinityKey, AffinityValue, CT_DIR_REPLY, CT_F_SERVICE, CT_STAT_CREATED, CT_STAT_NAT_EXHAUSTED,
+    AffinityKey, AffinityValue, CT_DIR_REPLY, CT_F_DST, CT_F_HAIRPIN, CT_F_MASQ,
+    CT_F_NODEPORT_SNAT, CT_F_SERVICE, CT_F_SRC, CT_STAT_CREATED, CT_STAT_NAT_EXHAUSTED,
     CT_STAT_RECLAIMED, CtEntry, CtKey, FragKey, FragValue, IPPROTO_UDP, MAP_AFFINITY, MAP_CT,
     MAP_CT_SCRATCH, MAP_CT_STATS, MAP_FRAGS, proto_name,
 };
@@ -187,8 +188,26 @@ impl Row for CtRow {
 }
 
 pub fn rows(pin_dir: &Path) -> Result<Vec<CtRow>> {
+    rows_where(pin_dir, |_, _| true)
+}
+
+/// Whether an entry is one of a NAT flow's (`dataplane nat list`): a
+/// masquerade, a NodePort flow SNATed to this node, and the reply entry of
+/// the latter (which rewrites both addresses back).
+pub fn is_nat(k: &CtKey, e: &CtEntry) -> bool {
+    let both = CT_F_SRC | CT_F_DST;
+    e.flags & (CT_F_MASQ | CT_F_NODEPORT_SNAT) != 0
+        || (k.dir == CT_DIR_REPLY
+            && e.flags & CT_F_SERVICE != 0
+            && e.flags & both == both
+            && e.flags & CT_F_HAIRPIN == 0)
+}
+
+/// The entries `pick` chooses, as rows.
+pub fn rows_where(pin_dir: &Path, pick: impl Fn(&CtKey, &CtEntry) -> bool) -> Result<Vec<CtRow>> {
     let now = monotonic_ns() as i128;
     let mut entries = CtMap::open(pin_dir)?.entries()?;
+    entries.retain(|(k, e)| pick(k, e));
     entries.sort_by_key(|e| e.0);
     Ok(entries
         .into_iter()
@@ -324,6 +343,37 @@ pub fn frag_rows(pin_dir: &Path) -> Result<Vec<FragRow>> {
             id: u16::from_be_bytes([k.id[0], k.id[1]]),
             sport: u16::from_be_bytes(v.sport),
             dport: u16::from_be_bytes(v.dport),
+        })
+        .collect())
+}
+
+/// One CPU's scratch slot: the last new flow it built (both directions).
+#[derive(Debug, Serialize)]
+pub struct ScratchRow {
+    pub cpu: usize,
+    pub orig: String,
+    pub reply: String,
+}
+
+impl Row for ScratchRow {
+    const HEADERS: &'static [&'static str] = &["CPU", "LAST ORIGINAL KEY", "LAST REPLY KEY"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.cpu.to_string(), self.orig.clone(), self.reply.clone()]
+    }
+}
+
+/// `dp_ct_scratch`, per CPU: work space, shown for what it last held.
+pub fn scratch_rows(pin_dir: &Path) -> Result<Vec<ScratchRow>> {
+    let m: PerCpuArray<MapData, dataplane_common::CtScratch> =
+        PerCpuArray::try_from(open(pin_dir, MAP_CT_SCRATCH)?)?;
+    let values = m.get(&0, 0)?;
+    Ok(values
+        .iter()
+        .enumerate()
+        .map(|(cpu, s)| ScratchRow {
+            cpu,
+            orig: s.orig_key.to_string(),
+            reply: s.reply_key.to_string(),
         })
         .collect())
 }

@@ -89,9 +89,8 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_FRAGS => render(&ct::frag_rows(pin_dir)?, format),
         dataplane_common::MAP_POLICY => render(&policy::rows(pin_dir)?, format),
         dataplane_common::MAP_POLICY_CIDR => render(&policy::cidr_rows(pin_dir)?, format),
-        dataplane_common::MAP_CT_SCRATCH => {
-            bail!("dp_ct_scratch is the programs' per-CPU work space; it holds nothing to read")
-        }
+        dataplane_common::MAP_CT_SCRATCH => render(&ct::scratch_rows(pin_dir)?, format),
+        dataplane_common::MAP_EXPLAIN => render(&[explain_row(pin_dir)?], format),
         dataplane_common::MAP_POLICY_NAMES => render(&events::name_rows(pin_dir)?, format),
         dataplane_common::MAP_EVENT_STATE => render(&events::state_rows(pin_dir)?, format),
         dataplane_common::MAP_EVENT_CONFIG => render(&events::config_rows(pin_dir)?, format),
@@ -107,6 +106,59 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
                 .join(", ")
         ),
     }
+}
+
+/// `dp_explain`: what the last dry run noted, as numbers (`dataplane
+/// explain` tells them).
+#[derive(Debug, Serialize)]
+pub struct ExplainRow {
+    pub notes: u32,
+    pub action: i32,
+    pub reason: u32,
+    pub frontend: u32,
+    pub backend: u32,
+    pub route: u8,
+    pub egress_result: u8,
+    pub egress_policy: u32,
+    pub ingress_result: u8,
+    pub ingress_policy: u32,
+}
+
+impl Row for ExplainRow {
+    const HEADERS: &'static [&'static str] = &[
+        "NOTES", "ACTION", "REASON", "FRONTEND", "BACKEND", "ROUTE", "EGRESS", "INGRESS",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let t = self;
+        vec![
+            format!("{:#x}", t.notes),
+            t.action.to_string(),
+            t.reason.to_string(),
+            t.frontend.to_string(),
+            t.backend.to_string(),
+            t.route.to_string(),
+            format!("{} (policy {})", t.egress_result, t.egress_policy),
+            format!("{} (policy {})", t.ingress_result, t.ingress_policy),
+        ]
+    }
+}
+
+fn explain_row(pin_dir: &Path) -> Result<ExplainRow> {
+    let m: aya::maps::Array<aya::maps::MapData, dataplane_common::ExplainTrace> =
+        aya::maps::Array::try_from(open(pin_dir, dataplane_common::MAP_EXPLAIN)?)?;
+    let t = m.get(&0, 0)?;
+    Ok(ExplainRow {
+        notes: t.notes,
+        action: t.action,
+        reason: t.reason,
+        frontend: t.frontend,
+        backend: t.backend,
+        route: t.route,
+        egress_result: t.egress.result,
+        egress_policy: t.egress.policy,
+        ingress_result: t.ingress.result,
+        ingress_policy: t.ingress.policy,
+    })
 }
 
 /// Entries in use: keys of a hash map or trie, non-zero slots of an array.
@@ -130,7 +182,9 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
             policy::count(pin_dir, name)?
         }
         dataplane_common::MAP_POLICY_NAMES => events::name_rows(pin_dir)?.len(),
-        dataplane_common::MAP_EVENT_STATE | dataplane_common::MAP_EVENT_CONFIG => 1,
+        dataplane_common::MAP_EVENT_STATE
+        | dataplane_common::MAP_EVENT_CONFIG
+        | dataplane_common::MAP_EXPLAIN => 1,
         // Bytes waiting to be read are not entries.
         dataplane_common::MAP_EVENTS => 0,
         _ => bail!("no map named {name:?}"),
