@@ -10,6 +10,19 @@ pub const MAP_EVENTS: &str = "dp_events";
 pub const MAP_EVENT_STATE: &str = "dp_event_state";
 /// What is emitted, one slot: index 0 -> [`EventConfig`].
 pub const MAP_EVENT_CONFIG: &str = "dp_event_config";
+/// The rings of running monitors, one per slot: every event goes to each
+/// (and to [`MAP_EVENTS`], which keeps what happened while no one read), so
+/// several monitors each see every event.
+pub const MAP_EVENT_MONITORS: &str = "dp_event_monitors";
+/// The pid of the monitor in each slot of [`MAP_EVENT_MONITORS`] (0: free):
+/// a slot whose monitor is gone is taken back by the next one.
+pub const MAP_EVENT_READERS: &str = "dp_event_readers";
+/// Where each CPU builds an event before it goes to the rings (off the
+/// stack of the deep packet paths).
+pub const MAP_EVENT_SCRATCH: &str = "dp_event_scratch";
+/// Monitors that can run at once on a node.
+pub const MONITORS_MAX: u32 = 4;
+
 /// Each NetworkPolicy id the agent gave out -> [`PolicyName`], so that a
 /// verdict names its policy even without the agent.
 pub const MAP_POLICY_NAMES: &str = "dp_policy_names";

@@ -41,6 +41,7 @@ pub enum MapKind {
     PerCpuArray,
     LpmTrie,
     HashOfMaps,
+    ArrayOfMaps,
     RingBuf,
 }
 
@@ -54,6 +55,7 @@ impl MapKind {
             MapKind::PerCpuArray => "percpu_array",
             MapKind::LpmTrie => "lpm_trie",
             MapKind::HashOfMaps => "hash_of_maps",
+            MapKind::ArrayOfMaps => "array_of_maps",
             MapKind::RingBuf => "ringbuf",
         }
     }
@@ -264,6 +266,36 @@ pub const MAPS: &[MapSpec] = &[
         max_entries: 1,
         flags: 0,
         description: "per-CPU event budget, events over it and events lost",
+    },
+    MapSpec {
+        name: crate::events::MAP_EVENT_MONITORS,
+        version: 1,
+        kind: MapKind::ArrayOfMaps,
+        key_size: 4,
+        value_size: 4,
+        max_entries: crate::events::MONITORS_MAX,
+        flags: 0,
+        description: "the ring of each running monitor",
+    },
+    MapSpec {
+        name: crate::events::MAP_EVENT_READERS,
+        version: 1,
+        kind: MapKind::Array,
+        key_size: 4,
+        value_size: 4,
+        max_entries: crate::events::MONITORS_MAX,
+        flags: 0,
+        description: "the pid of the monitor in each ring slot",
+    },
+    MapSpec {
+        name: crate::events::MAP_EVENT_SCRATCH,
+        version: 1,
+        kind: MapKind::PerCpuArray,
+        key_size: 4,
+        value_size: size::<crate::events::Event>(),
+        max_entries: 1,
+        flags: 0,
+        description: "per-CPU work space of an event on its way to the rings",
     },
     MapSpec {
         name: crate::explain::MAP_EXPLAIN,

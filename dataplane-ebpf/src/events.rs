@@ -5,19 +5,31 @@
 
 use aya_ebpf::programs::TcContext;
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use dataplane_common::{
     BPF_F_NO_PREALLOC, EVENT_DROP, EVENT_POLICY, EVENTS_ALLOWED, EVENTS_BYTES, EVENTS_DEFAULT_RATE,
-    Event, EventConfig, EventState, FAMILY_IPV4, IPPROTO_TCP, IPPROTO_UDP, POLICY_NAMES_MAX,
-    PolicyName, Reason, VERDICT_DENIED,
+    Event, EventConfig, EventState, FAMILY_IPV4, IPPROTO_TCP, IPPROTO_UDP, MONITORS_MAX,
+    POLICY_NAMES_MAX, PolicyName, Reason, VERDICT_DENIED,
 };
 
 use crate::{ct::now, l4::Flow};
 
 #[btf_map(name = "dp_events")]
 static EVENTS: RingBuf<Event, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+#[btf_map(name = "dp_event_monitors")]
+static MONITORS: ArrayOfMaps<RingBuf<Event, { EVENTS_BYTES as usize }>, { MONITORS_MAX as usize }> =
+    ArrayOfMaps::new();
+
+/// Written by the monitors only; declared here so that it is part of the
+/// object like every map of the contract.
+#[btf_map(name = "dp_event_readers")]
+static READERS: Array<u32, { MONITORS_MAX as usize }> = Array::new();
+
+#[btf_map(name = "dp_event_scratch")]
+static SCRATCH: PerCpuArray<Event, 1> = PerCpuArray::new();
 
 #[btf_map(name = "dp_event_state")]
 static STATE: PerCpuArray<EventState, 1> = PerCpuArray::new();
@@ -43,9 +55,9 @@ pub fn allowed_wanted() -> bool {
     CONFIG.get(0).is_some_and(|c| c.mask & EVENTS_ALLOWED != 0)
 }
 
-/// A slot in the ring for one more event, if this CPU's budget has room.
+/// This CPU's work space for one more event, if its budget has room.
 #[inline(always)]
-fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event>> {
+fn reserve() -> Option<*mut Event> {
     let st = STATE.get_ptr_mut(0)?;
     let rate = match CONFIG.get(0) {
         Some(c) if c.rate != 0 => u64::from(c.rate),
@@ -62,33 +74,49 @@ fn reserve() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event>> {
             (*st).limited += 1;
             return None;
         }
-        match EVENTS.reserve(0) {
-            Some(e) => {
-                (*st).count += 1;
-                Some(e)
-            }
-            None => {
-                (*st).lost += 1;
-                None
+        (*st).count += 1;
+    }
+    SCRATCH.get_ptr_mut(0)
+}
+
+/// Sends the event built in this CPU's work space to every monitor's ring
+/// and to the backlog ring. A monitor's full ring loses it (counted); the
+/// backlog ring fills while no one reads it, which counts as a loss only
+/// when no monitor is there to see the event.
+#[inline(never)]
+fn send() {
+    let (Some(st), Some(e)) = (STATE.get_ptr_mut(0), SCRATCH.get(0)) else {
+        return;
+    };
+    let mut watched = false;
+    for i in 0..MONITORS_MAX {
+        if let Some(ring) = MONITORS.get(i) {
+            watched = true;
+            if ring.output(e, 0).is_err() {
+                // SAFETY: this CPU's slot of a per-CPU array.
+                unsafe { (*st).lost += 1 };
             }
         }
+    }
+    if EVENTS.output(e, 0).is_err() && !watched {
+        // SAFETY: as above.
+        unsafe { (*st).lost += 1 };
     }
 }
 
 /// A policy verdict on `flow` at `endpoint` (its ifindex): `meta` packs
 /// the policy direction (bits 8..16) and the verdict (bits 0..8); `ids`
 /// the identities of the flow's source (high 32 bits) and destination.
-/// Kept out of line and written straight into the ring (no copy on the
+/// Kept out of line and built in the per-CPU work space (no copy on the
 /// stack): it sits beside the conntrack call at the bottom of the deepest
 /// path, and five arguments is what a BPF call carries.
 #[inline(never)]
 pub fn policy(flow: &Flow, endpoint: u32, meta: u32, ids: u64, policy: u32) {
-    let Some(mut slot) = reserve() else {
+    let Some(e) = reserve() else {
         return;
     };
-    let e = slot.as_mut_ptr();
     let verdict = meta as u8;
-    // SAFETY: the reserved slot is an `Event`'s size, 8-byte aligned.
+    // SAFETY: this CPU's work space, an `Event`.
     unsafe {
         (*e).ts = now();
         (*e).kind = EVENT_POLICY;
@@ -113,7 +141,7 @@ pub fn policy(flow: &Flow, endpoint: u32, meta: u32, ids: u64, policy: u32) {
         (*e).policy = policy;
         (*e).len = 0;
     }
-    slot.submit(0);
+    send();
 }
 
 /// A packet dropped at a tc hook for `reason` (a code; not a policy
@@ -121,10 +149,9 @@ pub fn policy(flow: &Flow, endpoint: u32, meta: u32, ids: u64, policy: u32) {
 /// off the deep path.
 #[inline(never)]
 pub fn tc_drop(ctx: &TcContext, direction: u8, reason: u8, len: u32) {
-    let Some(mut slot) = reserve() else {
+    let Some(e) = reserve() else {
         return;
     };
-    let e = slot.as_mut_ptr();
     // SAFETY: as above.
     unsafe {
         (*e).ts = now();
@@ -164,7 +191,7 @@ pub fn tc_drop(ctx: &TcContext, direction: u8, reason: u8, len: u32) {
             }
         }
     }
-    slot.submit(0);
+    send();
 }
 
 const ETH_LEN: usize = 14;

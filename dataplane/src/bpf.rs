@@ -131,6 +131,7 @@ fn aya_map_type(kind: MapKind) -> MapType {
         MapKind::Hash => MapType::Hash,
         MapKind::LruHash => MapType::LruHash,
         MapKind::HashOfMaps => MapType::HashOfMaps,
+        MapKind::ArrayOfMaps => MapType::ArrayOfMaps,
         MapKind::PerCpuHash => MapType::PerCpuHash,
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,

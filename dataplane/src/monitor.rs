@@ -62,7 +62,8 @@ pub fn run(
     duration: Option<Duration>,
     backlog: bool,
 ) -> Result<()> {
-    let mut reader = EventReader::open(pin_dir)?;
+    // A ring of our own: other monitors keep theirs.
+    let mut sub = EventReader::subscribe(pin_dir)?;
     let names = PolicyNamesMap::open(pin_dir)?;
     let mut config = EventConfigMap::open(pin_dir)?;
     let verdicts = matches!(kind, Kind::Policy | Kind::All);
@@ -77,12 +78,12 @@ pub fn run(
         None
     };
     let before = losses(pin_dir)?;
-    // The ring keeps what no one read (denials and drops are always
-    // emitted): shown only when asked for.
-    let since = if backlog {
-        0
+    // What happened while no monitor read (drops and denials are always
+    // emitted) waits in the backlog ring: shown only when asked for.
+    let mut backlog = if backlog {
+        Some(EventReader::open(pin_dir)?)
     } else {
-        crate::maps::ct::monotonic_ns()
+        None
     };
     eprintln!("monitoring {} (Ctrl-C to stop)", pin_dir.display());
     let started = Instant::now();
@@ -93,10 +94,17 @@ pub fn run(
             && count.is_none_or(|c| shown < c)
             && duration.is_none_or(|d| started.elapsed() < d)
         {
-            for e in reader.next_batch(256, Duration::from_millis(100))? {
-                if e.ts < since {
-                    continue;
+            let batch = match &mut backlog {
+                Some(b) => {
+                    let old = b.next_batch(256, Duration::ZERO)?;
+                    if old.is_empty() {
+                        backlog = None;
+                    }
+                    old
                 }
+                None => sub.reader.next_batch(256, Duration::from_millis(100))?,
+            };
+            for e in batch {
                 if e.policy != 0 && !known.contains_key(&e.policy) {
                     known = names.all()?;
                 }

@@ -118,6 +118,10 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     Ok(idx)
 }
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -137,6 +141,52 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
         Err(io::Error::last_os_error())
     } else {
         Ok(rc)
+    }
+}
+
+/// A new ring buffer map of `bytes` (a power of two pages), owned by the
+/// caller (it goes when the last descriptor and reference do).
+pub fn ringbuf_create(bytes: u32) -> io::Result<OwnedFd> {
+    // struct { u32 map_type, key_size, value_size, max_entries, map_flags, ... }
+    let mut attr = [
+        u64::from(BPF_MAP_TYPE_RINGBUF),
+        u64::from(bytes) << 32,
+        0,
+        0,
+        0,
+        0,
+    ];
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Puts the map `inner` at `index` of the map-of-maps `outer`.
+pub fn map_set_inner(outer: BorrowedFd<'_>, index: u32, inner: BorrowedFd<'_>) -> io::Result<()> {
+    let key = index;
+    let value = inner.as_raw_fd() as u32;
+    // struct { u32 map_fd; u64 key; u64 value; u64 flags; }
+    let mut attr = [
+        u64::from(outer.as_raw_fd() as u32),
+        (&key as *const u32) as u64,
+        (&value as *const u32) as u64,
+        0,
+    ];
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// Empties slot `index` of the map-of-maps `outer` (already empty: fine).
+pub fn map_clear_inner(outer: BorrowedFd<'_>, index: u32) -> io::Result<()> {
+    let key = index;
+    let mut attr = [
+        u64::from(outer.as_raw_fd() as u32),
+        (&key as *const u32) as u64,
+        0,
+        0,
+    ];
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.map(drop),
     }
 }
 

@@ -1380,7 +1380,7 @@ impl Lab {
             let _ = child.wait();
             bail!("dataplane monitor did not start: {line}");
         }
-        Ok(Monitor { child })
+        Monitor::new(child)
     }
 
     /// The value of a Prometheus series (`name` or `name{labels}`, as the
@@ -1962,12 +1962,28 @@ pub fn http_get(netns: &str, addr: std::net::SocketAddr, path: &str) -> Result<(
     })?
 }
 
-/// A running `dataplane monitor` (killed on drop if still running).
+/// A running `dataplane monitor` (killed on drop if still running). Its
+/// output is read as it comes (a flood's would fill a pipe and stall it).
 pub struct Monitor {
     child: std::process::Child,
+    out: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Monitor {
+    fn new(mut child: std::process::Child) -> Result<Self> {
+        use std::io::Read as _;
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        Ok(Monitor {
+            child,
+            out: Some(out),
+        })
+    }
+
     /// Waits for it to end (its `--count` or `--duration`), at most
     /// `timeout`; its JSON lines, the summary last.
     pub fn events(self, timeout: Duration) -> Result<Vec<Value>> {
@@ -1979,7 +1995,6 @@ impl Monitor {
 
     /// Waits as [`Monitor::events`] does; what it printed.
     pub fn output(mut self, timeout: Duration) -> Result<String> {
-        use std::io::Read as _;
         let deadline = Instant::now() + timeout;
         while self.child.try_wait()?.is_none() {
             if Instant::now() > deadline {
@@ -1990,13 +2005,11 @@ impl Monitor {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let mut out = String::new();
-        self.child
-            .stdout
+        self.out
             .take()
-            .context("stdout")?
-            .read_to_string(&mut out)?;
-        Ok(out)
+            .context("output taken")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("monitor output reader panicked"))
     }
 }
 

@@ -429,3 +429,128 @@ fn inspection_shows_the_flows_just_opened_and_every_json_parses() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no datapath and no agent on this node"));
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+/// The node's denial events as `monitor -o json` printed them (the summary
+/// line left out).
+fn denials(events: &[Value], dst: Ipv4Addr) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| e["verdict"] == "denied" && e["dst"] == dst.to_string())
+        .collect()
+}
+
+#[test]
+fn several_monitors_see_every_event_and_a_flood_is_counted_not_fatal() {
+    let lab = shop("vxlan", true);
+    let db = lab.find_pod("shop/db").expect("db").clone();
+    let node = db.node;
+    // Two monitors at once, and a third filtered by pod name: each gets the
+    // denial (its own ring).
+    let args = [
+        "--type",
+        "policy",
+        "-o",
+        "json",
+        "--count",
+        "1",
+        "--duration",
+        "10",
+    ];
+    let m1 = lab
+        .monitor(node, &[&args[..], &["--ip", &db.ip.to_string()]].concat())
+        .expect("monitor 1");
+    let m2 = lab
+        .monitor(node, &[&args[..], &["--ip", &db.ip.to_string()]].concat())
+        .expect("monitor 2");
+    let socket = lab.state.nodes[node].api_socket.display().to_string();
+    let m3 = lab
+        .monitor(
+            node,
+            &[&args[..], &["--pod", "shop/db", "--socket", &socket]].concat(),
+        )
+        .expect("monitor 3");
+    let slots = lab.dump(node, "dp_event_readers").expect("readers");
+    assert_eq!(slots.len(), 3, "{slots:#?}");
+    let r = lab
+        .probe("ops/monitor", "shop/db", 80, "TCP")
+        .expect("probe");
+    assert!(!r.allowed());
+    for (i, m) in [m1, m2, m3].into_iter().enumerate() {
+        let ev = m
+            .events(std::time::Duration::from_secs(15))
+            .expect("events");
+        let d = denials(&ev, db.ip);
+        assert_eq!(d.len(), 1, "monitor {i}: {ev:#?}");
+        assert_eq!(
+            d[0]["src"],
+            lab.find_pod("ops/monitor").expect("pod").ip.to_string()
+        );
+        assert_eq!(d[0]["dport"], 80);
+        assert_eq!(d[0]["policy"], "default deny");
+    }
+    // Their slots are given back.
+    assert!(
+        lab.dump(node, "dp_event_readers")
+            .expect("readers")
+            .is_empty()
+    );
+
+    // A flood of denied datagrams: each CPU emits at most its budget, the
+    // rest is counted over budget; the agent keeps answering meanwhile.
+    let mon = lab
+        .monitor(node, &["--type", "policy", "-o", "json", "--duration", "3"])
+        .expect("monitor");
+    let from = lab.find_pod("ops/monitor").expect("pod").netns.clone();
+    let to = std::net::SocketAddr::from((db.ip, 80));
+    let sent = std::sync::atomic::AtomicU64::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut slowest = std::time::Duration::ZERO;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            lab::in_netns_thread(&from, || {
+                let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        let _ = sock.send_to(b"flood", to);
+                    }
+                    sent.fetch_add(1000, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .expect("flood");
+        });
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(2500) {
+            let t = std::time::Instant::now();
+            lab.agent_call(node, &dataplane_common::api::Request::Status)
+                .expect("the agent answers during the flood");
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let ev = mon
+        .events(std::time::Duration::from_secs(10))
+        .expect("events");
+    let summary = ev.last().expect("summary");
+    assert_eq!(summary["type"], "summary");
+    let shown = summary["shown"].as_u64().expect("shown");
+    let over = summary["over_budget"].as_u64().expect("over budget");
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("flood: {sent} datagrams sent; monitor {summary}; slowest status {slowest:?}");
+    assert!(sent > 20_000, "the flood sent {sent}");
+    assert!(
+        over > 0,
+        "{sent} denials in 3 s: some over a CPU's 2,000/s budget: {summary}"
+    );
+    // Per CPU per second: 2 CPUs at most, over about 3 s (window edges).
+    assert!(shown <= 2 * 2_000 * 4, "{summary}");
+    assert!(
+        slowest < std::time::Duration::from_secs(1),
+        "the agent took {slowest:?}"
+    );
+    let m = lab
+        .metric(node, "dataplane_events_over_budget_total")
+        .expect("metrics")
+        .expect("series");
+    assert!(m >= over as f64, "metric {m} vs {over}");
+}

@@ -200,6 +200,16 @@ pub(super) async fn collector(
 }
 
 fn gc(agent: &Agent, ledger: &mut Ledger) -> Result<()> {
+    // Killed monitors leave their rings registered: the programs would fill
+    // them for no one (and count the events as lost).
+    match crate::maps::events::reap_monitors(&agent.pin_dir) {
+        Ok(0) => {}
+        Ok(n) => info!(
+            slots = n,
+            "took back the event rings of monitors that are gone"
+        ),
+        Err(e) => warn!("reaping monitor rings: {e:#}"),
+    }
     let mut ctm = lock(&agent.ct)?;
     let (removed, live) = ctm.gc(ct::monotonic_ns())?;
     ledger.removed += removed + std::mem::take(&mut *lock(&agent.ct_flushed)?);

@@ -3,14 +3,21 @@
 //! (agent or not), their per-CPU budget and losses, what is emitted, and
 //! the policy names verdicts refer to (written by the agent).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use dataplane_common::{
-    Direction, EVENT_DROP, EVENT_POLICY, EVENTS_ALLOWED, Event, EventConfig, EventState,
-    MAP_EVENT_CONFIG, MAP_EVENT_STATE, MAP_EVENTS, MAP_POLICY_NAMES, PolicyName, Reason,
-    VERDICT_ALLOWED, policy_dir_name, proto_name,
+    Direction, EVENT_DROP, EVENT_POLICY, EVENTS_ALLOWED, EVENTS_BYTES, Event, EventConfig,
+    EventState, MAP_EVENT_CONFIG, MAP_EVENT_MONITORS, MAP_EVENT_READERS, MAP_EVENT_STATE,
+    MAP_EVENTS, MAP_POLICY_NAMES, MONITORS_MAX, PolicyName, Reason, VERDICT_ALLOWED,
+    policy_dir_name, proto_name,
 };
 use serde::Serialize;
 
@@ -119,12 +126,55 @@ impl EventView {
     }
 }
 
-/// The ring, read from its pin.
+/// A ring of events: the node's backlog ring (from its pin), or a
+/// monitor's own (see [`Subscription`]).
 pub struct EventReader(RingBuf<MapData>);
 
+/// A monitor's own ring, in a slot of `dp_event_monitors` for as long as
+/// this lives: the programs send every event to each slot's ring, so every
+/// monitor sees every event.
+pub struct Subscription {
+    pin_dir: PathBuf,
+    slot: u32,
+    pub reader: EventReader,
+}
+
+/// Whether a process is alive.
+fn alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
 impl EventReader {
+    /// The backlog ring (what happened while no monitor read).
     pub fn open(pin_dir: &Path) -> Result<Self> {
         Ok(Self(RingBuf::try_from(open(pin_dir, MAP_EVENTS)?)?))
+    }
+
+    /// A ring of this process's own, registered in a free slot (or one
+    /// whose monitor is gone).
+    pub fn subscribe(pin_dir: &Path) -> Result<Subscription> {
+        let _lock = crate::sys::lock_exclusive(pin_dir)?;
+        let outer = open(pin_dir, MAP_EVENT_MONITORS)?;
+        let mut readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+        let slot = (0..MONITORS_MAX)
+            .find(|i| !alive(readers.get(i, 0).unwrap_or(0)))
+            .with_context(|| {
+                format!("{MONITORS_MAX} monitors already run on this node; stop one first")
+            })?;
+        let ring = crate::sys::ringbuf_create(EVENTS_BYTES).context("creating a ring buffer")?;
+        let outer_fd = match &outer {
+            aya::maps::Map::ArrayOfMaps(m) => m.fd().as_fd(),
+            _ => anyhow::bail!("{MAP_EVENT_MONITORS} is not an array of maps"),
+        };
+        crate::sys::map_set_inner(outer_fd, slot, ring.as_fd())
+            .with_context(|| format!("registering in {MAP_EVENT_MONITORS}"))?;
+        readers.set(slot, std::process::id(), 0)?;
+        let data = MapData::from_fd(ring)?;
+        Ok(Subscription {
+            pin_dir: pin_dir.to_path_buf(),
+            slot,
+            reader: EventReader(RingBuf::try_from(aya::maps::Map::RingBuf(data))?),
+        })
     }
 
     /// The events waiting, at most `max`; waits up to `wait` for the first.
@@ -155,6 +205,88 @@ impl EventReader {
             }
         }
     }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = unregister(&self.pin_dir, self.slot);
+    }
+}
+
+fn unregister(pin_dir: &Path, slot: u32) -> Result<()> {
+    let _lock = crate::sys::lock_exclusive(pin_dir)?;
+    if let aya::maps::Map::ArrayOfMaps(m) = open(pin_dir, MAP_EVENT_MONITORS)? {
+        crate::sys::map_clear_inner(m.fd().as_fd(), slot)?;
+    }
+    let mut readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    readers.set(slot, 0, 0)?;
+    Ok(())
+}
+
+impl Row for EventView {
+    const HEADERS: &'static [&'static str] = &["EVENT"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.line()]
+    }
+}
+
+/// A monitor slot, for `map dump dp_event_readers` / `dp_event_monitors`.
+#[derive(Debug, Serialize)]
+pub struct MonitorRow {
+    pub slot: u32,
+    pub pid: u32,
+    pub running: bool,
+}
+
+impl Row for MonitorRow {
+    const HEADERS: &'static [&'static str] = &["SLOT", "PID", "RUNNING"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.slot.to_string(),
+            self.pid.to_string(),
+            self.running.to_string(),
+        ]
+    }
+}
+
+/// The slots in use.
+pub fn monitor_rows(pin_dir: &Path) -> Result<Vec<MonitorRow>> {
+    let readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    Ok((0..MONITORS_MAX)
+        .filter_map(|slot| {
+            let pid = readers.get(&slot, 0).ok().filter(|p| *p != 0)?;
+            Some(MonitorRow {
+                slot,
+                pid,
+                running: alive(pid),
+            })
+        })
+        .collect())
+}
+
+/// What each CPU's event work space last held.
+pub fn scratch_rows(pin_dir: &Path) -> Result<Vec<EventView>> {
+    let m: PerCpuArray<MapData, Event> =
+        PerCpuArray::try_from(open(pin_dir, dataplane_common::MAP_EVENT_SCRATCH)?)?;
+    let names = BTreeMap::new();
+    Ok(m.get(&0, 0)?
+        .iter()
+        .filter(|e| e.ts != 0)
+        .map(|e| EventView::decode(e, &names))
+        .collect())
+}
+
+/// Takes back the slots of monitors that are gone (killed): the programs
+/// would fill their rings for no one. Returns how many.
+pub fn reap_monitors(pin_dir: &Path) -> Result<usize> {
+    let readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    let dead: Vec<u32> = (0..MONITORS_MAX)
+        .filter(|i| readers.get(i, 0).is_ok_and(|pid| pid != 0 && !alive(pid)))
+        .collect();
+    for slot in &dead {
+        unregister(pin_dir, *slot)?;
+    }
+    Ok(dead.len())
 }
 
 /// Events over the budget and events lost, summed over CPUs.

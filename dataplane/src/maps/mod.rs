@@ -91,6 +91,10 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_POLICY_CIDR => render(&policy::cidr_rows(pin_dir)?, format),
         dataplane_common::MAP_CT_SCRATCH => render(&ct::scratch_rows(pin_dir)?, format),
         dataplane_common::MAP_EXPLAIN => render(&[explain_row(pin_dir)?], format),
+        dataplane_common::MAP_EVENT_MONITORS | dataplane_common::MAP_EVENT_READERS => {
+            render(&events::monitor_rows(pin_dir)?, format)
+        }
+        dataplane_common::MAP_EVENT_SCRATCH => render(&events::scratch_rows(pin_dir)?, format),
         dataplane_common::MAP_POLICY_NAMES => render(&events::name_rows(pin_dir)?, format),
         dataplane_common::MAP_EVENT_STATE => render(&events::state_rows(pin_dir)?, format),
         dataplane_common::MAP_EVENT_CONFIG => render(&events::config_rows(pin_dir)?, format),
@@ -184,7 +188,11 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         dataplane_common::MAP_POLICY_NAMES => events::name_rows(pin_dir)?.len(),
         dataplane_common::MAP_EVENT_STATE
         | dataplane_common::MAP_EVENT_CONFIG
+        | dataplane_common::MAP_EVENT_SCRATCH
         | dataplane_common::MAP_EXPLAIN => 1,
+        dataplane_common::MAP_EVENT_MONITORS | dataplane_common::MAP_EVENT_READERS => {
+            events::monitor_rows(pin_dir)?.len()
+        }
         // Bytes waiting to be read are not entries.
         dataplane_common::MAP_EVENTS => 0,
         _ => bail!("no map named {name:?}"),
