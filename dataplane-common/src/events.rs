@@ -17,8 +17,9 @@ pub const MAP_EVENT_MONITORS: &str = "dp_event_monitors";
 /// The pid of the monitor in each slot of [`MAP_EVENT_MONITORS`] (0: free):
 /// a slot whose monitor is gone is taken back by the next one.
 pub const MAP_EVENT_READERS: &str = "dp_event_readers";
-/// Where each CPU builds an event before it goes to the rings (off the
-/// stack of the deep packet paths).
+/// Where each CPU builds an event before it goes to the rings (slot 0,
+/// off the stack of the deep packet paths), and keeps a packet's trace
+/// until its verdict (slot 1).
 pub const MAP_EVENT_SCRATCH: &str = "dp_event_scratch";
 /// Monitors that can run at once on a node.
 pub const MONITORS_MAX: u32 = 4;
@@ -35,6 +36,9 @@ pub const POLICY_NAMES_MAX: u32 = 16_384;
 pub const EVENT_DROP: u8 = 1;
 /// [`Event::kind`]: a policy verdict.
 pub const EVENT_POLICY: u8 = 2;
+/// [`Event::kind`]: a forwarded packet and where it went
+/// ([`Event::route`], [`Event::target`]) with its rewrite, if any.
+pub const EVENT_TRACE: u8 = 3;
 
 /// [`Event::verdict`] of a policy verdict.
 pub const VERDICT_ALLOWED: u8 = 1;
@@ -43,6 +47,9 @@ pub const VERDICT_DENIED: u8 = 2;
 /// [`EventConfig::mask`]: allowed verdicts too (one per new flow). Denials
 /// and drops are always emitted; allows only while a monitor asks.
 pub const EVENTS_ALLOWED: u32 = 1;
+/// [`EventConfig::mask`]: trace events, one per forwarded packet (within
+/// the budget), while a monitor asks.
+pub const EVENTS_TRACE: u32 = 2;
 
 /// Events per second per CPU when [`EventConfig::rate`] is 0.
 pub const EVENTS_DEFAULT_RATE: u32 = 2_000;
@@ -67,7 +74,8 @@ pub struct Event {
     pub proto: u8,
     /// [`crate::FAMILY_IPV4`]; 0 when the packet had no IP header to read.
     pub family: u8,
-    pub _pad: u8,
+    /// Trace events: an `EXPLAIN_ROUTE_*` (where the packet went).
+    pub route: u8,
     /// The device the program ran on.
     pub ifindex: u32,
     pub saddr: [u8; 4],
@@ -82,8 +90,29 @@ pub struct Event {
     pub policy: u32,
     /// Packet length.
     pub len: u32,
+    /// Trace events: the route's target (a pod's ifindex, a node's
+    /// address in wire bytes).
+    pub target: u32,
+    /// Trace events: the rewrite (`CT_F_SRC`/`CT_F_DST`) and the new
+    /// destination.
+    pub nat_flags: u16,
+    pub nat_dport: [u8; 2],
+    pub nat_daddr: [u8; 4],
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 48);
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// One monitor's slot in [`MAP_EVENT_READERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventReader {
+    /// The monitor's pid; 0: the slot is free.
+    pub pid: u32,
+    /// The `EVENTS_*` it asked for: the node emits what any live monitor
+    /// asked for.
+    pub mask: u32,
+}
+const _: () = assert!(core::mem::size_of::<EventReader>() == 8);
 
 /// What the datapath emits.
 #[repr(C)]

@@ -249,7 +249,7 @@ pub const MAPS: &[MapSpec] = &[
     },
     MapSpec {
         name: crate::events::MAP_EVENTS,
-        version: 1,
+        version: 2,
         kind: MapKind::RingBuf,
         key_size: 0,
         value_size: 0,
@@ -282,7 +282,7 @@ pub const MAPS: &[MapSpec] = &[
         version: 1,
         kind: MapKind::Array,
         key_size: 4,
-        value_size: 4,
+        value_size: size::<crate::events::EventReader>(),
         max_entries: crate::events::MONITORS_MAX,
         flags: 0,
         description: "the pid of the monitor in each ring slot",
@@ -293,9 +293,9 @@ pub const MAPS: &[MapSpec] = &[
         kind: MapKind::PerCpuArray,
         key_size: 4,
         value_size: size::<crate::events::Event>(),
-        max_entries: 1,
+        max_entries: 2,
         flags: 0,
-        description: "per-CPU work space of an event on its way to the rings",
+        description: "per-CPU work space: an event on its way to the rings, and a packet's trace until its verdict",
     },
     MapSpec {
         name: crate::explain::MAP_EXPLAIN,
@@ -537,6 +537,7 @@ mod user {
     // no implicit padding (sizes asserted above).
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for crate::explain::ExplainTrace {}
+    unsafe impl aya::Pod for crate::events::EventReader {}
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for EpMetricsKey {}
     unsafe impl aya::Pod for Counter {}

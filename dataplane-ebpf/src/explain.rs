@@ -121,14 +121,6 @@ pub fn route(kind: u8, target: u32) {
     });
 }
 
-/// [`route`] for a dry run's packet, with no target.
-#[inline(always)]
-pub fn route_if(flow: &crate::l4::Flow, kind: u8) {
-    if flow.dry {
-        route(kind, 0);
-    }
-}
-
 /// The program's verdict, at its exit.
 #[inline(never)]
 pub fn verdict(action: i32, reason: u32) {

@@ -10,7 +10,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    config, deliver, encap, explain, icmp,
+    config, deliver, encap, events, icmp,
     l4::Flow,
     parse::{self, IP_DF, Ipv4Hdr},
     policy,
@@ -54,6 +54,7 @@ impl Pkt {
                 has_ports: false,
                 l4_off: 0,
                 dry: false,
+                trace: false,
                 src_identity: 0,
             },
             nat: Nat::none(),
@@ -83,9 +84,7 @@ fn try_local(
     n: &Nat,
     ep: &EndpointInfo,
 ) -> Result<Verdict, Reason> {
-    if flow.dry {
-        explain::route(EXPLAIN_ROUTE_LOCAL, ep.ifindex);
-    }
+    events::route_taken(flow, EXPLAIN_ROUTE_LOCAL, ep.ifindex, n);
     if ip.ttl <= 1 {
         return Ok(icmp::Error::time_exceeded().verdict());
     }
@@ -125,10 +124,13 @@ fn try_tunnel(
     node: &IpcacheEntry,
 ) -> Result<Verdict, Reason> {
     let identity = flow.src_identity;
-    if flow.dry {
-        let [a, b, c, d, ..] = node.tunnel_endpoint;
-        explain::route(EXPLAIN_ROUTE_TUNNEL, u32::from_ne_bytes([a, b, c, d]));
-    }
+    let [a, b, c, d, ..] = node.tunnel_endpoint;
+    events::route_taken(
+        flow,
+        EXPLAIN_ROUTE_TUNNEL,
+        u32::from_ne_bytes([a, b, c, d]),
+        n,
+    );
     let cfg = config::get()?;
     if let Err(mtu) = encap::fits(ctx, cfg) {
         if ip.frag_off() & IP_DF != 0 {
@@ -166,9 +168,7 @@ fn try_uplink(
     n: &Nat,
 ) -> Result<Verdict, Reason> {
     let cfg = config::get()?;
-    if flow.dry {
-        explain::route(EXPLAIN_ROUTE_UPLINK, 0);
-    }
+    events::route_taken(flow, EXPLAIN_ROUTE_UPLINK, 0, n);
     if ip.ttl <= 1 {
         return Ok(icmp::Error::time_exceeded().verdict());
     }

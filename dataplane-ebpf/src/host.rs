@@ -13,7 +13,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    config, endpoints, explain,
+    config, endpoints, events,
     fwd::{self, Pkt},
     icmp, ipcache, l4, metrics, parse,
     route::{self, Route},
@@ -99,13 +99,13 @@ fn try_forward_in(ctx: &mut TcContext, p: &mut Pkt, code: u32) -> Result<Verdict
     match route::v4(n.daddr(flow))? {
         Route::Local(ep) => Ok(fwd::local(ctx, ip, flow, n, ep)),
         Route::Host => {
-            explain::route_if(flow, EXPLAIN_ROUTE_HOST);
+            events::route_taken(flow, EXPLAIN_ROUTE_HOST, 0, n);
             svc::apply(ctx, flow, n)?;
             Ok(Verdict::pass())
         }
         // Not for us to forward: the stack routes it (VXLAN traffic too).
         Route::Stack | Route::Tunnel(..) if !n.translates() => {
-            explain::route_if(flow, EXPLAIN_ROUTE_STACK);
+            events::route_taken(flow, EXPLAIN_ROUTE_STACK, 0, n);
             Ok(Verdict::pass())
         }
         Route::Tunnel(node, _) => Ok(fwd::tunnel(ctx, ip, flow, n, node)),

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use dataplane_common::{Direction, EXPLAIN_ROUTE_LOCAL, Reason};
 
 use crate::{
-    explain, fwd, icmp, l4, parse,
+    events, fwd, icmp, l4, parse,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -54,9 +54,7 @@ fn try_from_node(ctx: &mut TcContext) -> Result<Verdict, Reason> {
     }
     match route::v4(n.daddr(&flow))? {
         Route::Local(ep) => {
-            if flow.dry {
-                explain::route(EXPLAIN_ROUTE_LOCAL, ep.ifindex);
-            }
+            events::route_taken(&flow, EXPLAIN_ROUTE_LOCAL, ep.ifindex, &n);
             if ip.ttl <= 1 {
                 return Ok(icmp::Error::time_exceeded().verdict());
             }

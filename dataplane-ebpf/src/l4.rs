@@ -49,6 +49,8 @@ pub struct Flow {
     pub l4_off: u16,
     /// A dry run of `dataplane explain`: decided, but changing nothing.
     pub dry: bool,
+    /// A monitor asked for trace events: the route taken goes out as one.
+    pub trace: bool,
     /// The sender's security identity, where the hook knows it (a local
     /// pod, a VNI); 0: look it up by address.
     pub src_identity: u32,
@@ -95,6 +97,7 @@ pub fn flow(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<Flow, Reason> {
         has_ports: false,
         l4_off,
         dry: crate::explain::is_dry(ctx),
+        trace: crate::events::trace_wanted_leaf(),
         src_identity: 0,
     };
     let frag_off = ip.frag_off();

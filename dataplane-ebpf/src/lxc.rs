@@ -7,7 +7,7 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use dataplane_common::{Direction, EXPLAIN_ROUTE_HOST, EXPLAIN_ROUTE_STACK, EndpointKey, Reason};
 
 use crate::{
-    arp, endpoints, explain, fwd, icmp, l4, metrics, parse, policy,
+    arp, endpoints, events, fwd, icmp, l4, metrics, parse, policy,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -128,7 +128,7 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
     }
     match route {
         Route::Host => {
-            explain::route_if(&flow, EXPLAIN_ROUTE_HOST);
+            events::route_taken(&flow, EXPLAIN_ROUTE_HOST, 0, &n);
             svc::apply(ctx, &mut flow, &n)?;
             Ok(Verdict::pass())
         }
@@ -136,7 +136,7 @@ fn from_ctr_v4(ctx: &mut TcContext, ifindex: u32) -> Result<Verdict, Reason> {
         // packet was rewritten: a reply from a Service may now come from
         // this node's own address, which the stack would refuse.
         Route::Stack if !n.translates() => {
-            explain::route_if(&flow, EXPLAIN_ROUTE_STACK);
+            events::route_taken(&flow, EXPLAIN_ROUTE_STACK, 0, &n);
             Ok(Verdict::pass())
         }
         Route::Stack => Ok(fwd::uplink(ctx, &ip, &mut flow, &n)),

@@ -9,7 +9,7 @@ use dataplane_common::{
 use crate::{
     config,
     deliver::PACKET_HOST,
-    encap, explain, fwd, icmp, ipcache, l4, parse,
+    encap, events, explain, fwd, icmp, ipcache, l4, parse,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
@@ -81,7 +81,7 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<Verdict, Reason> {
         // carries the MACs of the sending pod's veth: without PACKET_HOST the
         // stack would take it for someone else's and drop it silently.
         Route::Host => {
-            explain::route_if(&flow, EXPLAIN_ROUTE_HOST);
+            events::route_taken(&flow, EXPLAIN_ROUTE_HOST, 0, &n);
             svc::apply(ctx, &mut flow, &n)?;
             ctx.change_type(PACKET_HOST)
                 .map_err(|_| Reason::HelperFailed)?;

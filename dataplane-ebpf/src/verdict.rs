@@ -110,6 +110,16 @@ pub fn tc_exit(ctx: &TcContext, direction: Direction, len: u32, verdict: Verdict
         crate::explain::verdict(verdict.action(), code);
         return verdict.action();
     }
+    if crate::events::trace_wanted() {
+        // SAFETY: `skb` is the context pointer the kernel passed.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        crate::events::end_trace(
+            code == Reason::Forwarded as u32,
+            direction as u8,
+            ifindex,
+            len,
+        );
+    }
     metrics::count_verdict(Hook::Tc, direction, code, len);
     if code != Reason::Forwarded as u32 {
         report_drop(ctx, direction, code, len);

@@ -110,9 +110,15 @@ enum Command {
         /// One JSON object per line with `-o json`.
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
-        /// Which events: drop, policy (verdicts, allowed ones included), or all.
-        #[arg(long = "type", value_enum, default_value = "all")]
-        kind: dataplane::monitor::Kind,
+        /// Which events (comma-separated): drop, policy (verdicts, allowed
+        /// ones included), trace (forwarded packets), all.
+        #[arg(
+            long = "type",
+            value_enum,
+            value_delimiter = ',',
+            default_value = "drop,policy"
+        )]
+        kind: Vec<dataplane::monitor::Kind>,
         /// Only events with this IPv4 address as source or destination.
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
@@ -552,7 +558,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             dataplane::monitor::run(
                 &pin.resolve()?,
-                kind,
+                &kind,
                 &dataplane::monitor::Filter { ip, port },
                 output,
                 count,

@@ -11,21 +11,44 @@ use std::{
 };
 
 use anyhow::Result;
+use dataplane_common::{EVENTS_ALLOWED, EVENTS_TRACE};
 
 use crate::maps::{
     Format,
-    events::{EventConfigMap, EventReader, EventView, PolicyNamesMap, losses},
+    events::{EventReader, EventView, PolicyNamesMap, losses},
 };
 
-/// Which events to show.
+/// Which events to show (several may be given).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
     /// Drops (not by policy).
     Drop,
     /// Policy verdicts, allowed ones included.
     Policy,
-    /// Both.
+    /// Forwarded packets: where each went (to a pod, into the tunnel, out
+    /// of the uplink, to the stack) and its translation. One per packet
+    /// within the per-CPU budget: for looking at a few flows.
+    Trace,
+    /// All of the above.
     All,
+}
+
+impl Kind {
+    fn shows(kinds: &[Kind], e: &EventView) -> bool {
+        let k = match e.kind.as_str() {
+            "drop" => Kind::Drop,
+            "trace" => Kind::Trace,
+            _ => Kind::Policy,
+        };
+        kinds.iter().any(|w| *w == Kind::All || *w == k)
+    }
+
+    /// What to ask the datapath for besides drops and denials.
+    fn mask(kinds: &[Kind]) -> u32 {
+        let has = |k: Kind| kinds.iter().any(|w| *w == k || *w == Kind::All);
+        (if has(Kind::Policy) { EVENTS_ALLOWED } else { 0 })
+            | (if has(Kind::Trace) { EVENTS_TRACE } else { 0 })
+    }
 }
 
 /// What to keep.
@@ -55,7 +78,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// or SIGINT/SIGTERM; then prints what was over the budget or lost.
 pub fn run(
     pin_dir: &Path,
-    kind: Kind,
+    kinds: &[Kind],
     filter: &Filter,
     output: Format,
     count: Option<usize>,
@@ -63,20 +86,13 @@ pub fn run(
     backlog: bool,
 ) -> Result<()> {
     // A ring of our own: other monitors keep theirs.
-    let mut sub = EventReader::subscribe(pin_dir)?;
+    let mut sub = EventReader::subscribe(pin_dir, Kind::mask(kinds))?;
     let names = PolicyNamesMap::open(pin_dir)?;
-    let mut config = EventConfigMap::open(pin_dir)?;
-    let verdicts = matches!(kind, Kind::Policy | Kind::All);
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let was = if verdicts {
-        Some(config.allowed(true)?)
-    } else {
-        None
-    };
     let before = losses(pin_dir)?;
     // What happened while no monitor read (drops and denials are always
     // emitted) waits in the backlog ring: shown only when asked for.
@@ -109,12 +125,8 @@ pub fn run(
                     known = names.all()?;
                 }
                 let v = EventView::decode(&e, &known);
-                let wanted = match kind {
-                    Kind::Drop => v.verdict.is_none(),
-                    Kind::Policy => v.verdict.is_some(),
-                    Kind::All => true,
-                };
-                if !wanted || !filter.keeps(&v) || count.is_some_and(|c| shown >= c) {
+                if !Kind::shows(kinds, &v) || !filter.keeps(&v) || count.is_some_and(|c| shown >= c)
+                {
                     continue;
                 }
                 match output {
@@ -126,10 +138,8 @@ pub fn run(
         }
         Ok(())
     })();
-    // Leave the setting as found (another monitor's, or off).
-    if let Some(was) = was {
-        config.allowed(was)?;
-    }
+    // Our slot goes, and with it what only we asked for.
+    drop(sub);
     result?;
     let after = losses(pin_dir)?;
     let (limited, lost) = (

@@ -592,10 +592,11 @@ fn verdicts_go_out_as_events_naming_the_policy() {
         (PEER, POD, 40001, 81)
     );
     assert_eq!((d.src_identity, d.dst_identity), (CLIENT_ID, WEB_ID));
-    EventConfigMap::open(&f.pin_dir)
-        .expect("config")
-        .allowed(true)
-        .expect("on");
+    // What a monitor asking for policy verdicts sets.
+    let mut config = EventConfigMap::open(&f.pin_dir).expect("config");
+    let mut c = config.get().expect("config");
+    c.mask |= dataplane_common::EVENTS_ALLOWED;
+    config.set(c).expect("on");
     assert_eq!(
         f.tc("lxc_from_ctr", f.peer_if, &to_pod(40002, 80, true)).0,
         TC_ACT_REDIRECT

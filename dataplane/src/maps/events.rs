@@ -14,10 +14,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use dataplane_common::{
-    Direction, EVENT_DROP, EVENT_POLICY, EVENTS_ALLOWED, EVENTS_BYTES, Event, EventConfig,
-    EventState, MAP_EVENT_CONFIG, MAP_EVENT_MONITORS, MAP_EVENT_READERS, MAP_EVENT_STATE,
-    MAP_EVENTS, MAP_POLICY_NAMES, MONITORS_MAX, PolicyName, Reason, VERDICT_ALLOWED,
-    policy_dir_name, proto_name,
+    Direction, EVENT_DROP, EVENT_POLICY, EVENT_TRACE, EVENTS_ALLOWED, EVENTS_BYTES, EVENTS_TRACE,
+    EXPLAIN_ROUTE_HOST, EXPLAIN_ROUTE_LOCAL, EXPLAIN_ROUTE_STACK, EXPLAIN_ROUTE_TUNNEL,
+    EXPLAIN_ROUTE_UPLINK, Event, EventConfig, EventReader as EventReaderSlot, EventState,
+    MAP_EVENT_CONFIG, MAP_EVENT_MONITORS, MAP_EVENT_READERS, MAP_EVENT_STATE, MAP_EVENTS,
+    MAP_POLICY_NAMES, MONITORS_MAX, PolicyName, Reason, VERDICT_ALLOWED, policy_dir_name,
+    proto_name,
 };
 use serde::Serialize;
 
@@ -28,7 +30,7 @@ use super::{Row, open};
 pub struct EventView {
     /// Kernel monotonic time, nanoseconds.
     pub ts: u64,
-    /// `drop` or `policy-verdict`.
+    /// `drop`, `policy-verdict` or `trace`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The hook's direction (drops), or the policy direction judged.
@@ -53,6 +55,15 @@ pub struct EventView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     pub len: u32,
+    /// Traces: where the packet went (`to-pod`, `tunnel`, `uplink`,
+    /// `stack`, `host`) and its target (pod ifindex, node address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Traces: the destination it was rewritten to (`ip:port`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_to: Option<String>,
 }
 
 impl EventView {
@@ -60,13 +71,36 @@ impl EventView {
         let reason = Reason::from_code(e.reason)
             .map_or_else(|| format!("reason {}", e.reason), |r| r.name().to_owned());
         let policy_verdict = e.kind == EVENT_POLICY;
+        let trace = e.kind == EVENT_TRACE;
+        let route = match e.route {
+            EXPLAIN_ROUTE_LOCAL => "to-pod",
+            EXPLAIN_ROUTE_TUNNEL => "tunnel",
+            EXPLAIN_ROUTE_UPLINK => "uplink",
+            EXPLAIN_ROUTE_STACK => "stack",
+            EXPLAIN_ROUTE_HOST => "host",
+            _ => "?",
+        };
         EventView {
             ts: e.ts,
             kind: match e.kind {
                 EVENT_DROP => "drop".into(),
                 EVENT_POLICY => "policy-verdict".into(),
+                EVENT_TRACE => "trace".into(),
                 k => format!("kind {k}"),
             },
+            route: trace.then(|| route.to_owned()),
+            target: trace.then(|| match e.route {
+                EXPLAIN_ROUTE_LOCAL => format!("ifindex {}", e.target),
+                EXPLAIN_ROUTE_TUNNEL => Ipv4Addr::from(e.target.to_ne_bytes()).to_string(),
+                _ => "-".to_owned(),
+            }),
+            nat_to: (trace && e.nat_flags & dataplane_common::CT_F_DST != 0).then(|| {
+                format!(
+                    "{}:{}",
+                    Ipv4Addr::from(e.nat_daddr),
+                    u16::from_be_bytes(e.nat_dport)
+                )
+            }),
             direction: if policy_verdict {
                 policy_dir_name(e.policy_dir).to_owned()
             } else {
@@ -109,6 +143,16 @@ impl EventView {
             "{}:{} -> {}:{} {}",
             self.src, self.sport, self.dst, self.dport, self.protocol
         );
+        if let Some(route) = &self.route {
+            return format!(
+                "trace  {route:<7} {flow}{}  -> {}",
+                self.nat_to
+                    .as_ref()
+                    .map(|n| format!("  (translated to {n})"))
+                    .unwrap_or_default(),
+                self.target.as_deref().unwrap_or("-")
+            );
+        }
         match &self.verdict {
             Some(v) => format!(
                 "policy {v:<7} {:<7} {flow}  identity {} -> {}  by {}  (endpoint {})",
@@ -151,13 +195,15 @@ impl EventReader {
     }
 
     /// A ring of this process's own, registered in a free slot (or one
-    /// whose monitor is gone).
-    pub fn subscribe(pin_dir: &Path) -> Result<Subscription> {
+    /// whose monitor is gone), asking for the `EVENTS_*` in `mask` besides
+    /// drops and denials.
+    pub fn subscribe(pin_dir: &Path, mask: u32) -> Result<Subscription> {
         let _lock = crate::sys::lock_exclusive(pin_dir)?;
         let outer = open(pin_dir, MAP_EVENT_MONITORS)?;
-        let mut readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+        let mut readers: Array<MapData, EventReaderSlot> =
+            Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
         let slot = (0..MONITORS_MAX)
-            .find(|i| !alive(readers.get(i, 0).unwrap_or(0)))
+            .find(|i| !alive(readers.get(i, 0).map_or(0, |r| r.pid)))
             .with_context(|| {
                 format!("{MONITORS_MAX} monitors already run on this node; stop one first")
             })?;
@@ -168,7 +214,15 @@ impl EventReader {
         };
         crate::sys::map_set_inner(outer_fd, slot, ring.as_fd())
             .with_context(|| format!("registering in {MAP_EVENT_MONITORS}"))?;
-        readers.set(slot, std::process::id(), 0)?;
+        readers.set(
+            slot,
+            EventReaderSlot {
+                pid: std::process::id(),
+                mask,
+            },
+            0,
+        )?;
+        emit_what_monitors_want(pin_dir)?;
         let data = MapData::from_fd(ring)?;
         Ok(Subscription {
             pin_dir: pin_dir.to_path_buf(),
@@ -218,8 +272,27 @@ fn unregister(pin_dir: &Path, slot: u32) -> Result<()> {
     if let aya::maps::Map::ArrayOfMaps(m) = open(pin_dir, MAP_EVENT_MONITORS)? {
         crate::sys::map_clear_inner(m.fd().as_fd(), slot)?;
     }
-    let mut readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
-    readers.set(slot, 0, 0)?;
+    let mut readers: Array<MapData, EventReaderSlot> =
+        Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    readers.set(slot, EventReaderSlot::default(), 0)?;
+    emit_what_monitors_want(pin_dir)
+}
+
+/// The events the node emits besides drops and denials: what any live
+/// monitor asked for (called under the pin directory's lock).
+fn emit_what_monitors_want(pin_dir: &Path) -> Result<()> {
+    let readers: Array<MapData, EventReaderSlot> =
+        Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    let mask = (0..MONITORS_MAX)
+        .filter_map(|i| readers.get(&i, 0).ok())
+        .filter(|r| alive(r.pid))
+        .fold(0, |m, r| m | r.mask);
+    let mut config = EventConfigMap::open(pin_dir)?;
+    let mut c = config.get()?;
+    if c.mask != mask {
+        c.mask = mask;
+        config.set(c)?;
+    }
     Ok(())
 }
 
@@ -236,29 +309,41 @@ pub struct MonitorRow {
     pub slot: u32,
     pub pid: u32,
     pub running: bool,
+    /// What it asked for besides drops and denials.
+    pub wants: Vec<&'static str>,
 }
 
 impl Row for MonitorRow {
-    const HEADERS: &'static [&'static str] = &["SLOT", "PID", "RUNNING"];
+    const HEADERS: &'static [&'static str] = &["SLOT", "PID", "RUNNING", "WANTS"];
     fn cells(&self) -> Vec<String> {
         vec![
             self.slot.to_string(),
             self.pid.to_string(),
             self.running.to_string(),
+            self.wants.join(","),
         ]
     }
 }
 
 /// The slots in use.
 pub fn monitor_rows(pin_dir: &Path) -> Result<Vec<MonitorRow>> {
-    let readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    let readers: Array<MapData, EventReaderSlot> =
+        Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
     Ok((0..MONITORS_MAX)
         .filter_map(|slot| {
-            let pid = readers.get(&slot, 0).ok().filter(|p| *p != 0)?;
+            let r = readers.get(&slot, 0).ok().filter(|r| r.pid != 0)?;
             Some(MonitorRow {
                 slot,
-                pid,
-                running: alive(pid),
+                pid: r.pid,
+                running: alive(r.pid),
+                wants: [
+                    (EVENTS_ALLOWED, "allowed-verdicts"),
+                    (EVENTS_TRACE, "traces"),
+                ]
+                .into_iter()
+                .filter(|(b, _)| r.mask & b != 0)
+                .map(|(_, n)| n)
+                .collect(),
             })
         })
         .collect())
@@ -279,9 +364,10 @@ pub fn scratch_rows(pin_dir: &Path) -> Result<Vec<EventView>> {
 /// Takes back the slots of monitors that are gone (killed): the programs
 /// would fill their rings for no one. Returns how many.
 pub fn reap_monitors(pin_dir: &Path) -> Result<usize> {
-    let readers: Array<MapData, u32> = Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
+    let readers: Array<MapData, EventReaderSlot> =
+        Array::try_from(open(pin_dir, MAP_EVENT_READERS)?)?;
     let dead: Vec<u32> = (0..MONITORS_MAX)
-        .filter(|i| readers.get(i, 0).is_ok_and(|pid| pid != 0 && !alive(pid)))
+        .filter(|i| readers.get(i, 0).is_ok_and(|r| r.pid != 0 && !alive(r.pid)))
         .collect();
     for slot in &dead {
         unregister(pin_dir, *slot)?;
@@ -320,19 +406,6 @@ impl EventConfigMap {
 
     pub fn set(&mut self, c: EventConfig) -> Result<()> {
         Ok(self.0.set(0, c, 0)?)
-    }
-
-    /// Turns allowed verdicts on or off; returns the setting before.
-    pub fn allowed(&mut self, on: bool) -> Result<bool> {
-        let mut c = self.get()?;
-        let was = c.mask & EVENTS_ALLOWED != 0;
-        if on {
-            c.mask |= EVENTS_ALLOWED;
-        } else {
-            c.mask &= !EVENTS_ALLOWED;
-        }
-        self.set(c)?;
-        Ok(was)
     }
 }
 
@@ -424,14 +497,16 @@ pub fn state_rows(pin_dir: &Path) -> Result<Vec<StateRow>> {
 #[derive(Serialize)]
 pub struct ConfigRow {
     pub allowed_verdicts: bool,
+    pub traces: bool,
     pub rate_per_cpu: u32,
 }
 
 impl Row for ConfigRow {
-    const HEADERS: &'static [&'static str] = &["ALLOWED-VERDICTS", "RATE-PER-CPU"];
+    const HEADERS: &'static [&'static str] = &["ALLOWED-VERDICTS", "TRACES", "RATE-PER-CPU"];
     fn cells(&self) -> Vec<String> {
         vec![
             self.allowed_verdicts.to_string(),
+            self.traces.to_string(),
             self.rate_per_cpu.to_string(),
         ]
     }
@@ -441,6 +516,7 @@ pub fn config_rows(pin_dir: &Path) -> Result<Vec<ConfigRow>> {
     let c = EventConfigMap::open(pin_dir)?.get()?;
     Ok(vec![ConfigRow {
         allowed_verdicts: c.mask & EVENTS_ALLOWED != 0,
+        traces: c.mask & EVENTS_TRACE != 0,
         rate_per_cpu: if c.rate == 0 {
             dataplane_common::EVENTS_DEFAULT_RATE
         } else {
