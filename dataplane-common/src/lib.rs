@@ -32,6 +32,9 @@ pub mod netns;
 #[cfg(feature = "api")]
 pub mod api;
 
+#[cfg(feature = "api")]
+pub mod manifest;
+
 #[cfg(feature = "netlink")]
 pub mod netlink;
 

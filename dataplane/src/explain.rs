@@ -24,7 +24,7 @@ use dataplane_common::{
     EXPLAIN_ROUTE_UPLINK, EXPLAIN_SERVICE, EXPLAIN_VERDICT, EndpointKey, ExplainPolicy,
     ExplainTrace, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_UNKNOWN, IDENTITY_WORLD,
     IPCACHE_KIND_REMOTE_HOST, IPCACHE_KIND_REMOTE_PODS, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    MAP_EXPLAIN, MODE_VXLAN, Reason, api,
+    IpcacheEntry, MAP_EXPLAIN, MODE_VXLAN, Reason, api,
 };
 use serde::Serialize;
 
@@ -351,13 +351,7 @@ pub fn explain(req: &Request<'_>) -> Result<Explained> {
             ),
         ),
         _ => {
-            let cache = maps::ipcache::IpcacheMap::open(req.pin_dir)?.entries()?;
-            let owner = cache
-                .iter()
-                .filter(|(p, _)| p.0.contains(IpAddr::V4(src)))
-                .max_by_key(|(p, _)| p.0.prefix())
-                .map(|(_, e)| *e);
-            match owner {
+            match ipcache_owner(req.pin_dir, src)? {
                 Some(e)
                     if cfg.mode == MODE_VXLAN
                         && (e.kind == IPCACHE_KIND_REMOTE_PODS
@@ -622,16 +616,22 @@ pub fn explain(req: &Request<'_>) -> Result<Explained> {
     })
 }
 
+/// What the ipcache says `addr` is: its longest matching prefix's entry.
+fn ipcache_owner(pin_dir: &Path, addr: Ipv4Addr) -> Result<Option<IpcacheEntry>> {
+    let cache = maps::ipcache::IpcacheMap::open(pin_dir)?.entries()?;
+    Ok(cache
+        .into_iter()
+        .filter(|(p, _)| p.0.contains(IpAddr::V4(addr)))
+        .max_by_key(|(p, _)| p.0.prefix())
+        .map(|(_, e)| e))
+}
+
 /// The node `addr` belongs to (a remote pod's or a node's own address), by
 /// the ipcache.
 fn owner_node(pin_dir: &Path, addr: Ipv4Addr) -> Result<Option<Ipv4Addr>> {
-    let cache = maps::ipcache::IpcacheMap::open(pin_dir)?.entries()?;
-    Ok(cache
-        .iter()
-        .filter(|(p, _)| p.0.contains(IpAddr::V4(addr)))
-        .max_by_key(|(p, _)| p.0.prefix())
-        .filter(|(_, e)| e.kind == IPCACHE_KIND_REMOTE_PODS || e.kind == IPCACHE_KIND_REMOTE_HOST)
-        .map(|(_, e)| {
+    Ok(ipcache_owner(pin_dir, addr)?
+        .filter(|e| e.kind == IPCACHE_KIND_REMOTE_PODS || e.kind == IPCACHE_KIND_REMOTE_HOST)
+        .map(|e| {
             let [a, b, c, d, ..] = e.tunnel_endpoint;
             Ipv4Addr::new(a, b, c, d)
         }))

@@ -126,14 +126,7 @@ pub fn check(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, Problem)>> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| is_manifest(p))
-                .collect();
-            in_dir.sort();
-            files.extend(in_dir);
+            files.extend(files_in(p).with_context(|| format!("reading {}", p.display()))?);
         } else {
             files.push(p.clone());
         }
@@ -165,17 +158,7 @@ pub struct DirSource {
     duplicates: BTreeSet<Key>,
 }
 
-fn is_manifest(p: &Path) -> bool {
-    let hidden = p
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'));
-    !hidden
-        && matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        )
-}
+use dataplane_common::manifest::{files_in, is_manifest};
 
 /// `apiVersion` and `kind` of a document: read first, to know what to
 /// parse the document as.

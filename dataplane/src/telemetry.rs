@@ -83,6 +83,19 @@ fn histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
 
+/// Counters without labels, read at scrape time: (name, help, value).
+fn counters<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    items: [(&str, &str, u64); N],
+) -> Result<(), std::fmt::Error> {
+    for (name, help, v) in items {
+        let metric = ConstCounter::new(v);
+        let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+        metric.encode(enc)?;
+    }
+    Ok(())
+}
+
 /// Reads the pinned maps on every scrape.
 #[derive(Debug)]
 struct Datapath {
@@ -125,22 +138,21 @@ impl Collector for Datapath {
             ConstGauge::new(i64::from(max)).encode(family.encode_family(&labels)?)?;
         }
         if let Ok(s) = maps::ct::stats(&self.pin_dir) {
-            for (name, help, v) in [
-                (
-                    "dataplane_ct_created",
-                    "Conntrack entries the programs created.",
-                    s.created,
-                ),
-                (
-                    "dataplane_nat_ports_exhausted",
-                    "New NAT flows refused because no port toward their destination was free.",
-                    s.nat_exhausted,
-                ),
-            ] {
-                let metric = ConstCounter::new(v);
-                let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-                metric.encode(enc)?;
-            }
+            counters(
+                &mut encoder,
+                [
+                    (
+                        "dataplane_ct_created",
+                        "Conntrack entries the programs created.",
+                        s.created,
+                    ),
+                    (
+                        "dataplane_nat_ports_exhausted",
+                        "New NAT flows refused because no port toward their destination was free.",
+                        s.nat_exhausted,
+                    ),
+                ],
+            )?;
         }
         let rows = maps::metrics::rows(&self.pin_dir).unwrap_or_else(|e| {
             warn!("metrics: dp_metrics: {e:#}");
@@ -206,22 +218,21 @@ impl Collector for Datapath {
             }
         }
         if let Ok(l) = maps::events::losses(&self.pin_dir) {
-            for (name, help, v) in [
-                (
-                    "dataplane_events_lost",
-                    "Monitor events the ring buffer had no room for.",
-                    l.lost,
-                ),
-                (
-                    "dataplane_events_over_budget",
-                    "Monitor events not emitted: over a CPU's budget per second.",
-                    l.limited,
-                ),
-            ] {
-                let metric = ConstCounter::new(v);
-                let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-                metric.encode(enc)?;
-            }
+            counters(
+                &mut encoder,
+                [
+                    (
+                        "dataplane_events_lost",
+                        "Monitor events the ring buffer had no room for.",
+                        l.lost,
+                    ),
+                    (
+                        "dataplane_events_over_budget",
+                        "Monitor events not emitted: over a CPU's budget per second.",
+                        l.limited,
+                    ),
+                ],
+            )?;
         }
         Ok(())
     }

@@ -118,24 +118,8 @@ pub fn files(path: &Path) -> Result<Vec<PathBuf>> {
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut out: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let hidden = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'));
-            !hidden
-                && matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml" | "json")
-                )
-        })
-        .collect();
-    out.sort();
-    Ok(out)
+    dataplane_common::manifest::files_in(path)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// Every document of the manifests at `path` (see [`files`]). A file that
