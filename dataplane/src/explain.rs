@@ -94,9 +94,9 @@ fn parse_what(what: &str) -> Result<(u8, u16)> {
     Ok((proto, port))
 }
 
-/// An address: an IP as is; a pod (`namespace/name`) or a Service
-/// (`svc/namespace/name`) through the agent.
-fn resolve(socket: &Path, what: &str) -> Result<Ipv4Addr> {
+/// An address: an IP as is; a pod (`namespace/name`, or a name in
+/// `default`) or a Service (`svc/namespace/name`) through the agent.
+pub fn resolve(socket: &Path, what: &str) -> Result<Ipv4Addr> {
     if let Ok(ip) = what.parse::<Ipv4Addr>() {
         return Ok(ip);
     }
@@ -491,16 +491,16 @@ pub fn explain(req: &Request<'_>) -> Result<Explained> {
         };
         step("nat", format!("{}{claim}", parts.join(", ")));
     }
+    let decision = |p: &ExplainPolicy, toward: &str| {
+        format!(
+            "of {}, {toward} {}: {}",
+            names.endpoint(p.endpoint),
+            names.identity(p.peer),
+            names.policy(p)
+        )
+    };
     if t.notes & EXPLAIN_EGRESS != 0 {
-        step(
-            "egress policy",
-            format!(
-                "of {}, to {}: {}",
-                names.endpoint(t.egress.endpoint),
-                names.identity(t.egress.peer),
-                names.policy(&t.egress)
-            ),
-        );
+        step("egress policy", decision(&t.egress, "to"));
     }
     if t.notes & EXPLAIN_ROUTE != 0 {
         let d = match t.route {
@@ -519,15 +519,7 @@ pub fn explain(req: &Request<'_>) -> Result<Explained> {
         step("route", d);
     }
     if t.notes & EXPLAIN_INGRESS != 0 {
-        step(
-            "ingress policy",
-            format!(
-                "of {}, from {}: {}",
-                names.endpoint(t.ingress.endpoint),
-                names.identity(t.ingress.peer),
-                names.policy(&t.ingress)
-            ),
-        );
+        step("ingress policy", decision(&t.ingress, "from"));
     }
     let reason = Reason::from_code(t.reason as u8)
         .map_or_else(|| format!("reason {}", t.reason), |r| r.name().to_owned());

@@ -539,22 +539,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let ip = match pod {
                 None => ip,
-                Some(pod) => {
-                    let name = if pod.contains('/') {
-                        pod
-                    } else {
-                        format!("default/{pod}")
-                    };
-                    match call(&pin, &Request::Resolve { name: name.clone() })? {
-                        Response::Addresses { ips } => ips.into_iter().find_map(|a| match a {
-                            IpAddr::V4(v4) => Some(v4),
-                            IpAddr::V6(_) => None,
-                        }),
-                        _ => None,
-                    }
-                    .with_context(|| format!("--pod {name}: no IPv4 address"))
-                    .map(Some)?
-                }
+                Some(pod) => Some(
+                    dataplane::explain::resolve(&pin.socket, &pod)
+                        .with_context(|| format!("--pod {pod}"))?,
+                ),
             };
             dataplane::monitor::run(
                 &pin.resolve()?,

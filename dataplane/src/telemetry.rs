@@ -83,6 +83,25 @@ fn histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
 
+/// A packets family and a bytes family ((name, help) each) of verdict
+/// counter `rows`, labelled by `labels`.
+fn verdict_families<L: EncodeLabelSet + std::fmt::Debug>(
+    encoder: &mut DescriptorEncoder,
+    [packets, bytes]: [(&str, &str); 2],
+    rows: &[&maps::metrics::MetricsRow],
+    labels: impl Fn(&maps::metrics::MetricsRow) -> L,
+) -> Result<(), std::fmt::Error> {
+    for ((name, help), of_bytes) in [(packets, false), (bytes, true)] {
+        let mut family =
+            encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+        for r in rows {
+            let v = if of_bytes { r.bytes } else { r.packets };
+            ConstCounter::new(v).encode(family.encode_family(&labels(r))?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Counters without labels, read at scrape time: (name, help, value).
 fn counters<const N: usize>(
     encoder: &mut DescriptorEncoder,
@@ -171,52 +190,36 @@ impl Collector for Datapath {
             direction: r.direction.clone(),
             reason: r.reason.clone(),
         };
-        for (name, help, bytes) in [
-            (
-                "dataplane_forward_count",
-                "Packets the datapath forwarded, per hook and direction.",
-                false,
-            ),
-            (
-                "dataplane_forward_bytes",
-                "Bytes the datapath forwarded, per hook and direction.",
-                true,
-            ),
-        ] {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for r in &forwarded {
-                let v = if bytes { r.bytes } else { r.packets };
-                ConstCounter::new(v).encode(family.encode_family(&flow(r))?)?;
-            }
-        }
-        for (name, help, bytes) in [
-            (
-                "dataplane_drop_count",
-                "Packets dropped (or answered with an ICMP error instead), by reason, hook and direction.",
-                false,
-            ),
-            (
-                "dataplane_drop_bytes",
-                "Bytes dropped, by reason, hook and direction.",
-                true,
-            ),
-        ] {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for r in &dropped {
-                let v = if bytes { r.bytes } else { r.packets };
-                ConstCounter::new(v).encode(family.encode_family(&drop(r))?)?;
-            }
-        }
+        verdict_families(
+            &mut encoder,
+            [
+                (
+                    "dataplane_forward_count",
+                    "Packets the datapath forwarded, per hook and direction.",
+                ),
+                (
+                    "dataplane_forward_bytes",
+                    "Bytes the datapath forwarded, per hook and direction.",
+                ),
+            ],
+            &forwarded,
+            flow,
+        )?;
+        verdict_families(
+            &mut encoder,
+            [
+                (
+                    "dataplane_drop_count",
+                    "Packets dropped (or answered with an ICMP error instead), by reason, hook and direction.",
+                ),
+                (
+                    "dataplane_drop_bytes",
+                    "Bytes dropped, by reason, hook and direction.",
+                ),
+            ],
+            &dropped,
+            drop,
+        )?;
         if let Ok(l) = maps::events::losses(&self.pin_dir) {
             counters(
                 &mut encoder,
