@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::error::{CniError, Result, code};
 
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/dataplane/ipam";
+pub const DEFAULT_DATA_DIR: &str = dataplane_common::api::IPAM_DATA_DIR;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]

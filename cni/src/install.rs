@@ -27,9 +27,9 @@ struct Options {
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
-        bin_dir: "/opt/cni/bin".into(),
-        conf_dir: "/etc/cni/net.d".into(),
-        conf_name: "05-dataplane.conflist".into(),
+        bin_dir: dataplane_common::api::CNI_BIN_DIR.into(),
+        conf_dir: dataplane_common::api::CNI_CONF_DIR.into(),
+        conf_name: dataplane_common::api::CNI_CONF_NAME.into(),
         network: "dataplane".into(),
         agent_socket: dataplane_common::api::DEFAULT_SOCKET.into(),
         ipam_dir: None,
@@ -97,7 +97,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let o = parse(args)?;
     let exe = std::env::current_exe().map_err(|e| format!("finding this binary: {e}"))?;
     let bytes = fs::read(&exe).map_err(|e| format!("reading {}: {e}", exe.display()))?;
-    let bin = o.bin_dir.join("dataplane-cni");
+    let bin = o.bin_dir.join(dataplane_common::api::CNI_PLUGIN);
     write_atomic(&bin, &bytes, 0o755)?;
 
     let mut plugin = json!({ "type": "dataplane-cni", "agentSocket": o.agent_socket });

@@ -14,6 +14,14 @@ use std::time::Duration;
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/dataplane/agent.sock";
+/// Where `dataplane-cni install` puts the plugin and its conflist, and
+/// where the plugin's IPAM keeps its allocations (one directory per
+/// network): what `dataplane uninstall` removes.
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+pub const CNI_PLUGIN: &str = "dataplane-cni";
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const CNI_CONF_NAME: &str = "05-dataplane.conflist";
+pub const IPAM_DATA_DIR: &str = "/var/lib/dataplane/ipam";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointSpec {

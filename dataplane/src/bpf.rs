@@ -560,6 +560,39 @@ impl Datapath {
     }
 }
 
+/// Removes the clsact filters an agent recorded in `state_dir` (what
+/// `dataplane uninstall` does without loading anything); returns how many
+/// were still there.
+pub fn remove_recorded_clsact(state_dir: &Path) -> Result<usize> {
+    let file = state_dir.join("clsact.json");
+    let records: BTreeMap<String, (u16, u32)> = match std::fs::read(&file) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{}", file.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let mut removed = 0;
+    for (key, (priority, handle)) in &records {
+        let Some((prog, ifname)) = key.split_once('@') else {
+            continue;
+        };
+        let Some(spec) = PROGRAMS.iter().find(|p| p.name == prog) else {
+            continue;
+        };
+        if let Ok(link) = SchedClassifierLink::attached(
+            ifname,
+            tc_direction(spec.kind),
+            *priority,
+            TcHandle::from(*handle),
+            None,
+        ) && aya::programs::links::Link::detach(link).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+    Ok(removed)
+}
+
 fn tc_direction(kind: ProgKind) -> TcAttachType {
     if kind == ProgKind::TcEgress {
         TcAttachType::Egress

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod cli;
 pub mod cluster;
 pub mod explain;
 pub mod inspect;
@@ -16,3 +17,4 @@ pub mod source_dir;
 pub mod source_kube;
 pub mod sys;
 pub mod telemetry;
+pub mod uninstall;

@@ -43,26 +43,37 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
     Ok(fs_magic(path)? == BPF_FS_MAGIC)
 }
 
+/// Mounts bpffs at `path` unless one is there; true when it mounted.
+pub fn ensure_bpffs(path: &Path) -> Result<bool> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    if is_bpffs(path)? {
+        return Ok(false);
+    }
+    let src = CString::new("bpf")?;
+    let target = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid C strings; null data is allowed for bpffs.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {}", path.display()));
+    }
+    Ok(true)
+}
+
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (it is not at
 /// boot on every distribution), then creates `dir` on it.
 pub fn ensure_pin_dir(dir: &Path) -> Result<()> {
     let bpffs = Path::new("/sys/fs/bpf");
-    if dir.starts_with(bpffs) && !is_bpffs(bpffs)? {
-        let src = CString::new("bpf")?;
-        let target = CString::new("/sys/fs/bpf")?;
-        // SAFETY: valid C strings; null data is allowed for bpffs.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
-        }
+    if dir.starts_with(bpffs) {
+        ensure_bpffs(bpffs)?;
     }
     if let Err(e) = std::fs::create_dir_all(dir) {
         if e.raw_os_error() == Some(libc::EPERM) {
@@ -101,10 +112,27 @@ pub fn is_cgroup2(path: &Path) -> Result<bool> {
     Ok(fs_magic(path)? == CGROUP2_SUPER_MAGIC)
 }
 
-/// Writes `/proc/sys/<key>` (per network namespace for `net/...`).
+static SYSCTL_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Where sysctls are written from now on instead of `/proc/sys`: a
+/// container's `/proc/sys` is read-only, so the DaemonSet mounts the host's
+/// `/proc/sys/net` elsewhere. Set once, at start.
+pub fn set_sysctl_root(root: &Path) {
+    let _ = SYSCTL_ROOT.set(root.to_owned());
+}
+
+/// The file behind a sysctl key (`net/ipv4/ip_forward`).
+pub fn sysctl_path(key: &str) -> PathBuf {
+    SYSCTL_ROOT
+        .get()
+        .map_or_else(|| Path::new("/proc/sys"), PathBuf::as_path)
+        .join(key)
+}
+
+/// Writes a sysctl (per network namespace for `net/...`).
 pub fn write_sysctl(key: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/{key}");
-    std::fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))
+    let path = sysctl_path(key);
+    std::fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))
 }
 
 /// Interface index in the current network namespace.

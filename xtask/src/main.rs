@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod image;
 mod labcmd;
 mod testing;
 mod toolchain;
@@ -49,6 +50,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The container image (deploy/Containerfile) from static binaries,
+    /// with podman or buildah, offline; then checks it runs.
+    Image,
     /// Benchmarks: Services, NetworkPolicy, and the control plane (change latency, full sync, agent memory).
     Bench {
         /// Only this part: `services`, `policy` or `control-plane`.
@@ -70,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => testing::test(&args),
         Cmd::Demo { keep } => demo::demo(keep),
         Cmd::Lab { args } => labcmd::lab(&args),
+        Cmd::Image => image::image().and_then(|tag| image::check(&tag)),
         Cmd::Bench { only } => bench::bench(only.as_deref()),
     }
 }

@@ -93,6 +93,11 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     }
     cmd.args(args);
     status(&mut cmd)?;
+    // The image, unless a filter picked some tests only.
+    if root && args.is_empty() {
+        let tag = crate::image::image()?;
+        crate::image::check(&tag)?;
+    }
     if !root {
         bail!(
             "unit tests passed, but the lab integration tests need root (network namespaces, BPF, bpffs): run `sudo -E cargo xtask test`"

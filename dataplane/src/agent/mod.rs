@@ -28,8 +28,10 @@ use tokio::{
 use tracing::{info, warn};
 
 mod api;
+pub mod config;
 mod endpoints;
 mod network;
+pub(crate) use network::HOST_DEVICE;
 mod policy;
 mod reconcile;
 mod services;
@@ -56,6 +58,17 @@ pub struct AgentArgs {
     /// This node's name (the Kubernetes Node name).
     #[arg(long)]
     pub node: String,
+    /// Settings from a file (YAML, `key: value`) or a directory of files
+    /// named by key (a mounted ConfigMap). A key is a flag's long name
+    /// (`mode`, `vni`, …); a flag on the command line overrides it, and an
+    /// unknown key or a bad value stops the agent, naming both.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The agent's own log filter: a level (`error` … `trace`) or
+    /// tracing directives (`info,dataplane::agent=debug`). RUST_LOG, when
+    /// set, wins.
+    #[arg(long, default_value = "info", value_parser = parse_log_level)]
+    pub log_level: String,
     /// bpffs directory under which each node pins into `<root>/<node>/`
     /// (the node name escaped: bpffs refuses dots).
     #[arg(long, default_value = dataplane_common::PIN_ROOT)]
@@ -109,6 +122,17 @@ pub struct AgentArgs {
     /// Kubeconfig for `--source kube` outside a cluster.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// In a cluster (`KUBERNETES_SERVICE_HOST` set, no --kubeconfig): the
+    /// service account's `token`, `ca.crt` and `namespace`. The token is
+    /// reread as the kubelet rotates it.
+    #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount")]
+    pub service_account_dir: PathBuf,
+    /// The API server as HOST:PORT, instead of `KUBERNETES_SERVICE_HOST`
+    /// and `_PORT`: those name the `kubernetes` Service's ClusterIP, which
+    /// only works once Services do, so a kube-proxy-free cluster gives the
+    /// API server's own address here.
+    #[arg(long)]
+    pub k8s_api_server: Option<String>,
     /// MTU for pod interfaces; default: the uplink's MTU, minus VXLAN's 50
     /// bytes in VXLAN mode.
     #[arg(long)]
@@ -121,6 +145,11 @@ pub struct AgentArgs {
     /// routes). By default it keeps forwarding until the next agent adopts it.
     #[arg(long)]
     pub cleanup: bool,
+    /// Where the node's sysctls are (`net/...` below it): the DaemonSet
+    /// mounts the host's `/proc/sys/net` here, a container's own
+    /// `/proc/sys` being read-only.
+    #[arg(long, default_value = "/proc/sys")]
+    pub sysctl_root: PathBuf,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = crate::telemetry::DEFAULT_ADDR)]
     pub metrics_addr: String,
@@ -157,6 +186,13 @@ pub struct AgentArgs {
 pub enum Source {
     Dir(PathBuf),
     Kube,
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_source(s: &str) -> Result<Source, String> {
@@ -338,6 +374,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--node: {e}"))?;
     let pin_dir = dataplane_common::pin_dir(&args.pin_root, &args.node);
     sys::ensure_pin_dir(&pin_dir)?;
+    sys::set_sysctl_root(&args.sysctl_root);
     if !crate::lb::is_prime(args.maglev_table_size)
         || args.maglev_table_size > dataplane_common::MAGLEV_MAX_SIZE
     {
@@ -503,7 +540,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             tokio::spawn(async move { source_dir::run(dir, tx, barriers, t).await });
         }
         Source::Kube => {
-            let client = source_kube::client(args.kubeconfig.as_ref()).await?;
+            let client = source_kube::client(
+                args.kubeconfig.as_ref(),
+                args.k8s_api_server.as_deref(),
+                &args.service_account_dir,
+            )
+            .await?;
             let t = telemetry.clone();
             // The watches deliver on their own: a barrier follows whatever
             // they have delivered so far.

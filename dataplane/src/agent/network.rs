@@ -15,7 +15,7 @@ use tracing::info;
 use super::{Agent, AgentArgs, Mode, Net, VXLAN_OVERHEAD, lock};
 
 /// The node's host device and its peer.
-pub(super) const HOST_DEVICE: &str = "dp_host";
+pub(crate) const HOST_DEVICE: &str = "dp_host";
 const HOST_DEVICE_PEER: &str = "dp_net";
 
 use crate::{
@@ -70,7 +70,7 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
         // solicitations or MLD reports of the node's own into it (they would
         // be dropped there as unsupported). Absent when IPv6 is off.
         let v6 = format!("net/ipv6/conf/{dev}/disable_ipv6");
-        if std::path::Path::new("/proc/sys").join(&v6).exists() {
+        if sys::sysctl_path(&v6).exists() {
             sys::write_sysctl(&v6, "1")?;
         }
     }
@@ -98,7 +98,7 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
             ("net/ipv6/conf/{}/disable_ipv6", "1"),
         ] {
             let key = key.replace("{}", name);
-            if std::path::Path::new("/proc/sys").join(&key).exists() {
+            if sys::sysctl_path(&key).exists() {
                 sys::write_sysctl(&key, value)?;
             }
         }
