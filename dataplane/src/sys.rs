@@ -21,9 +21,19 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// Moves this (still single-threaded) process into a network namespace, by
 /// `ip netns` name or by path. Only the network namespace changes: bpffs pins
 /// and Unix sockets stay shared with the caller's mount namespace.
+///
+/// Already there (a wrapper such as `ip netns exec` entered it), it does
+/// nothing: setns takes CAP_SYS_ADMIN, which the agent does not otherwise
+/// need.
 pub fn enter_netns(name_or_path: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let file = dataplane_common::netns::open(name_or_path)
         .with_context(|| format!("opening network namespace {name_or_path}"))?;
+    let target = file.metadata()?;
+    let current = std::fs::metadata("/proc/self/ns/net")?;
+    if (target.dev(), target.ino()) == (current.dev(), current.ino()) {
+        return Ok(());
+    }
     dataplane_common::netns::enter(&file).with_context(|| format!("setns({name_or_path})"))
 }
 

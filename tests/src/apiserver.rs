@@ -8,11 +8,15 @@
 //!   compaction point (the client must relist).
 //! - Test controls: change objects, drop every open watch, compact, go down
 //!   (connections closed without an answer) and come back.
+//! - Optionally what a real one checks before any of that: HTTPS with a
+//!   certificate from its own CA, a bearer token (401 otherwise), and RBAC
+//!   rules (403 for a verb on a resource they do not grant). Every request
+//!   is recorded as the (verb, group, resource) RBAC judges it by.
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -43,6 +47,118 @@ const RESOURCES: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// (API group, resource, verbs) as a ClusterRole's rules grant them.
+pub type Rule = (String, String, Vec<String>);
+
+/// What the server checks before it answers.
+#[derive(Default)]
+pub struct Security {
+    pub tls: Option<Tls>,
+    /// The bearer token a request must carry.
+    pub token: Option<String>,
+    /// RBAC: what requests may do (None: anything).
+    pub rules: Option<Vec<Rule>>,
+}
+
+/// A CA and a serving certificate it signed, for the server's address.
+pub struct Tls {
+    /// The CA certificate clients trust (the service account's `ca.crt`).
+    pub ca_pem: String,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl Tls {
+    pub fn generate(ip: IpAddr) -> Result<Tls> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "dataplane lab CA");
+        let ca = ca.self_signed(&ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::new(vec![ip.to_string()])?;
+        leaf.distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        let leaf = leaf.signed_by(&key, &ca, &ca_key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone(), ca.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )?;
+        Ok(Tls {
+            ca_pem: ca.pem(),
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// One request as RBAC sees it, and the status it got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub code: u16,
+}
+
+/// Reads the rules of a ClusterRole manifest (the first ClusterRole in a
+/// multi-document YAML file).
+pub fn cluster_role_rules(yaml: &str) -> Result<Vec<Rule>> {
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v = <Value as serde::Deserialize>::deserialize(doc)?;
+        if v["kind"] != "ClusterRole" {
+            continue;
+        }
+        let strs = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut rules = Vec::new();
+        for rule in v["rules"].as_array().context("ClusterRole without rules")? {
+            for g in strs(&rule["apiGroups"]) {
+                for r in strs(&rule["resources"]) {
+                    rules.push((g.clone(), r, strs(&rule["verbs"])));
+                }
+            }
+        }
+        return Ok(rules);
+    }
+    anyhow::bail!("no ClusterRole")
+}
+
+/// The (verb, group, resource) of a request, as the API server's request
+/// info resolves it for the paths served here.
+fn access_of(method: &str, path: &str, watching: bool) -> (String, String, String) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+        _ => (String::new(), &[][..]),
+    };
+    let named = rest.len() > 1;
+    let resource = rest.first().copied().unwrap_or_default().to_owned();
+    let verb = match (method, watching, named) {
+        ("GET", true, _) => "watch",
+        ("GET", false, false) => "list",
+        ("GET", false, true) => "get",
+        ("POST", ..) => "create",
+        ("PUT", ..) => "update",
+        ("PATCH", ..) => "patch",
+        ("DELETE", ..) => "delete",
+        _ => "unknown",
+    };
+    (verb.to_owned(), group, resource)
+}
+
 struct Event {
     rv: u64,
     path: &'static str,
@@ -64,6 +180,9 @@ struct State {
     requests: Vec<String>,
     /// The resourceVersion of every BOOKMARK sent.
     bookmarks: Vec<u64>,
+    token: Option<String>,
+    rules: Option<Vec<Rule>>,
+    access: Vec<Access>,
 }
 
 pub struct ApiServer {
@@ -80,11 +199,20 @@ fn resource_of(
 }
 
 impl ApiServer {
-    /// Listens on `addr` in `netns` (by `ip netns` name).
+    /// Listens on `addr` in `netns` (by `ip netns` name), plain HTTP and
+    /// open to anyone.
     pub fn start(netns: &str, addr: SocketAddr) -> Result<ApiServer> {
+        Self::start_with(netns, addr, Security::default())
+    }
+
+    /// As [`ApiServer::start`], checking what `security` asks.
+    pub fn start_with(netns: &str, addr: SocketAddr, security: Security) -> Result<ApiServer> {
         let file = crate::netns_file(netns)?;
+        let tls = security.tls.map(|t| t.config);
         let state = Arc::new(Mutex::new(State {
             rv: 1,
+            token: security.token,
+            rules: security.rules,
             ..State::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -108,9 +236,20 @@ impl ApiServer {
             while !sp.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (st, sp) = (st.clone(), sp.clone());
+                        let (st, sp, tls) = (st.clone(), sp.clone(), tls.clone());
                         std::thread::spawn(move || {
-                            let _ = serve(conn, &st, &sp);
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                            match tls {
+                                Some(cfg) => {
+                                    if let Ok(server) = rustls::ServerConnection::new(cfg) {
+                                        let _ =
+                                            serve(rustls::StreamOwned::new(server, conn), &st, &sp);
+                                    }
+                                }
+                                None => {
+                                    let _ = serve(conn, &st, &sp);
+                                }
+                            }
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -228,6 +367,22 @@ impl ApiServer {
         self.with(|st| st.requests.clone())
     }
 
+    /// Every request as RBAC judged it, with its status code.
+    pub fn access(&self) -> Vec<Access> {
+        self.with(|st| st.access.clone())
+    }
+
+    /// The RBAC rules from now on (None: anything goes).
+    pub fn set_rules(&self, rules: Option<Vec<Rule>>) {
+        self.with(|st| st.rules = rules);
+    }
+
+    /// The bearer token requests must carry from now on (open watches go
+    /// on, as a real server's do until they end).
+    pub fn set_token(&self, token: Option<String>) {
+        self.with(|st| st.token = token);
+    }
+
     /// A kubeconfig pointing at this server.
     pub fn kubeconfig(&self) -> String {
         format!(
@@ -257,36 +412,51 @@ fn query(target: &str) -> (String, BTreeMap<String, String>) {
     (path.to_owned(), params)
 }
 
-fn respond(conn: &mut TcpStream, code: &str, body: &Value) -> std::io::Result<()> {
+fn respond(conn: &mut impl Write, code: &str, body: &Value) -> std::io::Result<()> {
     let body = body.to_string();
     write!(
         conn,
         "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
+    )?;
+    conn.flush()
 }
 
-fn chunk(conn: &mut TcpStream, value: &Value) -> std::io::Result<()> {
+fn chunk(conn: &mut impl Write, value: &Value) -> std::io::Result<()> {
     let line = format!("{value}\n");
     write!(conn, "{:x}\r\n{line}\r\n", line.len())?;
     conn.flush()
 }
 
-fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
+fn failure(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn serve<S: Read + Write>(
+    stream: S,
+    state: &Mutex<State>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        // Headers are not needed: skip to the blank line.
+        let mut bearer = None;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
                 break;
             }
+            if let Some((name, value)) = h.split_once(':')
+                && name.eq_ignore_ascii_case("authorization")
+            {
+                bearer = value.trim().strip_prefix("Bearer ").map(str::to_owned);
+            }
         }
+        let conn = reader.get_mut();
         let request = line.trim().to_owned();
         let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
         {
@@ -298,16 +468,50 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::i
         }
         let target = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
         let (path, params) = query(&target);
+        let watching = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+        let method = request.split_whitespace().next().unwrap_or("GET");
+        let (verb, group, resource) = access_of(method, &path, watching);
+        let denied = {
+            let mut st = lock();
+            let denied = if st.token.is_some() && bearer != st.token {
+                Some((
+                    401,
+                    "401 Unauthorized",
+                    failure(401, "Unauthorized", "Unauthorized"),
+                ))
+            } else if let Some(rules) = &st.rules
+                && !rules
+                    .iter()
+                    .any(|(g, r, verbs)| *g == group && *r == resource && verbs.contains(&verb))
+            {
+                let message = format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:dataplane-system:dataplane\" cannot {verb} resource \"{resource}\" in API group \"{group}\" at the cluster scope"
+                );
+                Some((403, "403 Forbidden", failure(403, "Forbidden", &message)))
+            } else {
+                None
+            };
+            st.access.push(Access {
+                verb: verb.clone(),
+                group: group.clone(),
+                resource: resource.clone(),
+                code: denied.as_ref().map_or(200, |d| d.0),
+            });
+            denied
+        };
+        if let Some((_, status, body)) = denied {
+            respond(conn, status, &body)?;
+            continue;
+        }
         let Some(&(path, list_kind, item_kind, api)) = RESOURCES.iter().find(|r| r.0 == path)
         else {
             respond(
-                &mut conn,
+                conn,
                 "404 Not Found",
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
             )?;
             continue;
         };
-        let watching = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
         if !watching {
             let st = lock();
             let items: Vec<Value> = st
@@ -318,7 +522,7 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::i
                 .collect();
             let body = json!({"kind": list_kind, "apiVersion": api, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
             drop(st);
-            respond(&mut conn, "200 OK", &body)?;
+            respond(conn, "200 OK", &body)?;
             continue;
         }
         let mut from: u64 = params
@@ -342,7 +546,7 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::i
         };
         if from < compacted {
             chunk(
-                &mut conn,
+                conn,
                 &json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
                 "status": "Failure", "message": format!("too old resource version: {from} ({compacted})"), "reason": "Expired", "code": 410}}),
             )?;
@@ -367,12 +571,12 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::i
                 return Ok(());
             }
             for e in events {
-                chunk(&mut conn, &e)?;
+                chunk(conn, &e)?;
             }
             from = now_rv.max(from);
             if bookmarks && last_bookmark.elapsed() > Duration::from_millis(500) {
                 chunk(
-                    &mut conn,
+                    conn,
                     &json!({"type": "BOOKMARK", "object": {"kind": item_kind, "apiVersion": api, "metadata": {"resourceVersion": from.to_string()}}}),
                 )?;
                 lock().bookmarks.push(from);

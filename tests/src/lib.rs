@@ -95,6 +95,17 @@ pub struct LabSpec {
     pub node_pod_cidrs: Vec<String>,
     /// The lab's name (`lab up --name`); its id when empty.
     pub name: String,
+    /// With `source = "kube"`: the API server as a cluster's is, HTTPS with
+    /// its own CA, a service account token and these RBAC rules (None:
+    /// plain HTTP, open). Agents find it as pods do (node 0 through
+    /// `KUBERNETES_SERVICE_HOST`/`_PORT`, the others through
+    /// `--k8s-api-server`), with the token and CA in a service account
+    /// directory.
+    pub kube_in_cluster: Option<Option<Vec<apiserver::Rule>>>,
+    /// A command the agent runs under (e.g. `setpriv` dropping
+    /// capabilities; `{netns}` stands for the node's namespace): the
+    /// agent's command line follows it.
+    pub agent_wrapper: Vec<String>,
 }
 
 impl LabSpec {
@@ -131,6 +142,8 @@ impl LabSpec {
             node_names: Vec::new(),
             node_pod_cidrs: Vec::new(),
             name: String::new(),
+            kube_in_cluster: None,
+            agent_wrapper: Vec::new(),
         })
     }
 
@@ -203,6 +216,12 @@ pub struct NodeState {
     /// The node's cgroup (its socket programs act on processes in it).
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The agent's environment beyond the lab's own, and the command it
+    /// runs under (restarts reuse both).
+    #[serde(default)]
+    pub agent_env: Vec<(String, String)>,
+    #[serde(default)]
+    pub agent_wrapper: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -502,6 +521,11 @@ impl Lab {
 
     /// A cgroup of the lab's own under the cgroup v2 mount (removed on
     /// teardown).
+    /// Where an in-cluster lab keeps the service account's token and CA.
+    pub fn service_account_dir(&self) -> PathBuf {
+        self.state.run_dir.join("serviceaccount")
+    }
+
     fn add_cgroup(&mut self, name: &str) -> Result<PathBuf> {
         let path = cgroup2_mount()?.join(name);
         self.state.cgroups.push(path.clone());
@@ -519,8 +543,32 @@ impl Lab {
         if spec.source == "kube" {
             // The API server sits on the underlay, where every node reaches it.
             ip(&["-n", &ul, "addr", "add", "172.20.0.1/24", "dev", "br0"])?;
-            let api = apiserver::ApiServer::start(&ul, std::net::SocketAddr::from(API_ADDR))?;
-            fs::write(self.state.run_dir.join("kubeconfig"), api.kubeconfig())?;
+            let addr = std::net::SocketAddr::from(API_ADDR);
+            let api = match &spec.kube_in_cluster {
+                None => {
+                    let api = apiserver::ApiServer::start(&ul, addr)?;
+                    fs::write(self.state.run_dir.join("kubeconfig"), api.kubeconfig())?;
+                    api
+                }
+                Some(rules) => {
+                    let tls = apiserver::Tls::generate(addr.ip())?;
+                    let token = random_id()?;
+                    let sa = self.service_account_dir();
+                    fs::create_dir_all(&sa)?;
+                    fs::write(sa.join("ca.crt"), &tls.ca_pem)?;
+                    fs::write(sa.join("token"), &token)?;
+                    fs::write(sa.join("namespace"), "dataplane-system")?;
+                    apiserver::ApiServer::start_with(
+                        &ul,
+                        addr,
+                        apiserver::Security {
+                            tls: Some(tls),
+                            token: Some(token),
+                            rules: rules.clone(),
+                        },
+                    )?
+                }
+            };
             self.api = Some(api);
         }
 
@@ -546,6 +594,8 @@ impl Lab {
                 ip: node_ip,
                 pod_cidr: spec.node_pod_cidr(i),
                 agent_pid: None,
+                agent_env: Vec::new(),
+                agent_wrapper: spec.agent_wrapper.clone(),
             });
         }
         self.save()?;
@@ -650,11 +700,27 @@ impl Lab {
             args.push(node.pod_cidr.clone());
         }
         args.extend(spec.agent_args.iter().cloned());
+        let mut env = Vec::new();
         if spec.source == "kube" {
-            args.push("--kubeconfig".into());
-            args.push(self.state.run_dir.join("kubeconfig").display().to_string());
+            if spec.kube_in_cluster.is_some() {
+                let (ip, port) = (std::net::Ipv4Addr::from(API_ADDR.0), API_ADDR.1);
+                if i == 0 {
+                    env.push(("KUBERNETES_SERVICE_HOST".to_owned(), ip.to_string()));
+                    env.push(("KUBERNETES_SERVICE_PORT".to_owned(), port.to_string()));
+                } else {
+                    args.push(format!("--k8s-api-server={ip}:{port}"));
+                }
+                args.push(format!(
+                    "--service-account-dir={}",
+                    self.service_account_dir().display()
+                ));
+            } else {
+                args.push("--kubeconfig".into());
+                args.push(self.state.run_dir.join("kubeconfig").display().to_string());
+            }
         }
         self.state.nodes[i].agent_args = args;
+        self.state.nodes[i].agent_env = env;
         self.spawn_agent(i)
     }
 
@@ -665,8 +731,18 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&node.log)?;
-        let child = Command::new(&self.state.dataplane_bin)
+        let mut cmd = match node.agent_wrapper.split_first() {
+            Some((wrapper, wargs)) => {
+                let mut c = Command::new(wrapper);
+                c.args(wargs.iter().map(|a| a.replace("{netns}", &node.netns)))
+                    .arg(&self.state.dataplane_bin);
+                c
+            }
+            None => Command::new(&self.state.dataplane_bin),
+        };
+        let child = cmd
             .args(&node.agent_args)
+            .envs(node.agent_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

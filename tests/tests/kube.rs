@@ -273,3 +273,115 @@ fn services_and_endpoint_slices_from_the_api_server() {
         }
     });
 }
+
+/// The agent as a DaemonSet pod runs it: in-cluster config (node 0 from
+/// `KUBERNETES_SERVICE_HOST`/`_PORT`, node 1 from `--k8s-api-server`), the
+/// service account's token and CA against an HTTPS API server that
+/// enforces the ClusterRole of `deploy/rbac.yaml`. Then a wrong token and a
+/// missing grant: each a clear error, retried, with the datapath forwarding.
+#[test]
+fn in_cluster_config_tls_token_and_the_deploy_cluster_role() {
+    let rbac = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml"),
+    )
+    .expect("deploy/rbac.yaml");
+    let rules = lab::apiserver::cluster_role_rules(&rbac).expect("ClusterRole");
+    let mut spec = LabSpec::new(2, 1).expect("spec");
+    spec.source = "kube".into();
+    spec.kube_in_cluster = Some(Some(rules.clone()));
+    let lab = Lab::up(&spec).expect("lab");
+    let (a, c) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    let api = lab.api.as_ref().expect("api server");
+    let reach = || {
+        ping(&a.netns, &c.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received
+    };
+    assert_eq!(reach(), 3);
+    wait_for("the remote pod from its Pod object", || {
+        has_endpoint(&lab, 0, &c.ip.to_string())
+    });
+    assert!(lab.agent_log(1).contains("listed"));
+
+    // Every request was allowed, and together they used every grant: the
+    // ClusterRole is neither too narrow nor wider than the agent's use.
+    let access = api.access();
+    assert!(access.iter().all(|x| x.code == 200), "{access:#?}");
+    let used: std::collections::BTreeSet<(String, String, String)> = access
+        .iter()
+        .map(|x| (x.group.clone(), x.resource.clone(), x.verb.clone()))
+        .collect();
+    let granted: std::collections::BTreeSet<(String, String, String)> = rules
+        .iter()
+        .flat_map(|(g, r, verbs)| verbs.iter().map(|v| (g.clone(), r.clone(), v.clone())))
+        .collect();
+    assert_eq!(used, granted);
+
+    // A token the server no longer takes: every reconnect gets 401, the
+    // log says what to check, the agent keeps retrying, packets flow.
+    let metrics_errors = |node: usize| {
+        lab::http_get(
+            &lab.state.nodes[node].netns,
+            std::net::SocketAddr::from(([127, 0, 0, 1], 9963)),
+            "/metrics",
+        )
+        .map(|(_, m)| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("dataplane_errors_total{kind=\"kube_watch\"} "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .unwrap_or(0.0)
+    };
+    api.set_token(Some("a-rotated-token".into()));
+    api.drop_watches();
+    let refused = || api.access().iter().filter(|x| x.code == 401).count();
+    wait_for("401s", || refused() >= 6);
+    let first = refused();
+    wait_for("the clear error in the log", || {
+        lab.agent_log(0).contains(
+            "the API server refused the agent's credentials (401 Unauthorized): check the service account token",
+        )
+    });
+    wait_for("retries", || refused() > first + 6);
+    assert!(metrics_errors(0) >= 1.0);
+    assert_eq!(reach(), 3, "forwarding with the API refusing the agent");
+    // A restart with the token refused: the datapath is adopted and keeps
+    // forwarding while the watches retry.
+    let mut lab = lab;
+    lab.signal_agent(1, libc::SIGTERM).expect("stop");
+    lab.start_agent_again(1).expect("start");
+    let api = lab.api.as_ref().expect("api server");
+    assert_eq!(reach(), 3, "forwarding after a restart without the API");
+
+    // The right token again: the watches recover and changes flow.
+    let token = std::fs::read_to_string(lab.service_account_dir().join("token")).expect("token");
+    api.set_token(Some(token));
+    let n1 = lab.state.nodes[1].name.clone();
+    api.apply(pod("after-401", &n1, "10.244.1.80"))
+        .expect("apply");
+    wait_for("a Pod after the token works again", || {
+        has_endpoint(&lab, 0, "10.244.1.80")
+    });
+
+    // A ClusterRole without NetworkPolicies: 403, named, retried; the
+    // other kinds go on.
+    let without: Vec<_> = rules
+        .iter()
+        .filter(|(_, r, _)| r != "networkpolicies")
+        .cloned()
+        .collect();
+    api.set_rules(Some(without));
+    api.drop_watches();
+    wait_for("the 403 in the log", || {
+        lab.agent_log(0).contains(
+            "the API server forbids listing or watching networkpolicies (403 Forbidden): the ClusterRole must grant list and watch on it",
+        )
+    });
+    api.apply(pod("during-403", &n1, "10.244.1.81"))
+        .expect("apply");
+    wait_for("a Pod while NetworkPolicies are forbidden", || {
+        has_endpoint(&lab, 0, "10.244.1.81")
+    });
+    assert_eq!(reach(), 3);
+}
