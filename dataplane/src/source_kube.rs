@@ -174,7 +174,7 @@ fn explain_watch_error(kind: Kind, e: &watcher::Error) -> String {
             "the API server refused the agent's credentials (401 Unauthorized): check the service account token (--service-account-dir) or the kubeconfig; retrying: {e}"
         ),
         Some(403) => format!(
-            "the API server forbids listing or watching {resource} (403 Forbidden): the ClusterRole must grant list and watch on it (deploy/rbac.yaml); retrying: {e}"
+            "the API server forbids listing or watching {resource} (403 Forbidden): the ClusterRole must grant list and watch on it (deploy/base/rbac.yaml); retrying: {e}"
         ),
         _ => format!("{e}; retrying"),
     }

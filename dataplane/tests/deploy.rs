@@ -108,23 +108,46 @@ fn read(files: &[PathBuf]) -> Result<Manifests, String> {
     Ok(m)
 }
 
-/// The files `kubectl apply -k deploy/` applies, from the kustomization.
-fn kustomization() -> (Vec<PathBuf>, Value) {
-    let k = documents(&deploy_dir().join("kustomization.yaml"))
+/// What a kustomization builds: its resource files (directories followed
+/// to their own kustomizations), its `images` and its patch files.
+struct Kustomization {
+    files: Vec<PathBuf>,
+    images: Vec<Value>,
+    patches: Vec<PathBuf>,
+}
+
+fn kustomize(dir: &Path) -> Kustomization {
+    let k = documents(&dir.join("kustomization.yaml"))
         .pop()
         .expect("kustomization");
-    let files = k["resources"]
-        .as_array()
-        .expect("resources")
-        .iter()
-        .map(|r| deploy_dir().join(r.as_str().expect("resource path")))
-        .collect();
-    (files, k)
+    let mut out = Kustomization {
+        files: Vec::new(),
+        images: k["images"].as_array().cloned().unwrap_or_default(),
+        patches: Vec::new(),
+    };
+    for r in k["resources"].as_array().expect("resources") {
+        let path = dir
+            .join(r.as_str().expect("resource path"))
+            .canonicalize()
+            .expect("resource exists");
+        if path.is_dir() {
+            let inner = kustomize(&path);
+            out.files.extend(inner.files);
+            out.images.extend(inner.images);
+            out.patches.extend(inner.patches);
+        } else {
+            out.files.push(path);
+        }
+    }
+    for p in k["patches"].as_array().into_iter().flatten() {
+        out.patches
+            .push(dir.join(p["path"].as_str().expect("patch path")));
+    }
+    out
 }
 
 fn installed() -> Manifests {
-    let (files, _) = kustomization();
-    read(&files).unwrap_or_else(|e| panic!("{e}"))
+    read(&kustomize(&deploy_dir()).files).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn uninstall_file() -> PathBuf {
@@ -133,17 +156,23 @@ fn uninstall_file() -> PathBuf {
 
 #[test]
 fn kustomization_applies_every_manifest_and_each_reads_strictly() {
-    let (files, k) = kustomization();
-    let mut on_disk: BTreeSet<PathBuf> = std::fs::read_dir(deploy_dir())
-        .expect("deploy/")
-        .map(|e| e.expect("entry").path())
+    let k = kustomize(&deploy_dir());
+    let base = deploy_dir().join("base");
+    let mut on_disk: BTreeSet<PathBuf> = std::fs::read_dir(&base)
+        .expect("deploy/base/")
+        .map(|e| e.expect("entry").path().canonicalize().expect("path"))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
-    on_disk.remove(&deploy_dir().join("kustomization.yaml"));
+    on_disk.remove(
+        &base
+            .join("kustomization.yaml")
+            .canonicalize()
+            .expect("path"),
+    );
     assert_eq!(
-        files.iter().cloned().collect::<BTreeSet<_>>(),
+        k.files.iter().cloned().collect::<BTreeSet<_>>(),
         on_disk,
-        "kustomization resources vs deploy/*.yaml"
+        "kustomization resources vs deploy/base/*.yaml"
     );
     let m = installed();
     assert_eq!(m.namespaces.len(), 1);
@@ -154,13 +183,13 @@ fn kustomization_applies_every_manifest_and_each_reads_strictly() {
     assert_eq!(m.daemonsets.len(), 1);
     read(&[uninstall_file()]).unwrap_or_else(|e| panic!("{e}"));
     // The image the kustomization sets is the one `cargo xtask image` tags.
-    let img = &k["images"][0];
+    let img = &k.images[0];
     assert_eq!(img["name"], "dataplane");
     assert_eq!(img["newName"], "localhost/dataplane");
     assert_eq!(img["newTag"], env!("CARGO_PKG_VERSION"));
 
     // The check is strict: an unknown field or a wrong type is named.
-    let ds = &documents(&deploy_dir().join("daemonset.yaml"))[0];
+    let ds = &documents(&deploy_dir().join("base/daemonset.yaml"))[0];
     let mut typo = ds.clone();
     typo["spec"]["template"]["spec"]["tolerations"][0]["operater"] = "Exists".into();
     let e = strict::<DaemonSet>(&typo, "typo").expect_err("unknown field accepted");
@@ -175,12 +204,8 @@ fn kustomization_applies_every_manifest_and_each_reads_strictly() {
 }
 
 /// The ConfigMap as its volume presents it: a file per key.
-fn config_dir(cm: &ConfigMap, extra: &[(&str, &str)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "dp-deploy-config-{}-{}",
-        std::process::id(),
-        extra.len()
-    ));
+fn config_dir(cm: &ConfigMap, extra: &[(&str, &str)], tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dp-deploy-config-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let data = cm.data.clone().unwrap_or_default();
@@ -245,7 +270,7 @@ fn daemonset_command_line_parses_with_the_agents_parser_and_configmap() {
             .map(|f| f.field_path.as_str()),
         Some("spec.nodeName")
     );
-    let dir = config_dir(cm, &[]);
+    let dir = config_dir(cm, &[], "daemonset");
     let mut line = argv(agent, &[("NODE_NAME", "worker-1")]);
     // The config as this test has it, where the pod has the volume.
     let mount = agent
@@ -491,7 +516,7 @@ fn every_configmap_key_is_an_agent_setting_and_unknown_keys_are_named() {
         assert!(data.contains_key(k), "the ConfigMap lacks {k}");
     }
     // Each documented: a comment right above it.
-    let text = std::fs::read_to_string(deploy_dir().join("configmap.yaml")).expect("read");
+    let text = std::fs::read_to_string(deploy_dir().join("base/configmap.yaml")).expect("read");
     let lines: Vec<&str> = text.lines().collect();
     for k in data.keys() {
         let i = lines
@@ -505,7 +530,7 @@ fn every_configmap_key_is_an_agent_setting_and_unknown_keys_are_named() {
             .any(|l| l.trim_start().starts_with('#'));
         assert!(documented, "{k} has no comment");
     }
-    let dir = config_dir(cm, &[("masqurade", "false")]);
+    let dir = config_dir(cm, &[("masqurade", "false")], "unknown");
     let line = [
         "dataplane".to_owned(),
         "agent".into(),
@@ -602,4 +627,56 @@ fn image_entry_point_agrees_with_the_daemonsets() {
     } else {
         println!("kubectl is not installed: the kustomization was checked by this test alone");
     }
+}
+
+/// The overlays under deploy/examples/: each builds on deploy/base, and
+/// the ConfigMap it patches still configures an agent that parses.
+#[test]
+fn example_overlays_build_on_the_base_and_their_config_parses() {
+    let m = installed();
+    let base_cm = &m.configmaps["dataplane-config"];
+    let ds = &m.daemonsets["dataplane"];
+    let mut seen = 0;
+    for e in std::fs::read_dir(deploy_dir().join("examples")).expect("examples") {
+        let dir = e.expect("entry").path();
+        if !dir.join("kustomization.yaml").is_file() {
+            continue;
+        }
+        seen += 1;
+        let k = kustomize(&dir);
+        assert_eq!(k.files, kustomize(&deploy_dir()).files, "{}", dir.display());
+        let mut cm = base_cm.clone();
+        for p in &k.patches {
+            for doc in documents(p) {
+                assert_eq!(doc["kind"], "ConfigMap", "{}", p.display());
+                assert_eq!(doc["metadata"]["name"], "dataplane-config");
+                let patch: ConfigMap =
+                    strict(&doc, &p.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+                cm.data
+                    .get_or_insert_with(Default::default)
+                    .extend(patch.data.unwrap_or_default());
+            }
+        }
+        let tag = dir
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let conf = config_dir(&cm, &[], &tag);
+        let mut line = argv(agent_container(ds), &[("NODE_NAME", "worker-1")]);
+        for a in &mut line {
+            if a.starts_with("--config=") {
+                *a = format!("--config={}", conf.display());
+            }
+        }
+        let cli =
+            Cli::parse_with_config(&line).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let a = cli.agent_args().expect("agent");
+        if dir.ends_with("kube-proxy-free") {
+            assert_eq!(a.mode, dataplane::agent::Mode::Native);
+            assert_eq!(a.k8s_api_server.as_deref(), Some("192.168.1.10:6443"));
+        }
+        let _ = std::fs::remove_dir_all(&conf);
+    }
+    assert!(seen >= 1, "no overlay under deploy/examples");
 }

@@ -1,5 +1,5 @@
 //! The DaemonSet's promises, kept on real nodes: the agent runs with
-//! exactly the capabilities `deploy/daemonset.yaml` gives it, behind a
+//! exactly the capabilities `deploy/base/daemonset.yaml` gives it, behind a
 //! read-only `/proc/sys` as in a container, and each of those capabilities
 //! is needed; `dataplane uninstall` removes everything from a node. Needs
 //! root.
@@ -18,7 +18,8 @@ fn workspace() -> PathBuf {
 
 /// The agent container's added capabilities, from the manifest.
 fn daemonset_capabilities() -> Vec<String> {
-    let text = std::fs::read_to_string(workspace().join("deploy/daemonset.yaml")).expect("read");
+    let text =
+        std::fs::read_to_string(workspace().join("deploy/base/daemonset.yaml")).expect("read");
     let ds: Value = serde_yaml_ng::from_str(&text).expect("yaml");
     let agent = ds["spec"]["template"]["spec"]["containers"]
         .as_array()

@@ -277,14 +277,14 @@ fn services_and_endpoint_slices_from_the_api_server() {
 /// The agent as a DaemonSet pod runs it: in-cluster config (node 0 from
 /// `KUBERNETES_SERVICE_HOST`/`_PORT`, node 1 from `--k8s-api-server`), the
 /// service account's token and CA against an HTTPS API server that
-/// enforces the ClusterRole of `deploy/rbac.yaml`. Then a wrong token and a
+/// enforces the ClusterRole of `deploy/base/rbac.yaml`. Then a wrong token and a
 /// missing grant: each a clear error, retried, with the datapath forwarding.
 #[test]
 fn in_cluster_config_tls_token_and_the_deploy_cluster_role() {
     let rbac = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/rbac.yaml"),
     )
-    .expect("deploy/rbac.yaml");
+    .expect("deploy/base/rbac.yaml");
     let rules = lab::apiserver::cluster_role_rules(&rbac).expect("ClusterRole");
     let mut spec = LabSpec::new(2, 1).expect("spec");
     spec.source = "kube".into();
