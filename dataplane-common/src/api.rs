@@ -124,6 +124,13 @@ pub enum Request {
     },
     /// Every security identity with the labels it stands for.
     Identities,
+    /// Changes the prefilter's denied source prefixes now (until the
+    /// agent restarts with its configured `--deny-cidr` set); answers
+    /// with the whole set.
+    Prefilter {
+        add: Vec<String>,
+        delete: Vec<String>,
+    },
 }
 
 /// A security identity, for `dataplane identity list`.
@@ -168,6 +175,10 @@ pub enum Response {
     },
     Flushed {
         removed: usize,
+    },
+    /// The prefilter's denied prefixes after a change.
+    Prefilter {
+        cidrs: Vec<String>,
     },
     Policy(Box<PolicyView>),
     Addresses {

@@ -26,6 +26,11 @@ pub const MAP_IPCACHE: &str = "dp_ipcache";
 /// Datapath settings, one slot: index 0 -> [`DatapathConfig`].
 pub const MAP_CONFIG: &str = "dp_config";
 
+/// Source prefixes dropped on the uplink before the stack: LPM key
+/// ([`IpcacheKey`]) -> [`PrefilterEntry`].
+pub const MAP_PREFILTER: &str = "dp_prefilter";
+pub const PREFILTER_MAX: u32 = 16_384;
+
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const EP_METRICS_MAX: u32 = 16_384;
 pub const METRICS_MAX: u32 = 3 << 11;
@@ -136,6 +141,16 @@ pub const MAPS: &[MapSpec] = &[
         // LPM tries exist only without preallocation.
         flags: crate::lb::BPF_F_NO_PREALLOC,
         description: "prefixes: cluster range, pod CIDRs per node, node addresses",
+    },
+    MapSpec {
+        name: MAP_PREFILTER,
+        version: 1,
+        kind: MapKind::LpmTrie,
+        key_size: 4 + size::<PrefilterKey>(),
+        value_size: size::<PrefilterEntry>(),
+        max_entries: PREFILTER_MAX,
+        flags: crate::lb::BPF_F_NO_PREALLOC,
+        description: "source prefixes dropped on the uplink before the stack (--deny-cidr)",
     },
     MapSpec {
         name: MAP_CONFIG,
@@ -383,6 +398,36 @@ const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 
 pub const IPCACHE_STATIC_PREFIX: u32 = 32;
 
+/// The address part of a [`MAP_PREFILTER`] key: an [`IpcacheKey`] (same
+/// prefix-length rule) padded to 24 bytes, so that the value after it is
+/// 8-aligned for the programs' atomic add.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrefilterKey {
+    pub addr: IpcacheKey,
+    /// Past every prefix length: never matched.
+    pub _tail: u32,
+}
+const _: () = assert!(core::mem::size_of::<PrefilterKey>() == 24);
+
+impl PrefilterKey {
+    #[inline(always)]
+    pub const fn v4(addr: [u8; 4]) -> Self {
+        Self {
+            addr: IpcacheKey::v4(addr),
+            _tail: 0,
+        }
+    }
+}
+
+/// A denied prefix: how many packets it has dropped (all CPUs, added
+/// atomically by the programs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterEntry {
+    pub packets: u64,
+}
+
 impl IpcacheKey {
     #[inline(always)]
     pub const fn v4(addr: [u8; 4]) -> Self {
@@ -543,6 +588,8 @@ mod user {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for IpcacheKey {}
     unsafe impl aya::Pod for IpcacheEntry {}
+    unsafe impl aya::Pod for PrefilterEntry {}
+    unsafe impl aya::Pod for PrefilterKey {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for crate::lb::ServiceKey {}
     unsafe impl aya::Pod for crate::lb::ServiceValue {}

@@ -81,6 +81,9 @@ reasons! {
     NatPortsExhausted = 18, "nat_ports_exhausted", "no free NAT port toward the remote endpoint";
     /// TCP/UDP/ICMP header shorter than the protocol needs.
     L4Malformed = 19, "l4_malformed", "transport header truncated";
+    /// From a source prefix the operator denies (`--deny-cidr`, `dataplane
+    /// prefilter`): dropped on the uplink before the stack sees it.
+    PrefilterDenied = 20, "prefilter_denied", "source address in a denied prefix (prefilter)";
 }
 
 impl Reason {

@@ -1,9 +1,9 @@
-//! Programs on the node's uplink: XDP first (counts, for now), then tc
+//! Programs on the node's uplink: XDP first (the prefilter), then tc
 //! ingress (Services from outside, replies, native delivery) and tc egress
 //! (masquerade).
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS,
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -15,25 +15,43 @@ use dataplane_common::{
 use crate::{
     config, endpoints, events,
     fwd::{self, Pkt},
-    icmp, ipcache, l4, metrics, parse,
+    icmp, ipcache, l4, metrics, parse, prefilter,
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
 };
 
 /// Everything that arrives on the uplink, before the stack allocates an
-/// skb: counted by verdict. Passes all of it on to tc for now; NodePort and
-/// the prefilter will act here.
+/// skb: what the prefilter denies is dropped here, the rest counted and
+/// passed on to tc (NodePort translation will act here too).
 #[xdp]
 pub fn host_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    metrics::count_verdict(
-        Hook::Xdp,
-        Direction::FromNetwork,
-        Reason::Forwarded as u32,
-        len,
-    );
-    XDP_PASS
+    let reason = if xdp_source(&ctx).is_some_and(prefilter::denied) {
+        Reason::PrefilterDenied
+    } else {
+        Reason::Forwarded
+    };
+    metrics::count_verdict(Hook::Xdp, Direction::FromNetwork, reason as u32, len);
+    if reason.is_drop() { XDP_DROP } else { XDP_PASS }
+}
+
+/// The IPv4 source address of an Ethernet frame, if it carries IPv4.
+#[inline(always)]
+fn xdp_source(ctx: &XdpContext) -> Option<[u8; 4]> {
+    const SADDR: usize = parse::ETH_HLEN + 12;
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + SADDR + 4 > end {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above.
+    unsafe {
+        let ethertype = u16::from_be_bytes(*((data + 12) as *const [u8; 2]));
+        if ethertype != parse::ETH_P_IP {
+            return None;
+        }
+        Some(*((data + SADDR) as *const [u8; 4]))
+    }
 }
 
 /// Traffic from outside: Services reached on this node (NodePort,
@@ -76,6 +94,10 @@ fn try_parse_in(ctx: &mut TcContext, p: &mut Pkt) -> Result<bool, Reason> {
         return Ok(false);
     }
     p.ip = parse::ipv4(ctx)?;
+    // Only when XDP is off does a denied packet get this far.
+    if prefilter::denied(p.ip.saddr) {
+        return Err(Reason::PrefilterDenied);
+    }
     p.node = u32::from_ne_bytes(config::get()?.node_ipv4);
     p.flow = l4::flow(ctx, &p.ip)?;
     Ok(true)

@@ -7,6 +7,9 @@
 //! verifier checks each once and the programs stay small as features grow.
 #![no_std]
 #![no_main]
+// atomic_xadd: `core` has no atomic add for the bpf target, the backend does.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod arp;
 mod config;
@@ -29,6 +32,7 @@ mod nat;
 mod overlay;
 mod parse;
 mod policy;
+mod prefilter;
 mod route;
 mod sock;
 mod svc;

@@ -58,6 +58,10 @@ enum Command {
     /// NAT flows (masquerade, NodePort SNAT) in conntrack.
     #[command(subcommand)]
     Nat(NatCmd),
+    /// Source prefixes the uplink drops before the stack (XDP), with the
+    /// packets each has dropped.
+    #[command(subcommand)]
+    Prefilter(PrefilterCmd),
     /// Endpoints (pods) registered with the agent.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
@@ -174,6 +178,33 @@ enum IdentityCmd {
         pin: PinArgs,
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PrefilterCmd {
+    /// The denied prefixes as the datapath has them (works without the
+    /// agent).
+    List {
+        #[command(flatten)]
+        pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// Deny more prefixes (or addresses) now, through the agent; until the
+    /// agent restarts with its configured --deny-cidr set.
+    Add {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Stop denying prefixes now, through the agent.
+    Delete {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        #[command(flatten)]
+        socket: SocketArg,
     },
 }
 
@@ -522,6 +553,17 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Prefilter(PrefilterCmd::List { pin, output }) => {
+            let rows = maps::prefilter::PrefilterMap::open(&pin.resolve()?)?.rows()?;
+            print!("{}", maps::render(&rows, output)?);
+            Ok(())
+        }
+        Command::Prefilter(PrefilterCmd::Add { cidrs, socket }) => {
+            prefilter_change(&socket, cidrs, Vec::new())
+        }
+        Command::Prefilter(PrefilterCmd::Delete { cidrs, socket }) => {
+            prefilter_change(&socket, Vec::new(), cidrs)
+        }
         Command::Nat(NatCmd::Flush { socket }) => {
             let Response::Flushed { removed } = call(&socket, &Request::NatFlush)? else {
                 bail!("unexpected response");
@@ -762,6 +804,25 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn prefilter_change(socket: &SocketArg, add: Vec<String>, delete: Vec<String>) -> Result<()> {
+    // Checked here too, so a typo is named before the agent is asked.
+    for c in add.iter().chain(&delete) {
+        maps::prefilter::parse_cidr(c)?;
+    }
+    let Response::Prefilter { cidrs } = call(socket, &Request::Prefilter { add, delete })? else {
+        bail!("unexpected response");
+    };
+    println!(
+        "denied now: {}",
+        if cidrs.is_empty() {
+            "nothing".to_owned()
+        } else {
+            cidrs.join(", ")
+        }
+    );
+    Ok(())
 }
 
 fn call(socket: &SocketArg, request: &Request) -> Result<Response> {

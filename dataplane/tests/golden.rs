@@ -316,6 +316,94 @@ fn the_stack_into_the_tunnel_needs_a_node() {
     );
 }
 
+/// The prefilter: a source in a denied prefix is dropped in XDP (and in tc
+/// when XDP is off), counted under `prefilter_denied` and on its prefix;
+/// other sources pass; removing the prefix lets the same packet through.
+#[test]
+fn the_prefilter_drops_denied_sources_in_xdp_and_in_tc() {
+    use dataplane::maps::prefilter::{PrefilterMap, PrefilterRow, parse_cidr};
+    let f = fixture(MODE_VXLAN);
+    let p: &Xdp = f.program("host_xdp").try_into().expect("xdp");
+    let mut pf = PrefilterMap::open(&f.pin_dir).expect("prefilter map");
+    let set = |cidrs: &[&str]| cidrs.iter().map(|c| parse_cidr(c).expect("cidr")).collect();
+    pf.set(&set(&["198.51.100.0/24", "203.0.113.9"]))
+        .expect("set");
+    let from = |src: [u8; 4]| {
+        tcp(
+            ([2; 6], [4; 6]),
+            (src, 40_000),
+            (NODE, 30_080),
+            64,
+            true,
+            &[],
+            &[],
+        )
+    };
+    let xdp = |packet: &[u8]| {
+        p.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ..Default::default()
+        })
+        .expect("test run")
+        .return_value
+    };
+    assert_eq!(xdp(&from([198, 51, 100, 7])), XDP_DROP);
+    assert_eq!(xdp(&from([198, 51, 100, 250])), XDP_DROP);
+    assert_eq!(xdp(&from([203, 0, 113, 9])), XDP_DROP);
+    assert_eq!(xdp(&from([203, 0, 113, 10])), XDP_PASS, "only the /32");
+    assert_eq!(xdp(&from([198, 51, 101, 7])), XDP_PASS, "outside the /24");
+    let mut c = f.counted();
+    c.sort();
+    assert_eq!(
+        c,
+        vec![
+            ("xdp".into(), "from-network".into(), "forwarded".into(), 2),
+            (
+                "xdp".into(),
+                "from-network".into(),
+                "prefilter_denied".into(),
+                3
+            ),
+        ]
+    );
+    assert_eq!(
+        pf.rows().expect("rows"),
+        vec![
+            PrefilterRow {
+                cidr: "198.51.100.0/24".into(),
+                packets: 2
+            },
+            PrefilterRow {
+                cidr: "203.0.113.9/32".into(),
+                packets: 1
+            },
+        ]
+    );
+    // With XDP off, tc on the uplink drops them.
+    let (verdict, _) = f.tc("host_in", f.uplink_if, &from([198, 51, 100, 7]));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert!(
+        f.counted().contains(&(
+            "tc".into(),
+            "from-network".into(),
+            "prefilter_denied".into(),
+            1
+        )),
+        "{:?}",
+        f.counted()
+    );
+    // Removed, the same source passes; the prefix that stays keeps its count.
+    pf.set(&set(&["203.0.113.9"])).expect("set");
+    assert_eq!(xdp(&from([198, 51, 100, 7])), XDP_PASS);
+    assert_eq!(
+        pf.rows().expect("rows"),
+        vec![PrefilterRow {
+            cidr: "203.0.113.9/32".into(),
+            packets: 1
+        }]
+    );
+}
+
 #[test]
 fn xdp_on_the_uplink_counts_and_passes() {
     let f = fixture(MODE_VXLAN);

@@ -1418,14 +1418,16 @@ impl Lab {
         let mut cmd = Command::new(&self.state.dataplane_bin);
         cmd.args(args);
         match args {
-            ["ct" | "nat", "flush", ..] | ["status" | "policy", ..] => {
+            ["ct" | "nat", "flush", ..]
+            | ["prefilter", "add" | "delete", ..]
+            | ["status" | "policy", ..] => {
                 cmd.arg("--socket").arg(&n.api_socket);
             }
             ["endpoint" | "identity" | "explain", ..] => {
                 cmd.arg("--socket").arg(&n.api_socket);
                 cmd.arg("--pin-dir").arg(&n.pin_dir);
             }
-            ["map" | "service" | "ct" | "nat" | "node", ..] => {
+            ["map" | "service" | "ct" | "nat" | "node" | "prefilter", ..] => {
                 cmd.arg("--pin-dir").arg(&n.pin_dir);
             }
             _ => {}

@@ -134,6 +134,23 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 .context("conntrack worker")??;
             Response::Flushed { removed }
         }
+        Request::Prefilter { add, delete } => {
+            let mut pf = super::lock(&agent.prefilter)?;
+            let mut want = pf.1.clone();
+            // All or nothing: one bad prefix changes nothing.
+            for c in &add {
+                want.insert(crate::maps::prefilter::parse_cidr(c)?);
+            }
+            for c in &delete {
+                want.remove(&crate::maps::prefilter::parse_cidr(c)?);
+            }
+            let (added, removed) = pf.0.set(&want)?;
+            pf.1 = want;
+            tracing::info!(added, removed, total = pf.1.len(), "prefilter changed");
+            Response::Prefilter {
+                cidrs: pf.1.iter().map(ToString::to_string).collect(),
+            }
+        }
         Request::PolicyGet { namespace, name } => {
             Response::Policy(Box::new(super::policy::view(agent, &namespace, &name)?))
         }

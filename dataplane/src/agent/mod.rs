@@ -16,7 +16,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, PerCpuArray};
 use dataplane_common::netlink::Nl;
 use ipnetwork::IpNetwork;
@@ -48,6 +48,7 @@ use crate::{
         ipcache::Ipcache,
         ipcache::IpcacheMap,
         policy::{PolicyCidrMap, PolicyMap},
+        prefilter::PrefilterMap,
         services::{BackendsMap, MaglevMap, Services, ServicesMap},
     },
     source_dir, source_kube, sys, telemetry,
@@ -177,6 +178,13 @@ pub struct AgentArgs {
     /// replaces the table (tracked flows are forgotten).
     #[arg(long, default_value_t = dataplane_common::CT_MAX)]
     pub ct_max: u32,
+    /// Source prefixes (or addresses) whose packets the uplink drops
+    /// before the stack sees them (XDP; tc when XDP is off), counted as
+    /// `prefilter_denied` (repeat, or comma-separate in a config).
+    /// `dataplane prefilter add|delete` changes the set until the next
+    /// start.
+    #[arg(long = "deny-cidr")]
+    pub deny_cidrs: Vec<String>,
     /// How often expired conntrack entries are removed.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub ct_gc_interval: std::time::Duration,
@@ -329,6 +337,8 @@ pub(crate) struct Agent {
     /// Pods' and Services' addresses by name, for the local API's
     /// `resolve` (kept by the reconciler).
     directory: Mutex<Directory>,
+    /// The prefilter's map and the prefixes it must hold.
+    prefilter: Mutex<(PrefilterMap, BTreeSet<IpNetwork>)>,
 }
 
 /// Addresses by (namespace, name).
@@ -459,6 +469,15 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     ipcache.set_fixed(IpNetwork::V4(net.service_cidr), &no_masquerade)?;
     ipcache.set_own_cidr(pod_cidr)?;
+    // Denied before anything else is attached: a restart does not open a
+    // window for them.
+    let deny = args
+        .deny_cidrs
+        .iter()
+        .map(|c| crate::maps::prefilter::parse_cidr(c).with_context(|| format!("--deny-cidr {c}")))
+        .collect::<Result<BTreeSet<_>>>()?;
+    let mut prefilter = PrefilterMap::new(datapath.take_map(dataplane_common::MAP_PREFILTER)?)?;
+    prefilter.set(&deny)?;
     let endpoint_map = EndpointMap::new(datapath.take_map(dataplane_common::MAP_ENDPOINTS)?)?;
     let ep_metrics = EpMetricsMap::new(datapath.take_map(dataplane_common::MAP_EP_METRICS)?)?;
     let services = Services::new(
@@ -518,6 +537,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         barrier_requests,
         barrier_passed: tokio::sync::watch::Sender::new(0),
         directory: Mutex::default(),
+        prefilter: Mutex::new((prefilter, deny)),
     });
 
     endpoints::restore(&agent).await?;

@@ -12,6 +12,7 @@ pub mod events;
 pub mod ipcache;
 pub mod metrics;
 pub mod policy;
+pub mod prefilter;
 pub mod services;
 
 use std::{collections::BTreeMap, fmt::Display, path::Path};
@@ -89,6 +90,9 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_FRAGS => render(&ct::frag_rows(pin_dir)?, format),
         dataplane_common::MAP_POLICY => render(&policy::rows(pin_dir)?, format),
         dataplane_common::MAP_POLICY_CIDR => render(&policy::cidr_rows(pin_dir)?, format),
+        dataplane_common::MAP_PREFILTER => {
+            render(&prefilter::PrefilterMap::open(pin_dir)?.rows()?, format)
+        }
         dataplane_common::MAP_CT_SCRATCH => render(&ct::scratch_rows(pin_dir)?, format),
         dataplane_common::MAP_EXPLAIN => render(&[explain_row(pin_dir)?], format),
         dataplane_common::MAP_EVENT_MONITORS | dataplane_common::MAP_EVENT_READERS => {
@@ -186,6 +190,7 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
             policy::count(pin_dir, name)?
         }
         dataplane_common::MAP_POLICY_NAMES => events::name_rows(pin_dir)?.len(),
+        dataplane_common::MAP_PREFILTER => prefilter::PrefilterMap::open(pin_dir)?.entries()?.len(),
         dataplane_common::MAP_EVENT_STATE
         | dataplane_common::MAP_EVENT_CONFIG
         | dataplane_common::MAP_EVENT_SCRATCH

@@ -36,6 +36,7 @@ pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_DROP: u32 = 1;
 
 pub const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x01];
 pub const HOST_MAC: [u8; 6] = [0xee, 0, 0, 0, 0, 0x01];
