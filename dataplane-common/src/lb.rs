@@ -20,6 +20,10 @@ pub const MAP_BACKENDS: &str = "dp_backends";
 pub const MAP_MAGLEV: &str = "dp_maglev";
 /// Session affinity (ClientIP), LRU: [`AffinityKey`] -> [`AffinityValue`].
 pub const MAP_AFFINITY: &str = "dp_affinity";
+/// Socket LB's reverse translations, LRU: [`SockRevKey`] (a socket and
+/// the backend it was sent to) -> [`SockRevValue`] (the Service address the
+/// application asked for).
+pub const MAP_SOCK_REV: &str = "dp_sock_rev";
 /// Connection tracking and NAT, LRU: [`CtKey`] -> [`CtEntry`].
 pub const MAP_CT: &str = "dp_ct";
 /// Per-CPU room to build a new flow's entries in (the 512-byte BPF stack
@@ -40,6 +44,7 @@ pub const SERVICES_MAX: u32 = 262_144;
 pub const BACKENDS_MAX: u32 = 65_536;
 pub const MAGLEV_MAX: u32 = 8_192;
 pub const AFFINITY_MAX: u32 = 65_536;
+pub const SOCK_REV_MAX: u32 = 131_072;
 pub const CT_MAX: u32 = 262_144;
 pub const FRAGS_MAX: u32 = 8_192;
 /// The largest Maglev table a frontend may have (a prime; the default is
@@ -501,3 +506,30 @@ mod user {
 }
 #[cfg(feature = "user")]
 pub use user::{addr, proto_name, scope_name};
+
+/// A socket (its cookie) and the backend the socket LB sent it to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    /// Network byte order.
+    pub addr: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+
+/// The Service address the application used, and the frontend's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    /// Network byte order.
+    pub addr: [u8; 4],
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    pub frontend_id: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 16);

@@ -203,6 +203,16 @@ pub const MAPS: &[MapSpec] = &[
         description: "session affinity: client and frontend -> backend",
     },
     MapSpec {
+        name: crate::lb::MAP_SOCK_REV,
+        version: 1,
+        kind: MapKind::LruHash,
+        key_size: size::<crate::lb::SockRevKey>(),
+        value_size: size::<crate::lb::SockRevValue>(),
+        max_entries: crate::lb::SOCK_REV_MAX,
+        flags: 0,
+        description: "socket LB: socket and backend -> the Service address it asked for",
+    },
+    MapSpec {
         name: crate::lb::MAP_CT,
         version: 1,
         kind: MapKind::LruHash,
@@ -500,6 +510,9 @@ const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
 /// Pods' traffic to addresses outside the cluster leaves with the node's
 /// address (egress masquerade).
 pub const DP_F_MASQUERADE: u32 = 1 << 0;
+/// Sockets' connect and sendmsg to a Service go to a backend at once
+/// (socket LB); the per-packet path handles the rest.
+pub const DP_F_SOCKET_LB: u32 = 1 << 1;
 
 /// The endpoint runs on this node (its `ifindex` is valid here).
 pub const EP_F_LOCAL: u32 = 1 << 0;
@@ -596,6 +609,8 @@ mod user {
     unsafe impl aya::Pod for crate::lb::Backend {}
     unsafe impl aya::Pod for crate::lb::AffinityKey {}
     unsafe impl aya::Pod for crate::lb::AffinityValue {}
+    unsafe impl aya::Pod for crate::lb::SockRevKey {}
+    unsafe impl aya::Pod for crate::lb::SockRevValue {}
     unsafe impl aya::Pod for crate::lb::CtKey {}
     unsafe impl aya::Pod for crate::lb::CtEntry {}
     unsafe impl aya::Pod for crate::lb::CtScratch {}

@@ -14,6 +14,9 @@ pub const PROG_HOST_XDP: &str = "host_xdp";
 pub const PROG_HOST_OUT: &str = "host_out";
 pub const PROG_FROM_HOST: &str = "from_host";
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 
 /// How a program hooks into the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +147,25 @@ pub const PROGRAMS: &[ProgSpec] = &[
         name: PROG_SOCK_CONNECT4,
         kind: ProgKind::CgroupConnect4,
         attach: AttachPoint::Cgroup,
-        description: "IPv4 connect() in the node's cgroup: counts, passes",
+        description: "IPv4 connect() in the node's cgroup: a Service address becomes a backend's (socket LB)",
+    },
+    ProgSpec {
+        name: PROG_SOCK_SENDMSG4,
+        kind: ProgKind::CgroupSendmsg4,
+        attach: AttachPoint::Cgroup,
+        description: "IPv4 sendmsg() on unconnected UDP sockets: a Service address becomes a backend's",
+    },
+    ProgSpec {
+        name: PROG_SOCK_RECVMSG4,
+        kind: ProgKind::CgroupRecvmsg4,
+        attach: AttachPoint::Cgroup,
+        description: "IPv4 recvmsg(): a reply from a backend shows the Service address asked for",
+    },
+    ProgSpec {
+        name: PROG_SOCK_GETPEERNAME4,
+        kind: ProgKind::CgroupGetpeername4,
+        attach: AttachPoint::Cgroup,
+        description: "IPv4 getpeername(): a connected socket shows the Service address asked for",
     },
 ];
 

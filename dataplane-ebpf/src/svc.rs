@@ -139,7 +139,7 @@ fn known(flow: &Flow, dir: u8, want: u16, len: u32, out: &mut Nat) -> bool {
 /// The Service frontend `flow` is addressed to, seen from `scope`: the
 /// exact address, or for any node's address its NodePorts.
 #[inline(always)]
-fn frontend(flow: &Flow, scope: u8) -> Option<(ServiceKey, &'static ServiceValue)> {
+pub fn frontend(flow: &Flow, scope: u8) -> Option<(ServiceKey, &'static ServiceValue)> {
     if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP || !flow.has_ports {
         return None;
     }

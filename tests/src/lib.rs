@@ -1881,19 +1881,29 @@ impl Lab {
     /// port: the bridge device itself sees only frames for the bridge) with a
     /// tcpdump `filter`; returns once tcpdump listens.
     pub fn capture_underlay(&self, node: usize, filter: &str) -> Result<Capture> {
+        self.capture_on(
+            &self.state.underlay_netns.clone(),
+            &format!("n{node}"),
+            filter,
+        )
+    }
+
+    /// Starts capturing on `iface` in `netns` with a tcpdump `filter`;
+    /// returns once tcpdump listens.
+    pub fn capture_on(&self, netns: &str, iface: &str, filter: &str) -> Result<Capture> {
         use std::io::BufRead as _;
         let file = self
             .state
             .run_dir
             .join(format!("capture-{}.pcap", random_id()?));
-        let mut child = in_netns(&self.state.underlay_netns, "tcpdump")
+        let mut child = in_netns(netns, "tcpdump")
             // -Z root: Debian's tcpdump otherwise drops to a user that cannot
             // write into the lab's run directory.
             // --immediate-mode: packets reach tcpdump as they arrive, not
             // per ring block, so a capture stopped early still has them.
             .args([
                 "-i",
-                &format!("n{node}"),
+                iface,
                 "-Z",
                 "root",
                 "--immediate-mode",

@@ -204,6 +204,10 @@ pub struct Reached {
     pub answered_by: Option<String>,
     pub error: Option<String>,
     pub elapsed_ms: u64,
+    /// Who the application saw it talk to: `getpeername` on the TCP
+    /// socket, the source of the UDP reply (`recvfrom`).
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// `TCP` or `UDP` from any spelling.
@@ -935,8 +939,10 @@ pub fn reach(
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(1))
     };
+    let mut peer = None;
     let outcome: std::io::Result<Option<String>> = if proto == "TCP" {
         TcpStream::connect_timeout(&to, timeout).map(|mut s| {
+            peer = s.peer_addr().ok().map(|a| a.to_string());
             // Connected: allowed, whoever answers (if anyone).
             let _ = s.set_read_timeout(Some(left()));
             let mut line = String::new();
@@ -945,16 +951,36 @@ pub fn reach(
         })
     } else {
         (|| {
+            // Unconnected, as a DNS client is: each datagram is addressed
+            // (sendto) and the reply's source is what the application sees.
             let s = UdpSocket::bind(("0.0.0.0", 0))?;
-            s.connect(to)?;
+            // A refusal (ICMP port unreachable) still ends the attempt at
+            // once, as on a connected socket.
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket and option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::IPPROTO_IP,
+                    libc::IP_RECVERR,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // Several datagrams in the window: one attempt, not undone by
             // a single lost packet.
             let mut buf = [0u8; 512];
             loop {
-                s.send(b"probe")?;
+                s.send_to(b"probe", to)?;
                 s.set_read_timeout(Some(left().min(Duration::from_millis(250))))?;
-                match s.recv(&mut buf) {
-                    Ok(n) => return Ok(Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned())),
+                match s.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        peer = Some(from.to_string());
+                        return Ok(Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()));
+                    }
                     Err(e)
                         if matches!(
                             e.kind(),
@@ -980,6 +1006,7 @@ pub fn reach(
             answered_by: answer.filter(|a| a.contains('/')),
             error: None,
             elapsed_ms,
+            peer,
         },
         Err(e) => Reached {
             connected: false,
@@ -991,6 +1018,7 @@ pub fn reach(
                 _ => e.to_string(),
             }),
             elapsed_ms,
+            peer: None,
         },
     })
 }

@@ -161,6 +161,12 @@ pub struct AgentArgs {
     /// Services and --non-masquerade-cidr) leaves with the node's address.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub masquerade: bool,
+    /// Socket LB: a pod's (or the node's) TCP connect and UDP send to a
+    /// Service go straight to a backend, translated in the socket hooks,
+    /// not per packet. Frontends with session affinity or Maglev, and
+    /// traffic the hooks do not see, use the per-packet path either way.
+    #[arg(long, value_enum, default_value = "on")]
+    pub socket_lb: OnOff,
     /// Destinations outside the cluster that pods reach with their own
     /// address (repeat for several).
     #[arg(long = "non-masquerade-cidr")]
@@ -231,6 +237,12 @@ impl Mode {
 /// Bytes VXLAN adds: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
 const VXLAN_OVERHEAD: u32 = 50;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum BpfLogLevel {
     Off,
@@ -258,6 +270,7 @@ pub(crate) struct Net {
     node_ip: Ipv4Addr,
     vni: u32,
     masquerade: bool,
+    socket_lb: bool,
     /// The host device (`dp_host`).
     hostdev_ifindex: u32,
     service_cidr: ipnetwork::Ipv4Network,

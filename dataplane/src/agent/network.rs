@@ -116,6 +116,7 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
         node_ip,
         vni: args.vni,
         masquerade: args.masquerade,
+        socket_lb: args.socket_lb == super::OnOff::On,
         hostdev_ifindex,
         service_cidr,
     };
@@ -135,6 +136,10 @@ pub(super) fn datapath_config(net: &Net) -> DatapathConfig {
         node_ipv4: net.node_ip.octets(),
         flags: if net.masquerade {
             dataplane_common::DP_F_MASQUERADE
+        } else {
+            0
+        } | if net.socket_lb {
+            dataplane_common::DP_F_SOCKET_LB
         } else {
             0
         },

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod policy;
 pub mod prefilter;
 pub mod services;
+pub mod sock;
 
 use std::{collections::BTreeMap, fmt::Display, path::Path};
 
@@ -93,6 +94,7 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
         dataplane_common::MAP_PREFILTER => {
             render(&prefilter::PrefilterMap::open(pin_dir)?.rows()?, format)
         }
+        dataplane_common::MAP_SOCK_REV => render(&sock::rows(pin_dir)?, format),
         dataplane_common::MAP_CT_SCRATCH => render(&ct::scratch_rows(pin_dir)?, format),
         dataplane_common::MAP_EXPLAIN => render(&[explain_row(pin_dir)?], format),
         dataplane_common::MAP_EVENT_MONITORS | dataplane_common::MAP_EVENT_READERS => {
@@ -191,6 +193,7 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         }
         dataplane_common::MAP_POLICY_NAMES => events::name_rows(pin_dir)?.len(),
         dataplane_common::MAP_PREFILTER => prefilter::PrefilterMap::open(pin_dir)?.entries()?.len(),
+        dataplane_common::MAP_SOCK_REV => sock::rows(pin_dir)?.len(),
         dataplane_common::MAP_EVENT_STATE
         | dataplane_common::MAP_EVENT_CONFIG
         | dataplane_common::MAP_EVENT_SCRATCH
