@@ -16,7 +16,7 @@ pub const PROG_FROM_HOST: &str = "from_host";
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
-pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "sock_peername4";
 
 /// How a program hooks into the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -44,7 +44,7 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+pub fn sock_peername4(ctx: SockAddrContext) -> i32 {
     reverse(&ctx);
     1
 }
