@@ -602,24 +602,41 @@ fn tc_direction(kind: ProgKind) -> TcAttachType {
 }
 
 fn load_program(prog: &mut Program, spec: &ProgSpec) -> Result<()> {
+    // The verifier gives up with EAGAIN when a signal arrives during a long
+    // verification (host_in takes ~300k steps); libbpf retries such loads
+    // five times, and so does this.
+    let mut attempt = 1;
+    loop {
+        match load_once(prog, spec) {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if attempt < 5 && io_error.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                warn!(program = spec.name, attempt, "verification interrupted; loading again");
+                attempt += 1;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+fn load_once(prog: &mut Program, spec: &ProgSpec) -> Result<(), aya::programs::ProgramError> {
     match spec.kind {
         ProgKind::TcIngress | ProgKind::TcEgress => {
             let p: &mut SchedClassifier = prog.try_into()?;
-            p.load()?;
+            p.load()
         }
         ProgKind::Xdp => {
             let p: &mut Xdp = prog.try_into()?;
-            p.load()?;
+            p.load()
         }
         ProgKind::CgroupConnect4
         | ProgKind::CgroupSendmsg4
         | ProgKind::CgroupRecvmsg4
         | ProgKind::CgroupGetpeername4 => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
-            p.load()?;
+            p.load()
         }
     }
-    Ok(())
 }
 
 /// Opens a pinned map of the contract, with a clear error when it is
