@@ -611,7 +611,10 @@ fn load_program(prog: &mut Program, spec: &ProgSpec) -> Result<()> {
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if attempt < 5 && io_error.raw_os_error() == Some(libc::EAGAIN) =>
             {
-                warn!(program = spec.name, attempt, "verification interrupted; loading again");
+                warn!(
+                    program = spec.name,
+                    attempt, "verification interrupted; loading again"
+                );
                 attempt += 1;
             }
             r => return Ok(r?),

@@ -421,7 +421,22 @@ fn xdp_and_cgroup_programs_run_where_the_table_says() {
     };
     let (xdp_old, cg_old) = (xdp_prog(), cgroup_progs());
     assert_eq!(xdp_old.len(), 1, "{xdp_old:?}");
-    assert_eq!(cg_old.len(), 1, "{cg_old:?}");
+    let mut want: Vec<String> = dataplane_common::PROGRAMS
+        .iter()
+        .filter(|p| p.kind.is_cgroup())
+        .map(|p| p.name.to_owned())
+        .collect();
+    want.sort();
+    let names = |progs: &[(u64, String)]| {
+        let mut n: Vec<String> = progs.iter().map(|p| p.1.clone()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(&cg_old),
+        want,
+        "one of each socket program: {cg_old:?}"
+    );
     let mut lab = lab;
     lab.signal_agent(0, libc::SIGKILL).expect("kill -9");
     lab.start_agent_again(0).expect("restart");
@@ -433,15 +448,16 @@ fn xdp_and_cgroup_programs_run_where_the_table_says() {
     );
     assert_ne!(xdp_new, xdp_old, "the restarted agent's XDP program runs");
     assert_eq!(
-        cg_new.len(),
-        1,
-        "one connect4 program after the restart: {cg_new:?}"
+        names(&cg_new),
+        want,
+        "one of each socket program after the restart: {cg_new:?}"
     );
-    assert_ne!(
-        cg_new[0].0, cg_old[0].0,
-        "the restarted agent's connect4 program runs"
-    );
-    assert_eq!(cg_new[0].1, "sock_connect4");
+    for (id, name) in &cg_new {
+        assert!(
+            !cg_old.iter().any(|(old, _)| old == id),
+            "the restarted agent's {name} runs: {cg_old:?} -> {cg_new:?}"
+        );
+    }
     let status: Value =
         serde_json::from_str(&lab.cli(0, &["status", "-o", "json"]).expect("status"))
             .expect("json");
