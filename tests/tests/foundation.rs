@@ -330,17 +330,28 @@ fn bpftool_sees_this_labs_programs_and_btf_field_names() {
     let metrics = pin_dir.join(spec.pin_name());
     let map = bpftool_json(&["map", "show", "pinned", metrics.to_str().expect("path")]);
     let map_id = map["id"].as_u64().expect("map id");
-    // Every program counts its verdicts in dp_metrics: the programs of this
-    // node's agent are those using this node's map, whatever other labs run.
+    // Every program counts its verdicts in dp_metrics, but for the socket
+    // programs that only read back translations (dp_sock_rev): the programs
+    // of this node's agent are those using this node's maps, whatever other
+    // labs run.
+    let rev = pin_dir.join(
+        dataplane_common::MapSpec::by_name(dataplane_common::MAP_SOCK_REV)
+            .expect("contract")
+            .pin_name(),
+    );
+    let rev_id = bpftool_json(&["map", "show", "pinned", rev.to_str().expect("path")])["id"]
+        .as_u64()
+        .expect("map id");
     let progs = bpftool_json(&["prog", "show"]);
     let ours: Vec<&str> = progs
         .as_array()
         .expect("programs")
         .iter()
         .filter(|p| {
-            p["map_ids"]
-                .as_array()
-                .is_some_and(|ids| ids.iter().any(|i| i.as_u64() == Some(map_id)))
+            p["map_ids"].as_array().is_some_and(|ids| {
+                ids.iter()
+                    .any(|i| i.as_u64() == Some(map_id) || i.as_u64() == Some(rev_id))
+            })
         })
         .filter_map(|p| p["name"].as_str())
         .collect();

@@ -13,8 +13,14 @@ fn examples() -> std::path::PathBuf {
 
 /// The shop example, with its policies when `policies`, in `mode`.
 fn shop(mode: &str, policies: bool) -> Lab {
+    shop_with(mode, policies, &[])
+}
+
+/// As [`shop`], with extra agent arguments.
+fn shop_with(mode: &str, policies: bool, agent_args: &[&str]) -> Lab {
     let spec = LabSpec {
         mode: mode.into(),
+        agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
         ..LabSpec::new(2, 0).expect("spec")
     };
     let mut lab = Lab::up(&spec).expect("lab");
@@ -189,7 +195,9 @@ fn cli_raw(lab: &Lab, i: usize, args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn inspection_shows_the_flows_just_opened_and_every_json_parses() {
-    let mut lab = shop("vxlan", false);
+    // Per-packet translation, so that the probe's Service flow is in
+    // conntrack (with socket LB it never needs an entry).
+    let mut lab = shop_with("vxlan", false, &["--socket-lb=off"]);
     let frontend = lab.find_pod("shop/frontend").expect("pod").clone();
     let node = frontend.node;
 
