@@ -97,6 +97,15 @@ fn walk(keep: bool) -> Result<()> {
     ] {
         lab_cmd(&["probe", from, to, port]);
     }
+    let frontend_node = lab.find_pod("shop/frontend").context("frontend")?.node;
+    println!(
+        "\n$ dataplane map dump dp_sock_rev    # on {}: socket LB sent the probes' connect() straight to a backend; getpeername still says the Service",
+        lab.state.nodes[frontend_node].name
+    );
+    print!(
+        "{}",
+        lab.cli(frontend_node, &["map", "dump", "dp_sock_rev"])?
+    );
 
     println!(
         "\n== NetworkPolicy: only the api reaches the db; only the frontend and the ops namespace reach the api"
