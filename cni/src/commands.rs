@@ -134,7 +134,7 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value> {
         ));
     };
 
-    let wired = wire(env, &netns, &host, ip4, mtu).and_then(|(host_mac, pod_mac)| {
+    let wired = wire(env, &netns, &host, ip4, mtu).and_then(|(host_mac, pod_mac, cookie)| {
         pause_point("wired");
         let spec = EndpointSpec {
             container_id: env.container_id.clone(),
@@ -143,6 +143,7 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value> {
             host_ifname: host.clone(),
             ips: vec![ip],
             mac: dataplane_common::format_mac(&pod_mac),
+            netns_cookie: cookie,
         };
         agent(conf, &Request::EndpointAdd(spec))?;
         Ok((host_mac, pod_mac))
@@ -162,7 +163,13 @@ pub fn add(env: &Env, conf: &NetConf) -> Result<Value> {
 }
 
 /// The veth pair and everything on both ends. Returns (host MAC, pod MAC).
-fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<([u8; 6], [u8; 6])> {
+fn wire(
+    env: &Env,
+    netns: &File,
+    host: &str,
+    ip: Ipv4Addr,
+    mtu: u32,
+) -> Result<([u8; 6], [u8; 6], Option<u64>)> {
     let ifname = env.ifname.clone();
     let host_mac = with_netns(None, async |nl: Nl| {
         if let Some(old) = nl.link(host).await? {
@@ -177,7 +184,7 @@ fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<(
         link_mac(&link).ok_or_else(|| CniError::new(code::NETLINK, format!("{host} has no MAC")))
     })?;
     let netns_path = Path::new(&env.netns);
-    let pod_mac = with_netns(Some(netns_path), async |nl: Nl| {
+    let (pod_mac, cookie) = with_netns(Some(netns_path), async |nl: Nl| {
         if let Some(lo) = nl.link("lo").await? {
             nl.set_up(lo.header.index).await?;
         }
@@ -194,7 +201,11 @@ fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<(
         nl.add_default_route(index, GATEWAY).await?;
         nl.add_permanent_neigh(index, GATEWAY.into(), &host_mac)
             .await?;
-        link_mac(&link).ok_or_else(|| CniError::new(code::NETLINK, format!("{ifname} has no MAC")))
+        let mac = link_mac(&link)
+            .ok_or_else(|| CniError::new(code::NETLINK, format!("{ifname} has no MAC")))?;
+        // Kernels before 5.14 have no netns cookies: the agent then leaves
+        // this pod's affinity to the per-packet path.
+        Ok((mac, dataplane_common::netns::cookie().ok()))
     })?;
     with_netns(None, async |nl: Nl| {
         let link = nl
@@ -204,7 +215,7 @@ fn wire(env: &Env, netns: &File, host: &str, ip: Ipv4Addr, mtu: u32) -> Result<(
         // The node reaches the pod (kubelet probes, replies) through this route.
         Ok(nl.add_link_route(link.header.index, ip).await?)
     })?;
-    Ok((host_mac, pod_mac))
+    Ok((host_mac, pod_mac, cookie))
 }
 
 async fn delete_link(nl: &Nl, name: &str) -> Result<()> {

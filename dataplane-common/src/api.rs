@@ -37,6 +37,11 @@ pub struct EndpointSpec {
     pub ips: Vec<IpAddr>,
     /// MAC of the pod's interface, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// The pod's network namespace cookie: the socket programs know the
+    /// pod's address by it (affinity in socket LB). None from plugins that
+    /// did not send it: the per-packet path serves those pods' affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,9 @@ pub const MAP_AFFINITY: &str = "dp_affinity";
 /// the backend it was sent to) -> [`SockRevValue`] (the Service address the
 /// application asked for).
 pub const MAP_SOCK_REV: &str = "dp_sock_rev";
+/// Who a socket's network namespace is, for socket LB: netns cookie ->
+/// [`SockClient`] (a local pod, or the node itself).
+pub const MAP_SOCK_CLIENTS: &str = "dp_sock_clients";
 /// Connection tracking and NAT, LRU: [`CtKey`] -> [`CtEntry`].
 pub const MAP_CT: &str = "dp_ct";
 /// Per-CPU room to build a new flow's entries in (the 512-byte BPF stack
@@ -45,6 +48,7 @@ pub const BACKENDS_MAX: u32 = 65_536;
 pub const MAGLEV_MAX: u32 = 8_192;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const SOCK_REV_MAX: u32 = 131_072;
+pub const SOCK_CLIENTS_MAX: u32 = 16_384;
 pub const CT_MAX: u32 = 262_144;
 pub const FRAGS_MAX: u32 = 8_192;
 /// The largest Maglev table a frontend may have (a prime; the default is
@@ -533,3 +537,14 @@ pub struct SockRevValue {
     pub _pad2: u32,
 }
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 16);
+
+/// The address a network namespace's sockets send from: what affinity
+/// keys on, as the per-packet path does with the packet's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockClient {
+    /// Network byte order.
+    pub addr: [u8; 4],
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SockClient>() == 8);

@@ -213,6 +213,16 @@ pub const MAPS: &[MapSpec] = &[
         description: "socket LB: socket and backend -> the Service address it asked for",
     },
     MapSpec {
+        name: crate::lb::MAP_SOCK_CLIENTS,
+        version: 1,
+        kind: MapKind::Hash,
+        key_size: 8,
+        value_size: size::<crate::lb::SockClient>(),
+        max_entries: crate::lb::SOCK_CLIENTS_MAX,
+        flags: 0,
+        description: "socket LB: network namespace cookie -> the pod (or node) address it sends from",
+    },
+    MapSpec {
         name: crate::lb::MAP_CT,
         version: 1,
         kind: MapKind::LruHash,
@@ -611,6 +621,7 @@ mod user {
     unsafe impl aya::Pod for crate::lb::AffinityValue {}
     unsafe impl aya::Pod for crate::lb::SockRevKey {}
     unsafe impl aya::Pod for crate::lb::SockRevValue {}
+    unsafe impl aya::Pod for crate::lb::SockClient {}
     unsafe impl aya::Pod for crate::lb::CtKey {}
     unsafe impl aya::Pod for crate::lb::CtEntry {}
     unsafe impl aya::Pod for crate::lb::CtScratch {}

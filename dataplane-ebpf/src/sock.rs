@@ -3,23 +3,28 @@
 //! the packets carry the backend's address from the first one and need no
 //! per-packet translation; getpeername and recvmsg show the application the
 //! Service address it asked for. The backend is chosen from the same maps
-//! and by the same rules as the per-packet path. Frontends with session
-//! affinity or a Maglev table, sockets with no backend to go to, and
-//! everything the hooks cannot see (other nodes, sockets older than the
-//! agent) are left to the per-packet path, which keeps their semantics.
+//! and by the same rules as the per-packet path, session affinity keyed on
+//! the pod's address (known by its network namespace). Frontends with a
+//! Maglev table, sockets with no backend to go to, and everything the hooks
+//! cannot see (other nodes, sockets older than the agent) are left to the
+//! per-packet path, which keeps their semantics.
 
 use aya_ebpf::{
-    btf_maps::LruHashMap,
-    helpers::bpf_get_socket_cookie,
+    btf_maps::{HashMap, LruHashMap},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
 use dataplane_common::{
     DP_F_SOCKET_LB, Direction, Hook, IPPROTO_TCP, IPPROTO_UDP, Reason, SCOPE_INTERNAL,
-    SOCK_REV_MAX, SVC_F_AFFINITY, SVC_F_MAGLEV, SockRevKey, SockRevValue,
+    SOCK_CLIENTS_MAX, SOCK_REV_MAX, SVC_F_AFFINITY, SVC_F_MAGLEV, SockClient, SockRevKey,
+    SockRevValue,
 };
 
 use crate::{config, ct, l4::Flow, lb, metrics, svc};
+
+#[btf_map(name = "dp_sock_clients")]
+static SOCK_CLIENTS: HashMap<u64, SockClient, { SOCK_CLIENTS_MAX as usize }> = HashMap::new();
 
 #[btf_map(name = "dp_sock_rev")]
 static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_REV_MAX as usize }> =
@@ -70,7 +75,7 @@ fn translate(ctx: &SockAddrContext) {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return;
     }
-    let flow = Flow {
+    let mut flow = Flow {
         saddr: 0,
         daddr: addr,
         sport: 0,
@@ -87,10 +92,18 @@ fn translate(ctx: &SockAddrContext) {
     let Some((key, fe)) = svc::frontend(&flow, SCOPE_INTERNAL) else {
         return;
     };
-    // Affinity and Maglev key on the client's address, which a socket does
-    // not have yet: the per-packet path serves those frontends.
-    if fe.flags & (SVC_F_AFFINITY | SVC_F_MAGLEV) != 0 {
+    // Maglev hashes the client's port, which a socket may not have yet: the
+    // per-packet path serves those frontends. Affinity keys on the client's
+    // address: the pod's (or node's) that the namespace belongs to, as the
+    // agent registered it; an unknown namespace is left to the packet path.
+    if fe.flags & SVC_F_MAGLEV != 0 {
         return;
+    }
+    if fe.flags & SVC_F_AFFINITY != 0 {
+        match client(ctx) {
+            Some(addr) => flow.saddr = addr,
+            None => return,
+        }
     }
     // No backend: the per-packet path refuses the flow as it always does.
     let Ok((_, b)) = lb::select(&flow, &key, fe) else {
@@ -122,6 +135,16 @@ fn translate(ctx: &SockAddrContext) {
         (*sa).user_ip4 = baddr;
         (*sa).user_port = u32::from(u16::from_ne_bytes(b.port));
     }
+}
+
+/// The address the socket's network namespace sends from, if the agent
+/// registered it.
+#[inline(always)]
+fn client(ctx: &SockAddrContext) -> Option<u32> {
+    // SAFETY: the netns cookie of the context's socket.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: values are written whole by the agent.
+    unsafe { SOCK_CLIENTS.get(&cookie) }.map(|c| u32::from_ne_bytes(c.addr))
 }
 
 /// A backend's address shown to the application: the Service address its

@@ -887,6 +887,7 @@ fn endpoint(cmd: EndpointCmd) -> Result<()> {
                     host_ifname,
                     ips,
                     mac,
+                    netns_cookie: None,
                 }),
             )?;
         }

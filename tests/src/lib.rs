@@ -1284,6 +1284,9 @@ impl Lab {
             host_ifname: pod.host_ifname.clone(),
             ips: vec![pod.ip.into()],
             mac: pod.mac.clone(),
+            netns_cookie: in_netns_thread(&pod.netns, dataplane_common::netns::cookie)
+                .ok()
+                .and_then(Result::ok),
         };
         self.agent_call(pod.node, &Request::EndpointAdd(spec))
             .map(drop)

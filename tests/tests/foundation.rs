@@ -286,6 +286,7 @@ fn bad_endpoint_requests_name_the_field_and_change_nothing() {
             host_ifname: pod.host_ifname.clone(),
             ips: vec!["10.244.0.77".parse().expect("ip")],
             mac: pod.mac.clone(),
+            netns_cookie: None,
         };
         f(&mut s);
         lab.agent_call(0, &dataplane_common::api::Request::EndpointAdd(s))

@@ -244,10 +244,22 @@ fn socket_and_packet_paths_choose_alike() {
     let backends = ["pod-0-1", "pod-1-1"];
     let _servers = serve(&lab, &backends);
     let svc_http = format!("{CLUSTER_IP}:80");
-    let cip: Ipv4Addr = CLUSTER_IP.parse().expect("ip");
 
-    // Session affinity: the socket hooks leave it to the per-packet path,
-    // so every connection of a client, from either path, keeps its backend.
+    // Session affinity, keyed on the pod's address on both paths: the
+    // socket hooks know it by the pod's network namespace (the CNI plugin
+    // sent its cookie), the per-packet path by the packet's source.
+    let clients = lab.dump(0, "dp_sock_clients").expect("dump");
+    let client_ip = ip_of(&lab, "pod-0-0").to_string();
+    assert!(
+        clients.iter().any(|c| c["address"] == client_ip.as_str()),
+        "{clients:?}"
+    );
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["address"] == lab.state.nodes[0].ip.to_string().as_str()),
+        "the node itself: {clients:?}"
+    );
     lab.set_services(
         vec![web(json!({"sessionAffinity": "ClientIP"}))],
         vec![lab.slice("web", "web-1", &backends.map(Ep::ready), ports())],
@@ -263,15 +275,17 @@ fn socket_and_packet_paths_choose_alike() {
         }
     });
     assert_eq!(answers.len(), 1, "affinity held: {answers:?}");
-    assert!(wire.iter().all(|w| *w == (cip, 80)), "per-packet: {wire:?}");
-    // And from outside the node's cgroup (the per-packet path alone).
+    let chosen = answers.iter().next().expect("an answer").clone();
+    let chosen_ip = ip_of(&lab, chosen.trim_start_matches("default/"));
+    assert!(
+        !wire.is_empty() && wire.iter().all(|w| *w == (chosen_ip, HTTP)),
+        "translated in the socket hook, to the affine backend: {wire:?}"
+    );
+    // From outside the node's cgroup (the per-packet path alone): the
+    // same backend, from the same affinity entry.
     for _ in 0..3 {
         let r = probe_in(&lab, "pod-0-0", &svc_http, "TCP", false);
-        assert_eq!(
-            r["answered_by"].as_str(),
-            answers.iter().next().map(String::as_str),
-            "{r}"
-        );
+        assert_eq!(r["answered_by"].as_str(), Some(chosen.as_str()), "{r}");
     }
 
     // internalTrafficPolicy Local: node 0's clients get node 0's backend

@@ -218,7 +218,31 @@ pub(super) fn remove(agent: &Agent, container_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The socket programs' view of who sends from which network namespace:
+/// this node, and every local endpoint whose plugin gave its namespace's
+/// cookie (their first IPv4 address).
+pub(super) fn sync_sock_clients(agent: &Agent) -> Result<()> {
+    let mut want = std::collections::BTreeMap::new();
+    if let Some(c) = agent.own_netns_cookie {
+        want.insert(c, agent.net.node_ip);
+    }
+    for live in lock(&agent.registry)?.values() {
+        let ip = live.spec.ips.iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            std::net::IpAddr::V6(_) => None,
+        });
+        if let (Some(cookie), Some(ip)) = (live.spec.netns_cookie, ip) {
+            want.insert(cookie, ip);
+        }
+    }
+    lock(&agent.sock_clients)?.set(&want)?;
+    Ok(())
+}
+
+/// Every change of the registry ends here: it is written for the next
+/// agent, and the socket programs learn the namespaces it holds.
 pub(super) fn save_registry(agent: &Agent) -> Result<()> {
+    sync_sock_clients(agent)?;
     let specs: Vec<EndpointSpec> = lock(&agent.registry)?
         .values()
         .map(|e| e.spec.clone())

@@ -50,6 +50,7 @@ use crate::{
         policy::{PolicyCidrMap, PolicyMap},
         prefilter::PrefilterMap,
         services::{BackendsMap, MaglevMap, Services, ServicesMap},
+        sock::SockClientsMap,
     },
     source_dir, source_kube, sys, telemetry,
 };
@@ -163,8 +164,8 @@ pub struct AgentArgs {
     pub masquerade: bool,
     /// Socket LB: a pod's (or the node's) TCP connect and UDP send to a
     /// Service go straight to a backend, translated in the socket hooks,
-    /// not per packet. Frontends with session affinity or Maglev, and
-    /// traffic the hooks do not see, use the per-packet path either way.
+    /// not per packet. Frontends with a Maglev table, and traffic the
+    /// hooks do not see, use the per-packet path either way.
     #[arg(long, value_enum, default_value = "on")]
     pub socket_lb: OnOff,
     /// Destinations outside the cluster that pods reach with their own
@@ -352,6 +353,10 @@ pub(crate) struct Agent {
     directory: Mutex<Directory>,
     /// The prefilter's map and the prefixes it must hold.
     prefilter: Mutex<(PrefilterMap, BTreeSet<IpNetwork>)>,
+    /// Network namespaces the socket programs know (local pods and this
+    /// node), and this node's own namespace cookie.
+    sock_clients: Mutex<SockClientsMap>,
+    own_netns_cookie: Option<u64>,
 }
 
 /// Addresses by (namespace, name).
@@ -490,6 +495,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .map(|c| crate::maps::prefilter::parse_cidr(c).with_context(|| format!("--deny-cidr {c}")))
         .collect::<Result<BTreeSet<_>>>()?;
     let mut prefilter = PrefilterMap::new(datapath.take_map(dataplane_common::MAP_PREFILTER)?)?;
+    let sock_clients = SockClientsMap::new(datapath.take_map(dataplane_common::MAP_SOCK_CLIENTS)?)?;
     prefilter.set(&deny)?;
     let endpoint_map = EndpointMap::new(datapath.take_map(dataplane_common::MAP_ENDPOINTS)?)?;
     let ep_metrics = EpMetricsMap::new(datapath.take_map(dataplane_common::MAP_EP_METRICS)?)?;
@@ -551,6 +557,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         barrier_passed: tokio::sync::watch::Sender::new(0),
         directory: Mutex::default(),
         prefilter: Mutex::new((prefilter, deny)),
+        sock_clients: Mutex::new(sock_clients),
+        own_netns_cookie: dataplane_common::netns::cookie().ok(),
     });
 
     endpoints::restore(&agent).await?;

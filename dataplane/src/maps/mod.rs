@@ -95,6 +95,7 @@ pub fn dump(pin_dir: &Path, name: &str, format: Format) -> Result<String> {
             render(&prefilter::PrefilterMap::open(pin_dir)?.rows()?, format)
         }
         dataplane_common::MAP_SOCK_REV => render(&sock::rows(pin_dir)?, format),
+        dataplane_common::MAP_SOCK_CLIENTS => render(&sock::client_rows(pin_dir)?, format),
         dataplane_common::MAP_CT_SCRATCH => render(&ct::scratch_rows(pin_dir)?, format),
         dataplane_common::MAP_EXPLAIN => render(&[explain_row(pin_dir)?], format),
         dataplane_common::MAP_EVENT_MONITORS | dataplane_common::MAP_EVENT_READERS => {
@@ -194,6 +195,7 @@ pub fn count(pin_dir: &Path, name: &str) -> Result<usize> {
         dataplane_common::MAP_POLICY_NAMES => events::name_rows(pin_dir)?.len(),
         dataplane_common::MAP_PREFILTER => prefilter::PrefilterMap::open(pin_dir)?.entries()?.len(),
         dataplane_common::MAP_SOCK_REV => sock::rows(pin_dir)?.len(),
+        dataplane_common::MAP_SOCK_CLIENTS => sock::client_rows(pin_dir)?.len(),
         dataplane_common::MAP_EVENT_STATE
         | dataplane_common::MAP_EVENT_CONFIG
         | dataplane_common::MAP_EVENT_SCRATCH
