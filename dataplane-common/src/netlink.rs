@@ -328,6 +328,30 @@ impl Nl {
         .build()
     }
 
+    /// The interface of the IPv4 default route in the main table (one with
+    /// a single next hop), if there is one.
+    pub async fn default_route_ifindex(&self) -> Result<Option<u32>> {
+        let all: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(err("listing routes"))?;
+        // RT_TABLE_MAIN
+        const MAIN: u8 = 254;
+        Ok(all
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0 && r.header.table == MAIN)
+            .find_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            }))
+    }
+
     /// The IPv4 routes of the main table tagged [`ROUTE_PROTOCOL`].
     pub async fn own_routes(&self) -> Result<Vec<RouteMessage>> {
         let all: Vec<RouteMessage> = self

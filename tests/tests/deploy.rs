@@ -82,6 +82,8 @@ fn temp_dir(name: &str) -> PathBuf {
 fn lab_with(caps: &[String], sysctls: &std::path::Path, sysctl_flag: bool) -> anyhow::Result<Lab> {
     let mut spec = LabSpec::new(2, 1)?;
     spec.agent_wrapper = container_like(caps, sysctls);
+    // As the ConfigMap has it.
+    spec.agent_args.push("--uplink=auto".into());
     if sysctl_flag {
         spec.agent_args
             .push(format!("--sysctl-root={}", sysctls.display()));

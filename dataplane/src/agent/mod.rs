@@ -100,7 +100,9 @@ pub struct AgentArgs {
     /// How pods on different nodes reach each other.
     #[arg(long, value_enum, default_value = "vxlan")]
     pub mode: Mode,
-    /// The node's uplink (underlay interface).
+    /// The node's uplink (underlay interface), or `auto`: the one holding
+    /// --node-ip, else the default route's, else the only interface with
+    /// an IPv4 address besides loopback and the agent's own.
     #[arg(long, default_value = "eth0")]
     pub uplink: String,
     /// This node's underlay address; the uplink's first IPv4 address if unset.

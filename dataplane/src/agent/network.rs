@@ -2,9 +2,9 @@
 //! routes to other nodes' pod CIDRs, synced against the routes the kernel
 //! really has (ours carry [`ROUTE_PROTOCOL`]).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use dataplane_common::{
     AttachPoint, DatapathConfig, MODE_NATIVE, MODE_VXLAN, PROGRAMS, ProgKind,
     netlink::{Nl, ROUTE_PROTOCOL, route_key},
@@ -25,13 +25,83 @@ use crate::{
 };
 
 /// Uplink facts, forwarding, and in VXLAN mode the external-mode device.
+/// Interfaces that are never the uplink: loopback and the agent's own
+/// devices (pod veths, the host device, the VXLAN device).
+fn ours_or_loopback(name: &str, vxlan_device: &str) -> bool {
+    name == "lo" || name == vxlan_device || name.starts_with("lxc") || name.starts_with("dp_")
+}
+
+/// Picks the uplink for `--uplink auto` from (name, ifindex, IPv4
+/// addresses) of the node's interfaces: the one holding `--node-ip`, else
+/// the default route's, else the only other one with an IPv4 address.
+fn pick_uplink(
+    links: &[(String, u32, Vec<Ipv4Addr>)],
+    node_ip: Option<Ipv4Addr>,
+    default_route: Option<u32>,
+    vxlan_device: &str,
+) -> Result<String> {
+    if let Some(ip) = node_ip {
+        return links
+            .iter()
+            .find(|l| l.2.contains(&ip))
+            .map(|l| l.0.clone())
+            .with_context(|| format!("--uplink auto: no interface holds --node-ip {ip}"));
+    }
+    if let Some(l) = default_route.and_then(|i| links.iter().find(|l| l.1 == i)) {
+        return Ok(l.0.clone());
+    }
+    let candidates: Vec<&String> = links
+        .iter()
+        .filter(|l| !ours_or_loopback(&l.0, vxlan_device) && !l.2.is_empty())
+        .map(|l| &l.0)
+        .collect();
+    match candidates.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!("--uplink auto: no interface with an IPv4 address and no default route"),
+        many => bail!(
+            "--uplink auto: no default route, and several interfaces with IPv4 addresses ({}): name one with --uplink or pass --node-ip",
+            many.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+async fn resolve_uplink(args: &AgentArgs, nl: &Nl) -> Result<String> {
+    if args.uplink != "auto" {
+        return Ok(args.uplink.clone());
+    }
+    let mut links = Vec::new();
+    for l in nl.links().await? {
+        let Some(name) = dataplane_common::netlink::link_name(&l) else {
+            continue;
+        };
+        let v4 = nl
+            .addrs(l.header.index)
+            .await?
+            .into_iter()
+            .filter_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
+        links.push((name.to_owned(), l.header.index, v4));
+    }
+    let default_route = nl.default_route_ifindex().await?;
+    let name = pick_uplink(&links, args.node_ip, default_route, &args.vxlan_device)?;
+    info!(uplink = %name, "uplink chosen (--uplink auto)");
+    Ok(name)
+}
+
 /// Returns the node's network facts and the uplink's MTU.
 pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> {
     sys::write_sysctl("net/ipv4/ip_forward", "1")?;
+    let uplink_name = resolve_uplink(args, nl).await?;
     let uplink = nl
-        .link(&args.uplink)
+        .link(&uplink_name)
         .await?
-        .with_context(|| format!("--uplink {}: no such interface", args.uplink))?;
+        .with_context(|| format!("--uplink {uplink_name}: no such interface"))?;
     let uplink_mtu = dataplane_common::netlink::link_mtu(&uplink).unwrap_or(1500);
     let node_ip = match args.node_ip {
         Some(ip) => ip,
@@ -44,10 +114,7 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
                 std::net::IpAddr::V6(_) => None,
             })
             .with_context(|| {
-                format!(
-                    "--uplink {} has no IPv4 address; pass --node-ip",
-                    args.uplink
-                )
+                format!("--uplink {uplink_name} has no IPv4 address; pass --node-ip")
             })?,
     };
     let mut vxlan_ifindex = 0;
@@ -81,7 +148,7 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
     {
         ipnetwork::IpNetwork::V4(v4) => v4,
         ipnetwork::IpNetwork::V6(_) => {
-            anyhow::bail!("--service-cidr: IPv6 Services are not supported yet")
+            bail!("--service-cidr: IPv6 Services are not supported yet")
         }
     };
     if nl.link(HOST_DEVICE).await?.is_none() {
@@ -109,7 +176,7 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
     }
     let net = Net {
         mode: args.mode,
-        uplink: args.uplink.clone(),
+        uplink: uplink_name.clone(),
         uplink_ifindex: uplink.header.index,
         vxlan_device: args.vxlan_device.clone(),
         vxlan_ifindex,
@@ -279,4 +346,47 @@ pub(super) async fn cleanup(agent: &Agent) -> Result<()> {
     agent.nl.del_link(agent.net.hostdev_ifindex).await?;
     info!(protocol = ROUTE_PROTOCOL, "datapath removed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn auto_uplink() {
+        let links = vec![
+            ("lo".to_owned(), 1, vec![ip("127.0.0.1")]),
+            ("ens5".to_owned(), 2, vec![ip("10.0.0.5")]),
+            ("docker0".to_owned(), 3, vec![ip("172.17.0.1")]),
+            ("dp_host".to_owned(), 4, vec![ip("169.254.1.1")]),
+            ("lxc1234".to_owned(), 5, vec![]),
+        ];
+        // The interface holding the node's address wins.
+        assert_eq!(
+            pick_uplink(&links, Some(ip("172.17.0.1")), Some(2), "dp_vxlan").expect("pick"),
+            "docker0"
+        );
+        assert!(
+            pick_uplink(&links, Some(ip("192.0.2.1")), Some(2), "dp_vxlan")
+                .expect_err("no such address")
+                .to_string()
+                .contains("no interface holds --node-ip 192.0.2.1")
+        );
+        // Then the default route's.
+        assert_eq!(
+            pick_uplink(&links, None, Some(2), "dp_vxlan").expect("pick"),
+            "ens5"
+        );
+        // Without one, the only candidate; several are named.
+        let e = pick_uplink(&links, None, None, "dp_vxlan").expect_err("two candidates");
+        assert!(e.to_string().contains("ens5, docker0"), "{e}");
+        assert_eq!(
+            pick_uplink(&links[..2], None, None, "dp_vxlan").expect("pick"),
+            "ens5"
+        );
+    }
 }
