@@ -328,17 +328,21 @@ impl Nl {
         .build()
     }
 
-    /// The interface of the IPv4 default route in the main table (one with
-    /// a single next hop), if there is one.
-    pub async fn default_route_ifindex(&self) -> Result<Option<u32>> {
-        let all: Vec<RouteMessage> = self
-            .handle
+    /// Every IPv4 route the kernel dumps.
+    async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
             .try_collect()
             .await
-            .map_err(err("listing routes"))?;
+            .map_err(err("listing routes"))
+    }
+
+    /// The interface of the IPv4 default route in the main table (one with
+    /// a single next hop), if there is one.
+    pub async fn default_route_ifindex(&self) -> Result<Option<u32>> {
+        let all = self.ipv4_routes().await?;
         // RT_TABLE_MAIN
         const MAIN: u8 = 254;
         Ok(all
@@ -354,14 +358,7 @@ impl Nl {
 
     /// The IPv4 routes of the main table tagged [`ROUTE_PROTOCOL`].
     pub async fn own_routes(&self) -> Result<Vec<RouteMessage>> {
-        let all: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(err("listing routes"))?;
+        let all = self.ipv4_routes().await?;
         Ok(all
             .into_iter()
             .filter(|r| r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))

@@ -468,17 +468,7 @@ impl Datapath {
                     Err(_) => Ok(()),
                 }
             }
-            Attached::Pinned(path) => {
-                if let Some(link) = sys::bpf_obj_get(&path)? {
-                    // Detach now, even if another process still holds the link.
-                    if let Err(e) = sys::bpf_link_detach(link.as_fd()) {
-                        tracing::debug!("detaching {}: {e}", path.display());
-                    }
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("unpinning {}", path.display()))?;
-                }
-                Ok(())
-            }
+            Attached::Pinned(path) => detach_pinned(&path).map(drop),
         }
     }
 
@@ -558,6 +548,20 @@ impl Datapath {
             handle,
         })
     }
+}
+
+/// Detaches the link pinned at `path` now, even if another process still
+/// holds it, and removes the pin; false when nothing was pinned there. A
+/// link whose device or cgroup went away is already detached.
+pub fn detach_pinned(path: &Path) -> Result<bool> {
+    let Some(link) = sys::bpf_obj_get(path)? else {
+        return Ok(false);
+    };
+    if let Err(e) = sys::bpf_link_detach(link.as_fd()) {
+        tracing::debug!("detaching {}: {e}", path.display());
+    }
+    std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
+    Ok(true)
 }
 
 /// Removes the clsact filters an agent recorded in `state_dir` (what

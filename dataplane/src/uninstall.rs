@@ -59,8 +59,8 @@ fn remove_path(path: &Path, removed: &mut Removed) -> Result<()> {
     Ok(())
 }
 
-/// Detaches every link pinned under `dir` (recursively): a link held open
-/// elsewhere would otherwise outlive its pin.
+/// Detaches and unpins every link pinned under `dir` (recursively): a link
+/// held open elsewhere would otherwise outlive its pin.
 fn detach_links(dir: &Path) -> Result<usize> {
     let mut n = 0;
     let entries = match std::fs::read_dir(dir) {
@@ -72,9 +72,7 @@ fn detach_links(dir: &Path) -> Result<usize> {
         let path = e?.path();
         if path.is_dir() {
             n += detach_links(&path)?;
-        } else if let Some(link) = crate::sys::bpf_obj_get(&path)? {
-            // A device or cgroup that went away took its attachment along.
-            let _ = crate::sys::bpf_link_detach(std::os::fd::AsFd::as_fd(&link));
+        } else if crate::bpf::detach_pinned(&path)? {
             n += 1;
         }
     }

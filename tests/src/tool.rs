@@ -189,6 +189,9 @@ pub struct ProbeResult {
     pub answered_by: Option<String>,
     pub elapsed_ms: u64,
     pub error: Option<String>,
+    /// Who the application saw it talk to (see [`Reached::peer`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 impl ProbeResult {
@@ -407,7 +410,9 @@ impl Lab {
 
     /// Starts the server of pod `idx` on `ports` (none: no server) and
     /// waits until it listens.
-    fn start_server(&mut self, idx: usize, ports: &[(u16, String)]) -> Result<()> {
+    /// Starts pod `idx`'s server on `ports` (number, `TCP`/`UDP`): it
+    /// answers with the pod's `namespace/name`, and goes with the lab.
+    pub fn start_server(&mut self, idx: usize, ports: &[(u16, String)]) -> Result<()> {
         if ports.is_empty() {
             return Ok(());
         }
@@ -618,7 +623,9 @@ impl Lab {
         )
     }
 
-    fn probe_at(
+    /// One attempt from `place` (a namespace, and the cgroup the probe's
+    /// process runs in) to `addr`; `from` and `to` only label the result.
+    pub fn probe_at(
         &self,
         from: &str,
         to: &str,
@@ -650,6 +657,7 @@ impl Lab {
             answered_by: r.answered_by,
             elapsed_ms: r.elapsed_ms,
             error: r.error,
+            peer: r.peer,
         })
     }
 

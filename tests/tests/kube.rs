@@ -32,6 +32,15 @@ fn pod(name: &str, node: &str, ip: &str) -> Value {
            "spec": {"nodeName": node, "containers": []}, "status": {"podIPs": [{"ip": ip}]}})
 }
 
+/// `dataplane_errors_total{kind="kube_watch"}` on node `node` (0 before
+/// the first error, or while /metrics does not answer).
+fn watch_errors(lab: &Lab, node: usize) -> f64 {
+    lab.metric(node, "dataplane_errors_total{kind=\"kube_watch\"}")
+        .ok()
+        .flatten()
+        .unwrap_or(0.0)
+}
+
 fn count(requests: &[String], prefix: &str, watch: bool) -> usize {
     requests
         .iter()
@@ -155,20 +164,7 @@ fn watches_survive_drops_410_and_an_outage() {
     api.compact();
     // While the API server is down the datapath is left as it was, even
     // after the agent has failed to reach it.
-    let errors = || {
-        lab::http_get(
-            &lab.state.nodes[0].netns,
-            std::net::SocketAddr::from(([127, 0, 0, 1], 9963)),
-            "/metrics",
-        )
-        .map(|(_, m)| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("dataplane_errors_total{kind=\"kube_watch\"} "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .unwrap_or(0.0)
-    };
+    let errors = || watch_errors(&lab, 0);
     let seen = errors();
     wait_for("the agent to hit the outage", || errors() >= seen + 6.0);
     assert!(
@@ -319,20 +315,7 @@ fn in_cluster_config_tls_token_and_the_deploy_cluster_role() {
 
     // A token the server no longer takes: every reconnect gets 401, the
     // log says what to check, the agent keeps retrying, packets flow.
-    let metrics_errors = |node: usize| {
-        lab::http_get(
-            &lab.state.nodes[node].netns,
-            std::net::SocketAddr::from(([127, 0, 0, 1], 9963)),
-            "/metrics",
-        )
-        .map(|(_, m)| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("dataplane_errors_total{kind=\"kube_watch\"} "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .unwrap_or(0.0)
-    };
+
     api.set_token(Some("a-rotated-token".into()));
     api.drop_watches();
     let refused = || api.access().iter().filter(|x| x.code == 401).count();
@@ -344,7 +327,7 @@ fn in_cluster_config_tls_token_and_the_deploy_cluster_role() {
         )
     });
     wait_for("retries", || refused() > first + 6);
-    assert!(metrics_errors(0) >= 1.0);
+    assert!(watch_errors(&lab, 0) >= 1.0);
     assert_eq!(reach(), 3, "forwarding with the API refusing the agent");
     // A restart with the token refused: the datapath is adopted and keeps
     // forwarding while the watches retry.

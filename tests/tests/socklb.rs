@@ -2,11 +2,7 @@
 //! pod's network namespace and their node's cgroup (where that node's
 //! socket programs act), through `dataplane-lab pod-probe`. Needs root.
 
-use std::{
-    net::Ipv4Addr,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::net::Ipv4Addr;
 
 use lab::{
     Lab, LabSpec,
@@ -18,46 +14,19 @@ const CLUSTER_IP: &str = "10.96.0.10";
 const HTTP: u16 = 8080;
 const DNS: u16 = 5353;
 
-/// Servers in pods, answering with their `namespace/name`; killed on drop.
-struct Servers(Vec<Child>);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn serve(lab: &Lab, pods: &[&str]) -> Servers {
-    let mut children = Vec::new();
+/// Servers in `pods`, answering with their `namespace/name` on HTTP/TCP
+/// and DNS/UDP (the lab stops them).
+fn serve(lab: &mut Lab, pods: &[&str]) {
     for p in pods {
-        let pod = lab.pod(p);
-        let node = &lab.state.nodes[pod.node];
-        let mut cmd = Command::new(&lab.state.lab_bin);
-        cmd.args([
-            "pod-serve",
-            "--netns",
-            &pod.netns,
-            "--name",
-            &format!("default/{p}"),
-        ])
-        .args([
-            "--port",
-            &format!("{HTTP}/tcp"),
-            "--port",
-            &format!("{DNS}/udp"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        if let Some(cg) = &node.cgroup {
-            cmd.arg("--cgroup").arg(cg);
-        }
-        children.push(cmd.spawn().expect("pod-serve"));
+        let idx = lab
+            .state
+            .pods
+            .iter()
+            .position(|x| x.name == *p)
+            .expect("pod");
+        lab.start_server(idx, &[(HTTP, "TCP".into()), (DNS, "UDP".into())])
+            .expect("pod server");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    Servers(children)
 }
 
 /// One probe from pod `from`, as its processes run (its netns, its node's
@@ -69,28 +38,14 @@ fn probe(lab: &Lab, from: &str, to: &str, proto: &str) -> Value {
 /// As [`probe`]; without `cgroup`, from outside every node's cgroup (no
 /// socket program sees it: the per-packet path alone).
 fn probe_in(lab: &Lab, from: &str, to: &str, proto: &str, cgroup: bool) -> Value {
-    let pod = lab.pod(from);
-    let node = &lab.state.nodes[pod.node];
-    let mut cmd = Command::new(&lab.state.lab_bin);
-    cmd.args([
-        "pod-probe",
-        "--netns",
-        &pod.netns,
-        "--to",
-        to,
-        "--protocol",
-        proto,
-    ]);
-    if let Some(cg) = node.cgroup.as_ref().filter(|_| cgroup) {
-        cmd.arg("--cgroup").arg(cg);
+    let mut place = lab.place(from).expect("place");
+    if !cgroup {
+        place.cgroup = None;
     }
-    let out = cmd.output().expect("pod-probe");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("probe json")
+    let r = lab
+        .probe_at(from, to, &place, to.parse().expect("address"), proto)
+        .expect("probe");
+    serde_json::to_value(r).expect("json")
 }
 
 /// Destinations of the client's first packets on its pod's veth (seen
@@ -169,7 +124,7 @@ fn sockets_go_straight_to_a_backend_and_see_the_service() {
                 .expect("json");
         assert_eq!(st["datapath"]["socket_lb"], on, "node {node}: {st}");
     }
-    let _servers = serve(&lab, &["pod-1-1"]);
+    serve(&mut lab, &["pod-1-1"]);
     let backend = ip_of(&lab, "pod-1-1");
     let svc_http = format!("{CLUSTER_IP}:80");
     let svc_dns = format!("{CLUSTER_IP}:53");
@@ -240,9 +195,9 @@ fn sockets_go_straight_to_a_backend_and_see_the_service() {
 #[test]
 fn socket_and_packet_paths_choose_alike() {
     let spec = LabSpec::new(2, 2).expect("spec");
-    let lab = Lab::up(&spec).expect("lab");
+    let mut lab = Lab::up(&spec).expect("lab");
     let backends = ["pod-0-1", "pod-1-1"];
-    let _servers = serve(&lab, &backends);
+    serve(&mut lab, &backends);
     let svc_http = format!("{CLUSTER_IP}:80");
 
     // Session affinity, keyed on the pod's address on both paths: the

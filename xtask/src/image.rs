@@ -95,13 +95,7 @@ fn builder() -> Result<&'static str> {
         }
     }
     if crate::testing::is_root() && have("apt-get") {
-        eprintln!("xtask: installing podman");
-        status(Command::new("apt-get").args(["update", "-qq"]))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "podman"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        crate::testing::apt_install(&["podman"])?;
         return Ok("podman");
     }
     bail!("neither podman nor buildah is installed (apt-get install podman)")

@@ -53,18 +53,24 @@ pub(crate) fn ensure_test_tools() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(&missing)
+}
+
+/// Installs Debian packages, or says which to install where there is no
+/// apt-get.
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     if !have("apt-get") {
         bail!(
             "missing tools; install these packages: {}",
-            missing.join(" ")
+            packages.join(" ")
         );
     }
-    eprintln!("xtask: installing {}", missing.join(" "));
+    eprintln!("xtask: installing {}", packages.join(" "));
     status(Command::new("apt-get").args(["update", "-qq"]))?;
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-qq"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
