@@ -502,7 +502,10 @@ pub const MODE_NATIVE: u8 = 2;
 pub struct DatapathConfig {
     /// [`MODE_VXLAN`] or [`MODE_NATIVE`]; 0 = not configured yet.
     pub mode: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The VXLAN UDP port (network byte order): XDP builds the outer
+    /// header itself.
+    pub vxlan_port: [u8; 2],
     /// VXLAN network identifier (host byte order).
     pub vni: u32,
     /// The VXLAN device (external/collect_md), in VXLAN mode.
@@ -523,6 +526,10 @@ pub const DP_F_MASQUERADE: u32 = 1 << 0;
 /// Sockets' connect and sendmsg to a Service go to a backend at once
 /// (socket LB); the per-packet path handles the rest.
 pub const DP_F_SOCKET_LB: u32 = 1 << 1;
+/// NodePort, LoadBalancer and external-IP traffic from outside is
+/// translated and sent on in XDP on the uplink where it can be (remote
+/// backends, replies to outside clients); the rest goes on to tc.
+pub const DP_F_XDP_LB: u32 = 1 << 2;
 
 /// The endpoint runs on this node (its `ifindex` is valid here).
 pub const EP_F_LOCAL: u32 = 1 << 0;

@@ -3,7 +3,7 @@
 //! (masquerade).
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -19,39 +19,36 @@ use crate::{
     route::{self, Route},
     svc::{self, Nat},
     verdict::{self, Verdict},
+    xdp_lb,
 };
 
 /// Everything that arrives on the uplink, before the stack allocates an
-/// skb: what the prefilter denies is dropped here, the rest counted and
-/// passed on to tc (NodePort translation will act here too).
+/// skb: what the prefilter denies is dropped here; NodePort, LoadBalancer
+/// and external-IP flows (and their replies) that leave the node again
+/// are translated and sent back out (`XDP_TX`, counted as forwarded
+/// to-network); the rest is passed on to tc untouched (counted as
+/// forwarded from-network).
 #[xdp]
 pub fn host_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let reason = if xdp_source(&ctx).is_some_and(prefilter::denied) {
-        Reason::PrefilterDenied
-    } else {
-        Reason::Forwarded
-    };
-    metrics::count_verdict(Hook::Xdp, Direction::FromNetwork, reason as u32, len);
-    if reason.is_drop() { XDP_DROP } else { XDP_PASS }
-}
-
-/// The IPv4 source address of an Ethernet frame, if it carries IPv4.
-#[inline(always)]
-fn xdp_source(ctx: &XdpContext) -> Option<[u8; 4]> {
-    const SADDR: usize = parse::ETH_HLEN + 12;
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if data + SADDR + 4 > end {
-        return None;
-    }
-    // SAFETY: bounds checked against data_end just above.
-    unsafe {
-        let ethertype = u16::from_be_bytes(*((data + 12) as *const [u8; 2]));
-        if ethertype != parse::ETH_P_IP {
-            return None;
+    let mut p = Pkt::new();
+    let mut action = xdp_lb::parse(&ctx, &mut p, len);
+    let mut v = Verdict::new(XDP_PASS as i32, Reason::Forwarded);
+    if action == XDP_DROP {
+        v = Verdict::new(XDP_DROP as i32, Reason::PrefilterDenied);
+    } else if action == xdp_lb::CONTINUE {
+        if svc::from_network_xdp(&p.flow, p.node, len, &mut p.nat) & 0xff == svc::NAT {
+            v = xdp_lb::forward(&ctx, &p, len);
         }
-        Some(*((data + SADDR) as *const [u8; 4]))
     }
+    action = v.action() as u32;
+    let direction = if action == XDP_TX {
+        Direction::ToNetwork
+    } else {
+        Direction::FromNetwork
+    };
+    metrics::count_verdict(Hook::Xdp, direction, v.reason_code(), len);
+    action
 }
 
 /// Traffic from outside: Services reached on this node (NodePort,

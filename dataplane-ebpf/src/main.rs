@@ -37,6 +37,7 @@ mod route;
 mod sock;
 mod svc;
 mod verdict;
+mod xdp_lb;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -99,6 +99,8 @@ pub const NAT: u32 = 1;
 pub const REJECT: u32 = 2;
 /// Drop under the reason in bits 8..16.
 pub const DROP: u32 = 3;
+/// XDP: leave the packet to tc, untouched (see [`from_network_xdp`]).
+pub const TO_TC: u32 = 4;
 
 #[inline(always)]
 fn drop(reason: Reason) -> u32 {
@@ -252,6 +254,47 @@ pub fn from_network(flow: &Flow, node: u32, len: u32, out: &mut Nat) -> u32 {
         return NAT;
     }
     new_external(flow, node, out)
+}
+
+/// [`from_network`] in XDP, except that a known flow whose packet goes to
+/// this node (a backend or pod here, the node itself) is left to tc
+/// untouched, so that the entry counts the packet once, where tc
+/// forwards it. A new flow is decided here either way: tc then finds it
+/// known.
+#[inline(always)]
+pub fn from_network_xdp(flow: &Flow, node: u32, len: u32, out: &mut Nat) -> u32 {
+    match known_beyond(flow, CT_DIR_REPLY, len, out) {
+        NONE => {}
+        code => return code,
+    }
+    match known_beyond(flow, CT_DIR_ORIG, len, out) {
+        NONE => {}
+        code => return code,
+    }
+    new_external(flow, node, out)
+}
+
+/// A known Service or masqueraded flow in `dir`: [`NAT`] (and counted) if
+/// its packet leaves this node, [`TO_TC`] if it stays.
+#[inline(never)]
+fn known_beyond(flow: &Flow, dir: u8, len: u32, out: &mut Nat) -> u32 {
+    let Some(e) = ct::lookup(&ct::flow_key(flow, dir)) else {
+        return NONE;
+    };
+    // SAFETY: a valid map value pointer.
+    let entry = unsafe { &*e };
+    if entry.flags & (CT_F_SERVICE | CT_F_MASQ) == 0 {
+        return NONE;
+    }
+    *out = Nat::from_entry(entry);
+    if matches!(
+        crate::route::v4(out.daddr(flow)),
+        Ok(crate::route::Route::Local(_) | crate::route::Route::Host)
+    ) {
+        return TO_TC;
+    }
+    ct::touch(e, flow, dir, len);
+    NAT
 }
 
 /// A new flow from outside: to a NodePort, LoadBalancer or external IP.

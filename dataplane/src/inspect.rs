@@ -98,6 +98,8 @@ pub struct DatapathFacts {
     pub vni: u32,
     pub masquerade: bool,
     pub socket_lb: bool,
+    /// NodePort traffic from outside served in XDP (when XDP is attached).
+    pub xdp_lb: bool,
 }
 
 /// `dataplane status`: the agent's answer (flattened, when it answers) and
@@ -152,6 +154,7 @@ pub fn status(socket: &Path, pin_dir: Option<PathBuf>) -> Result<Status> {
         vni: cfg.vni,
         masquerade: cfg.flags & dataplane_common::DP_F_MASQUERADE != 0,
         socket_lb: cfg.flags & dataplane_common::DP_F_SOCKET_LB != 0,
+        xdp_lb: cfg.flags & dataplane_common::DP_F_XDP_LB != 0,
     });
     st.programs = programs(&dir)?;
     for spec in dataplane_common::MAPS {
@@ -244,12 +247,13 @@ fn print_table(st: &Status) -> Result<()> {
     }
     if let (Some(d), Some(p)) = (&st.datapath, &st.pins) {
         println!(
-            "\ndatapath: {} mode, node {}, VNI {}, masquerade {}, socket LB {}; pins in {p}",
+            "\ndatapath: {} mode, node {}, VNI {}, masquerade {}, socket LB {}, XDP LB {}; pins in {p}",
             d.mode,
             d.node_ip,
             d.vni,
             if d.masquerade { "on" } else { "off" },
-            if d.socket_lb { "on" } else { "off" }
+            if d.socket_lb { "on" } else { "off" },
+            if d.xdp_lb { "on" } else { "off" }
         );
         if st.programs.is_empty() {
             println!("programs: no pinned links (clsact filters: see `tc filter show`)");

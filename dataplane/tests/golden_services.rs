@@ -20,7 +20,8 @@ use dataplane::{
 };
 use dataplane_common::{HAIRPIN_IPV4, MODE_VXLAN, NAT_PORT_MAX, NAT_PORT_MIN, flow_hash};
 use etherparse::{
-    Icmpv4Type, Ipv4Header, SlicedPacket, TransportSlice, icmpv4::DestUnreachableHeader,
+    Icmpv4Type, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice,
+    icmpv4::DestUnreachableHeader,
 };
 use serde_json::json;
 
@@ -87,14 +88,20 @@ struct Case {
     input: Vec<u8>,
     verdict: u32,
     out: Out,
-    /// (direction, reason) the packet is counted under at tc.
+    /// (direction, reason) the packet is counted under at its hook (tc,
+    /// or XDP for `host_xdp`).
     counted: (&'static str, &'static str),
 }
 
 fn run(f: &Fixture, cases: Vec<Case>) {
     for c in cases {
         let before = f.counted();
-        let (rc, out) = f.tc(c.prog, c.ifindex, &c.input);
+        let xdp = c.prog == "host_xdp";
+        let (rc, out) = if xdp {
+            f.xdp(c.prog, c.ifindex, &c.input)
+        } else {
+            f.tc(c.prog, c.ifindex, &c.input)
+        };
         assert_eq!(rc, c.verdict, "{}: verdict", c.what);
         match c.out {
             Out::Exact(want) => assert_eq!(
@@ -110,7 +117,7 @@ fn run(f: &Fixture, cases: Vec<Case>) {
         }
         let after = f.counted();
         let key = (
-            "tc".to_string(),
+            if xdp { "xdp" } else { "tc" }.to_string(),
             c.counted.0.to_string(),
             c.counted.1.to_string(),
         );
@@ -963,4 +970,364 @@ fn explain_is_a_dry_run_of_the_live_program_that_changes_nothing() {
     let mut got = f.counted();
     got.sort();
     assert_eq!(got, want);
+}
+
+const REMOTE_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+
+/// The uplink as XDP's FIB lookups need it: this node's address on it, its
+/// MAC, and the neighbours the kernel would have learned (the outside
+/// client, and in `remote_neighbour` the other node).
+fn uplink_for_xdp(remote_neighbour: bool) {
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    // A node forwards (the FIB lookup of a forwarded packet asks).
+    sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    sh(&["ip", "link", "set", "gup", "address", &mac(UPLINK_MAC)]);
+    sh(&["ip", "addr", "add", "172.20.0.11/24", "dev", "gup"]);
+    let neighbour = |ip: &str, m: [u8; 6]| {
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            &mac(m),
+            "dev",
+            "gup",
+            "nud",
+            "permanent",
+        ])
+    };
+    neighbour("172.20.0.100", EXT_MAC);
+    if remote_neighbour {
+        neighbour("172.20.0.12", REMOTE_NODE_MAC);
+    }
+}
+
+/// The ports of a frame's inner TCP/UDP header, past VXLAN's 50 bytes.
+fn inner(p: &[u8]) -> &[u8] {
+    assert!(p.len() > 50, "no room for VXLAN: {}", show(p));
+    &p[50..]
+}
+
+/// VXLAN's outer headers as the kernel's device writes them (UDP without a
+/// checksum, no DF), around `frame`, with the UDP source port `sport`.
+fn vxlan(sport: u16, frame: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    payload.extend_from_slice(frame);
+    let mut out = Vec::new();
+    let mut ip =
+        Ipv4Header::new(0, 64, etherparse::IpNumber::UDP, NODE, REMOTE_NODE).expect("ipv4");
+    ip.dont_fragment = false;
+    PacketBuilder::ethernet2(UPLINK_MAC, REMOTE_NODE_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .udp(sport, 8472)
+        .write(&mut out, &payload)
+        .expect("build");
+    out[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+    out
+}
+
+/// The UDP source port of a VXLAN frame.
+fn outer_sport(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[34], p[35]])
+}
+
+fn udp_nodeport(svcs: &mut Services) {
+    service(
+        svcs,
+        "np-udp",
+        json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.24",
+        "ports": [{"port": 53, "protocol": "UDP", "nodePort": 30085}]}}),
+        &[(REMOTE_POD, "n1")],
+        json!([{"port": 5353, "protocol": "UDP"}]),
+    );
+}
+
+#[test]
+fn xdp_serves_nodeports_into_the_tunnel() {
+    let f = fixture(MODE_VXLAN);
+    let mut svcs = services(&f);
+    udp_nodeport(&mut svcs);
+    uplink_for_xdp(true);
+    let ext = (EXT_MAC, UPLINK_MAC);
+    let syn = tcp(ext, (EXT, 41001), (NODE, 30082), 64, true, &[], &[]);
+    let hello = b"hello";
+    let cases = vec![
+        Case {
+            what: "NodePort to a backend on another node: SNAT + DNAT, VXLAN built, sent back out",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: syn.clone(),
+            verdict: XDP_TX,
+            out: Out::Check(Box::new(move |out| {
+                let port = addrs(inner(out)).0.1;
+                assert!(
+                    (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&port),
+                    "NAT port {port}"
+                );
+                let want = tcp(ext, (NODE, port), (REMOTE_POD, 8080), 63, true, &[], &[]);
+                assert_eq!(out, vxlan(outer_sport(out), &want), "{}", show(inner(out)));
+                let sport = outer_sport(out);
+                assert!((32768..61000).contains(&sport), "VXLAN source port {sport}");
+            })),
+            counted: ("to-network", "forwarded"),
+        },
+        Case {
+            what: "UDP to a NodePort: its checksum patched",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: udp(ext, (EXT, 5300), (NODE, 30085), 64, hello),
+            verdict: XDP_TX,
+            out: Out::Check(Box::new(move |out| {
+                let port = addrs(inner(out)).0.1;
+                let want = udp(ext, (NODE, port), (REMOTE_POD, 5353), 63, hello);
+                assert_eq!(out, vxlan(outer_sport(out), &want), "{}", show(inner(out)));
+            })),
+            counted: ("to-network", "forwarded"),
+        },
+        Case {
+            what: "UDP without a checksum keeps none",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: no_checksum(udp(ext, (EXT, 5301), (NODE, 30085), 64, hello)),
+            verdict: XDP_TX,
+            out: Out::Check(Box::new(move |out| {
+                let port = addrs(inner(out)).0.1;
+                let want = no_checksum(udp(ext, (NODE, port), (REMOTE_POD, 5353), 63, hello));
+                assert_eq!(out, vxlan(outer_sport(out), &want), "{}", show(inner(out)));
+            })),
+            counted: ("to-network", "forwarded"),
+        },
+        Case {
+            what: "NodePort to a backend on this node: left to tc, untouched",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41000), (NODE, 30081), 64, true, &[], &[]),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "tc then finds the flow XDP created, and delivers it",
+            prog: "host_in",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41000), (NODE, 30081), 64, true, &[], &[]),
+            verdict: TC_ACT_REDIRECT,
+            out: Out::Exact(tcp(
+                (PEER_HOST_MAC, PEER_MAC),
+                (EXT, 41000),
+                (PEER, 8080),
+                63,
+                true,
+                &[],
+                &[],
+            )),
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "externalTrafficPolicy Local without a local endpoint: tc drops it",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41002), (NODE, 30083), 64, true, &[], &[]),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "a TTL that would expire: tc answers it",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41003), (NODE, 30082), 1, true, &[], &[]),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "a TCP header cut short: tc counts it malformed",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: truncate_l4(
+                tcp(ext, (EXT, 41004), (NODE, 30082), 64, true, &[], &[]),
+                12,
+            ),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "IP options: tc's",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: tcp(
+                ext,
+                (EXT, 41005),
+                (NODE, 30082),
+                64,
+                true,
+                &[1, 1, 1, 1],
+                &[],
+            ),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "the tunnel itself (UDP to this node's VXLAN port): the stack's",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: udp(
+                (REMOTE_NODE_MAC, UPLINK_MAC),
+                (REMOTE_NODE, 40000),
+                (NODE, 8472),
+                64,
+                hello,
+            ),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+        Case {
+            what: "not a Service: passed",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: tcp(ext, (EXT, 41006), (NODE, 22), 64, true, &[], &[]),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        },
+    ];
+    run(&f, cases);
+
+    // One conntrack for both hooks: the flow XDP started goes on in tc
+    // (XDP detached) with the same NAT port, and tc's packet is counted on
+    // the entry XDP made.
+    let (rc, first) = f.xdp("host_xdp", f.uplink_if, &syn);
+    assert_eq!(rc, XDP_TX, "the SYN again: the known flow");
+    let port = addrs(inner(&first)).0.1;
+    let ack = tcp(ext, (EXT, 41001), (NODE, 30082), 64, false, &[], hello);
+    let (rc, out) = f.tc("host_in", f.uplink_if, &ack);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        out,
+        tcp(ext, (NODE, port), (REMOTE_POD, 8080), 63, false, &[], hello),
+        "{}",
+        show(&out)
+    );
+    let ct = CtMap::open(&f.pin_dir)
+        .expect("dp_ct")
+        .entries()
+        .expect("entries");
+    let orig = ct
+        .iter()
+        .find(|(k, _)| k.sport == 41001u16.to_be_bytes() && k.dport == 30082u16.to_be_bytes())
+        .expect("the flow's original direction");
+    // The packet that creates an entry is not counted on it (as in tc).
+    assert_eq!(orig.1.packets, 2, "the second SYN in XDP, the ACK in tc");
+    let local = ct
+        .iter()
+        .find(|(k, _)| k.sport == 41000u16.to_be_bytes() && k.dport == 30081u16.to_be_bytes())
+        .expect("the local backend's flow");
+    assert_eq!(
+        local.1.packets, 1,
+        "created by XDP, which passed the packet on: counted once, by tc"
+    );
+}
+
+#[test]
+fn xdp_serves_nodeports_and_replies_in_native_routing() {
+    let f = fixture(dataplane_common::MODE_NATIVE);
+    let _svcs = services(&f);
+    uplink_for_xdp(false);
+    sh(&[
+        "ip",
+        "route",
+        "add",
+        "10.244.1.0/24",
+        "via",
+        "172.20.0.12",
+        "dev",
+        "gup",
+    ]);
+    let ext = (EXT_MAC, UPLINK_MAC);
+    let syn = |sport| tcp(ext, (EXT, sport), (NODE, 30082), 64, true, &[], &[]);
+    // The next hop not resolved yet: tc's redirect resolves it.
+    run(
+        &f,
+        vec![Case {
+            what: "the next hop's neighbour not resolved: left to tc",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: syn(42000),
+            verdict: XDP_PASS,
+            out: Out::Same,
+            counted: ("from-network", "forwarded"),
+        }],
+    );
+    sh(&[
+        "ip",
+        "neigh",
+        "replace",
+        "172.20.0.12",
+        "lladdr",
+        "02:00:00:00:00:0c",
+        "dev",
+        "gup",
+        "nud",
+        "permanent",
+    ]);
+    let (rc, out) = f.xdp("host_xdp", f.uplink_if, &syn(42001));
+    assert_eq!(rc, XDP_TX, "{}", show(&out));
+    let port = addrs(&out).0.1;
+    assert!(
+        (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&port),
+        "NAT port {port}"
+    );
+    assert_eq!(
+        out,
+        tcp(
+            (UPLINK_MAC, REMOTE_NODE_MAC),
+            (NODE, port),
+            (REMOTE_POD, 8080),
+            63,
+            true,
+            &[],
+            &[]
+        ),
+        "routed to the backend's node: {}",
+        show(&out)
+    );
+    let reply = tcp(
+        (REMOTE_NODE_MAC, UPLINK_MAC),
+        (REMOTE_POD, 8080),
+        (NODE, port),
+        63,
+        true,
+        &[],
+        b"welcome",
+    );
+    run(
+        &f,
+        vec![Case {
+            what: "the backend's reply: back from the NodePort to the client, out again",
+            prog: "host_xdp",
+            ifindex: f.uplink_if,
+            input: reply,
+            verdict: XDP_TX,
+            out: Out::Exact(tcp(
+                (UPLINK_MAC, EXT_MAC),
+                (NODE, 30082),
+                (EXT, 42001),
+                62,
+                true,
+                &[],
+                b"welcome",
+            )),
+            counted: ("to-network", "forwarded"),
+        }],
+    );
 }

@@ -39,6 +39,7 @@ pub mod cni;
 pub mod manifests;
 pub mod services;
 pub mod tool;
+pub mod xdp_pass;
 
 /// Where lab state, agent logs and API sockets live.
 pub const RUN_ROOT: &str = "/run/dataplane-lab";
@@ -442,6 +443,54 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     run(in_netns(netns, "sh").args(["-c", &format!("echo {value} > {path}")])).map(drop)
 }
 
+/// ethtool's legacy "set one feature" command (`struct ethtool_value`).
+const ETHTOOL_STXCSUM: u32 = 0x17;
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+/// Turns an offload of `dev` in `netns` on or off, as `ethtool -K` does.
+fn set_offload(netns: &str, dev: &str, cmd: u32, on: bool) -> Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let dev_name = dev.to_owned();
+    in_netns_thread(netns, move || -> Result<()> {
+        let mut value = EthtoolValue {
+            cmd,
+            data: u32::from(on),
+        };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: &mut value,
+            _pad: [0; 16],
+        };
+        anyhow::ensure!(
+            dev_name.len() < libc::IFNAMSIZ,
+            "interface name {dev_name:?}"
+        );
+        req.name[..dev_name.len()].copy_from_slice(dev_name.as_bytes());
+        // SAFETY: a datagram socket for the ioctl, closed below; `req`
+        // and `value` outlive the call.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            anyhow::ensure!(rc == 0, "ethtool command {cmd:#x} on {dev_name}: {err}");
+        }
+        Ok(())
+    })?
+    .with_context(|| format!("in {netns}"))
+}
+
 impl Lab {
     /// Builds the lab and starts one agent per node. On any failure what was
     /// built so far is torn down before the error is returned.
@@ -644,6 +693,13 @@ impl Lab {
             "-n", &ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
         ])?;
         ip(&["-n", &ul, "link", "set", port, "master", "br0", "up"])?;
+        // The underlay behaves as a wire: a frame on it carries complete
+        // checksums (the host computes them, as a NIC would; veths would
+        // otherwise pass the offload state along, which XDP cannot see),
+        // and the bridge's side takes the frames a node's XDP program
+        // sends back out (see xdp_pass).
+        set_offload(netns, "eth0", ETHTOOL_STXCSUM, false)?;
+        xdp_pass::attach(&ul, port)?;
         ip(&[
             "-n",
             netns,

@@ -82,6 +82,11 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
     Ok(match request {
         Request::Status => {
             let ready = agent.update_ready()?;
+            // From the kernel each time: an operator may have detached it.
+            let xdp = match super::network::xdp_mode(agent).await {
+                Ok(mode) => mode.to_owned(),
+                Err(e) => format!("unknown ({e:#})"),
+            };
             // One lock at a time: an attach in progress holds the programs.
             let attach_mode = lock(&agent.datapath)?.mode().name().to_owned();
             let endpoints = lock(&agent.registry)?.len();
@@ -98,7 +103,7 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 node_ip: agent.net.node_ip.to_string(),
                 nodes: st.nodes,
                 ready,
-                xdp: st.xdp.to_owned(),
+                xdp,
                 cgroup: agent.cgroup.as_ref().map(|c| c.display().to_string()),
                 frontends: st.frontends,
                 backends: st.backends,

@@ -170,6 +170,13 @@ pub struct AgentArgs {
     /// hooks do not see, use the per-packet path either way.
     #[arg(long, value_enum, default_value = "on")]
     pub socket_lb: OnOff,
+    /// NodePort, LoadBalancer and external-IP traffic from outside served
+    /// in XDP on the uplink (with --xdp not off): translated and sent back
+    /// out of the uplink before the stack allocates an skb, when the
+    /// backend is on another node and for replies to outside clients;
+    /// backends on this node are left to tc.
+    #[arg(long, value_enum, default_value = "on")]
+    pub xdp_lb: OnOff,
     /// Destinations outside the cluster that pods reach with their own
     /// address (repeat for several).
     #[arg(long = "non-masquerade-cidr")]
@@ -274,6 +281,8 @@ pub(crate) struct Net {
     vni: u32,
     masquerade: bool,
     socket_lb: bool,
+    xdp_lb: bool,
+    vxlan_port: u16,
     /// The host device (`dp_host`).
     hostdev_ifindex: u32,
     service_cidr: ipnetwork::Ipv4Network,
@@ -287,8 +296,6 @@ pub(crate) struct Status {
     nodes: usize,
     restored: bool,
     synced: bool,
-    /// How XDP went on: `native`, `generic` or `off`.
-    xdp: &'static str,
     frontends: usize,
     frontends_empty: usize,
     backends: usize,
@@ -567,12 +574,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     network::attach_node_programs(&agent)?;
     endpoints::sweep_unclaimed(&agent)?;
     let xdp = network::xdp_mode(&agent).await?;
-    {
-        let mut st = lock(&agent.status)?;
-        st.xdp = xdp;
-        st.restored = true;
-    }
-    info!(mode = agent.net.mode.name(), uplink = %agent.net.uplink, node_ip = %agent.net.node_ip, pod_mtu, "node datapath ready");
+    lock(&agent.status)?.restored = true;
+    info!(mode = agent.net.mode.name(), uplink = %agent.net.uplink, node_ip = %agent.net.node_ip, pod_mtu, xdp, "node datapath ready");
 
     telemetry::serve(&args.metrics_addr, telemetry.clone()).await?;
 

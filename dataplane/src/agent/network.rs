@@ -184,6 +184,8 @@ pub(super) async fn setup_node(args: &AgentArgs, nl: &Nl) -> Result<(Net, u32)> 
         vni: args.vni,
         masquerade: args.masquerade,
         socket_lb: args.socket_lb == super::OnOff::On,
+        xdp_lb: args.xdp_lb == super::OnOff::On,
+        vxlan_port: args.vxlan_port,
         hostdev_ifindex,
         service_cidr,
     };
@@ -196,7 +198,8 @@ pub(super) fn datapath_config(net: &Net) -> DatapathConfig {
             Mode::Vxlan => MODE_VXLAN,
             Mode::Native => MODE_NATIVE,
         },
-        _pad: [0; 3],
+        _pad: 0,
+        vxlan_port: net.vxlan_port.to_be_bytes(),
         vni: net.vni,
         vxlan_ifindex: net.vxlan_ifindex,
         uplink_ifindex: net.uplink_ifindex,
@@ -207,6 +210,10 @@ pub(super) fn datapath_config(net: &Net) -> DatapathConfig {
             0
         } | if net.socket_lb {
             dataplane_common::DP_F_SOCKET_LB
+        } else {
+            0
+        } | if net.xdp_lb {
+            dataplane_common::DP_F_XDP_LB
         } else {
             0
         },

@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{Program, SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::{Program, SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use dataplane::{
     bpf::{AttachMode, Datapath},
     maps::{
@@ -37,6 +37,7 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_DROP: u32 = 1;
+pub const XDP_TX: u32 = 3;
 
 pub const POD_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x01];
 pub const HOST_MAC: [u8; 6] = [0xee, 0, 0, 0, 0, 0x01];
@@ -142,12 +143,13 @@ pub fn fixture(mode: u8) -> Fixture {
             config
                 .sync(DatapathConfig {
                     mode,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    vxlan_port: 8472u16.to_be_bytes(),
                     vni: 1,
                     vxlan_ifindex: idx("gtun"),
                     uplink_ifindex: idx("gup"),
                     node_ipv4: NODE,
-                    flags: dataplane_common::DP_F_MASQUERADE,
+                    flags: dataplane_common::DP_F_MASQUERADE | dataplane_common::DP_F_XDP_LB,
                 })
                 .expect("config");
             dp
@@ -210,6 +212,28 @@ impl Fixture {
     pub fn tc(&self, prog: &str, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
         let p: &SchedClassifier = self.program(prog).try_into().expect("tc program");
         let ctx = skb_ctx(ifindex);
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs an XDP program on `packet` arriving on `ifindex`: (action,
+    /// frame out).
+    pub fn xdp(&self, prog: &str, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        let p: &Xdp = self.program(prog).try_into().expect("xdp program");
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; packet.len() + 256];
         let r = p
             .test_run(TestRunOptions {

@@ -18,12 +18,13 @@ use crate::toolchain::{cache_dir, cargo_with_linker, output};
 
 mod policy;
 mod services;
+mod xdp;
 
 /// Single changes timed per phase.
 const CHANGES: u32 = 200;
 
 pub(crate) fn bench(only: Option<&str>) -> Result<()> {
-    const PARTS: [&str; 3] = ["services", "policy", "control-plane"];
+    const PARTS: [&str; 4] = ["services", "xdp", "policy", "control-plane"];
     if only.is_some_and(|o| !PARTS.contains(&o)) {
         bail!("cargo xtask bench [{}]", PARTS.join("|"));
     }
@@ -31,6 +32,9 @@ pub(crate) fn bench(only: Option<&str>) -> Result<()> {
     let run = |part: &str| only.is_none_or(|o| o == part);
     if run("services") {
         services::bench()?;
+    }
+    if run("xdp") {
+        xdp::bench()?;
     }
     if run("policy") {
         policy::bench()?;
