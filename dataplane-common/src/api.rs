@@ -136,6 +136,53 @@ pub enum Request {
         add: Vec<String>,
         delete: Vec<String>,
     },
+    /// The BGP speaker's sessions and routes.
+    Bgp,
+}
+
+/// A BGP session, for `dataplane bgp peers`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSession {
+    /// The daemon's protocol name for the peer.
+    pub name: String,
+    pub neighbor: String,
+    pub neighbor_as: Option<u32>,
+    /// The BGP finite-state machine's state (`Established`, `Active`, ...).
+    pub state: String,
+    /// Since when, as the daemon tells it.
+    pub since: String,
+    /// The last error (`Received: Bad peer AS`, `Socket: Connection
+    /// refused`, ...), if any.
+    pub last_error: Option<String>,
+    pub routes_imported: u64,
+    pub routes_exported: u64,
+    /// Route updates received and sent.
+    pub updates_received: u64,
+    pub updates_sent: u64,
+}
+
+/// A route in the BGP daemon's table, for `dataplane bgp routes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpRoute {
+    pub prefix: String,
+    /// The protocol it came from: a peer's, or what this node advertises.
+    pub protocol: String,
+    /// `advertised` (this node's own) or `learned` (from a peer).
+    pub kind: String,
+    pub via: Option<String>,
+    /// The AS path's summary (`[AS65000i]`), for learned routes.
+    pub as_path: Option<String>,
+    /// The best route for its prefix (installed in the kernel if learned).
+    pub best: bool,
+}
+
+/// The agent's BGP speaker, for `dataplane bgp peers|routes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub asn: u32,
+    pub router_id: String,
+    pub sessions: Vec<BgpSession>,
+    pub routes: Vec<BgpRoute>,
 }
 
 /// A security identity, for `dataplane identity list`.
@@ -186,6 +233,7 @@ pub enum Response {
         cidrs: Vec<String>,
     },
     Policy(Box<PolicyView>),
+    Bgp(Box<BgpStatus>),
     Addresses {
         ips: Vec<IpAddr>,
     },

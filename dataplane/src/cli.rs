@@ -62,6 +62,10 @@ enum Command {
     /// packets each has dropped.
     #[command(subcommand)]
     Prefilter(PrefilterCmd),
+    /// The node's BGP speaker (--bgp on): its sessions, and the routes it
+    /// advertises and learned.
+    #[command(subcommand)]
+    Bgp(BgpCmd),
     /// Endpoints (pods) registered with the agent.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
@@ -176,6 +180,26 @@ enum IdentityCmd {
     List {
         #[command(flatten)]
         pin: PinArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BgpCmd {
+    /// Each peer's session: state, since when, the last error, routes and
+    /// updates each way.
+    Peers {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: maps::Format,
+    },
+    /// What this node advertises and what its peers taught it (the best
+    /// learned route per prefix is in the kernel's table).
+    Routes {
+        #[command(flatten)]
+        socket: SocketArg,
         #[arg(short, long, value_enum, default_value = "table")]
         output: maps::Format,
     },
@@ -553,6 +577,16 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bgp(BgpCmd::Peers { socket, output }) => {
+            let st = bgp_status(&socket)?;
+            print!("{}", maps::render(&st.sessions, output)?);
+            Ok(())
+        }
+        Command::Bgp(BgpCmd::Routes { socket, output }) => {
+            let st = bgp_status(&socket)?;
+            print!("{}", maps::render(&st.routes, output)?);
+            Ok(())
+        }
         Command::Prefilter(PrefilterCmd::List { pin, output }) => {
             let rows = maps::prefilter::PrefilterMap::open(&pin.resolve()?)?.rows()?;
             print!("{}", maps::render(&rows, output)?);
@@ -804,6 +838,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bgp_status(socket: &SocketArg) -> Result<api::BgpStatus> {
+    let Response::Bgp(st) = call(socket, &Request::Bgp)? else {
+        bail!("unexpected response");
+    };
+    Ok(*st)
 }
 
 fn prefilter_change(socket: &SocketArg, add: Vec<String>, delete: Vec<String>) -> Result<()> {

@@ -3,6 +3,7 @@
 //! use the same map modules.
 
 pub mod agent;
+pub mod bgp;
 pub mod bpf;
 pub mod cli;
 pub mod cluster;

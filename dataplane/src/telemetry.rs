@@ -241,8 +241,82 @@ impl Collector for Datapath {
     }
 }
 
+/// Asks the BGP daemon on every scrape: (birdc, control socket).
+#[derive(Debug)]
+struct BgpSessions {
+    client: PathBuf,
+    socket: PathBuf,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+impl Collector for BgpSessions {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let out = std::process::Command::new(&self.client)
+            .arg("-s")
+            .arg(&self.socket)
+            .args(["show", "protocols", "all"])
+            .output();
+        let sessions = match out {
+            Ok(o) if o.status.success() => {
+                crate::bgp::parse_protocols(&String::from_utf8_lossy(&o.stdout))
+            }
+            _ => Vec::new(),
+        };
+        let peer = |s: &crate::bgp::Session| PeerLabel {
+            peer: if s.neighbor.is_empty() {
+                s.name.clone()
+            } else {
+                s.neighbor.clone()
+            },
+        };
+        let mut family = encoder.encode_descriptor(
+            "dataplane_bgp_session_state",
+            "Each BGP session's state, numbered as RFC 4271 (BGP4-MIB bgpPeerState): 1 Idle, 2 Connect, 3 Active, 4 OpenSent, 5 OpenConfirm, 6 Established; 0 when the daemon does not say.",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for s in &sessions {
+            ConstGauge::new(i64::from(crate::bgp::state_code(s)))
+                .encode(family.encode_family(&peer(s))?)?;
+        }
+        for (name, help, sent) in [
+            (
+                "dataplane_bgp_updates_received",
+                "Route updates received from each BGP peer.",
+                false,
+            ),
+            (
+                "dataplane_bgp_updates_sent",
+                "Route updates sent to each BGP peer.",
+                true,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for s in &sessions {
+                let v = if sent {
+                    s.updates_sent
+                } else {
+                    s.updates_received
+                };
+                ConstCounter::new(v).encode(family.encode_family(&peer(s))?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Telemetry {
-    pub fn new(pin_dir: PathBuf) -> Shared {
+    /// `bgp`: birdc and the daemon's control socket, when BGP is on.
+    pub fn new(pin_dir: PathBuf, bgp: Option<(PathBuf, PathBuf)>) -> Shared {
         let mut registry = Registry::default();
         let ready_gauge = Gauge::default();
         registry.register(
@@ -285,6 +359,9 @@ impl Telemetry {
             ct_live.clone(),
         );
         registry.register_collector(Box::new(Datapath { pin_dir }));
+        if let Some((client, socket)) = bgp {
+            registry.register_collector(Box::new(BgpSessions { client, socket }));
+        }
         Arc::new(Telemetry {
             registry,
             ready: AtomicBool::new(false),
@@ -394,7 +471,7 @@ mod tests {
 
     #[test]
     fn the_text_format_has_our_series() {
-        let t = Telemetry::new(PathBuf::from("/nonexistent"));
+        let t = Telemetry::new(PathBuf::from("/nonexistent"), None);
         set_objects(&t, "Node", 3);
         error(&t, "manifest_invalid");
         reconciled(&t, "cluster", Duration::from_millis(3));

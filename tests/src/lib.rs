@@ -37,6 +37,7 @@ pub mod apiserver;
 pub mod cli;
 pub mod cni;
 pub mod manifests;
+pub mod routed;
 pub mod services;
 pub mod tool;
 pub mod xdp_pass;
@@ -107,6 +108,15 @@ pub struct LabSpec {
     /// capabilities; `{netns}` stands for the node's namespace): the
     /// agent's command line follows it.
     pub agent_wrapper: Vec<String>,
+    /// `l2` (one bridge joins every host) or `routed` (each node, and the
+    /// external host, in a subnet of its own behind a router; see
+    /// [`routed`]).
+    pub underlay: String,
+    /// With the routed underlay: the router's BGP daemon, `bird` or `frr`.
+    pub router: String,
+    /// With the routed underlay: each node's agent speaks BGP to the
+    /// router (`--bgp on`, AS 64512 + i; the router is AS 65000).
+    pub bgp: bool,
 }
 
 impl LabSpec {
@@ -145,6 +155,9 @@ impl LabSpec {
             name: String::new(),
             kube_in_cluster: None,
             agent_wrapper: Vec::new(),
+            underlay: "l2".into(),
+            router: "bird".into(),
+            bgp: false,
         })
     }
 
@@ -305,6 +318,12 @@ pub struct LabState {
     /// The process whose `Lab` value owns this lab and removes it on drop;
     /// `None` once persisted (`xtask lab up`).
     pub owner_pid: Option<u32>,
+    /// `l2` or `routed` (then `underlay_netns` is the router's).
+    #[serde(default)]
+    pub underlay: String,
+    /// The routed underlay's router: its daemon and the daemon's pids.
+    #[serde(default)]
+    pub router: Option<routed::RouterState>,
 }
 
 impl LabState {
@@ -586,9 +605,22 @@ impl Lab {
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
         let id = self.state.id.clone();
         let ul = self.state.underlay_netns.clone();
+        let routed = match spec.underlay.as_str() {
+            "l2" => false,
+            "routed" => true,
+            other => bail!("underlay {other:?}: l2 or routed"),
+        };
+        if routed && spec.source == "kube" {
+            bail!("the routed underlay has no place for the test API server yet");
+        }
+        self.state.underlay = spec.underlay.clone();
         self.add_netns(&ul)?;
-        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        if routed {
+            sysctl(&ul, "net.ipv4.ip_forward", "1")?;
+        } else {
+            ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        }
         if spec.source == "kube" {
             // The API server sits on the underlay, where every node reaches it.
             ip(&["-n", &ul, "addr", "add", "172.20.0.1/24", "dev", "br0"])?;
@@ -626,7 +658,7 @@ impl Lab {
             let name = spec.node_name(i);
             dataplane_common::pin::validate_node_name(&name)
                 .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?;
-            let node_ip = Self::node_ip(i)?;
+            let node_ip = Self::node_ip(spec, i)?;
             self.state.nodes.push(NodeState {
                 pin_dir: dataplane_common::pin_dir(&self.state.pin_root, &name),
                 api_socket: self.state.run_dir.join(format!("{name}.sock")),
@@ -652,7 +684,7 @@ impl Lab {
         self.write_nodes_file(spec.nodes, &all)?;
         for i in 0..spec.nodes {
             let netns = self.state.nodes[i].netns.clone();
-            self.add_underlay_host(&netns, &format!("n{i}"), Self::node_ip(i)?)?;
+            self.add_underlay_host(&netns, &format!("n{i}"), Self::node_ip(spec, i)?)?;
             sysctl(&netns, "net.ipv4.ip_forward", "1")?;
             if spec.cgroups {
                 self.state.nodes[i].cgroup = Some(self.add_cgroup(&netns)?);
@@ -661,8 +693,21 @@ impl Lab {
             self.start_agent(i, spec)?;
         }
 
+        if routed {
+            self.state.router = Some(routed::start_router(
+                &ul,
+                &spec.router,
+                spec.nodes,
+                &self.state.run_dir.join("router"),
+            )?);
+            self.save()?;
+        }
         let ext = format!("{id}-ext");
-        let ext_ip = Ipv4Addr::new(172, 20, 0, 100);
+        let ext_ip = if routed {
+            Ipv4Addr::new(172, 21, routed::EXTERNAL_SUBNET, 100)
+        } else {
+            Ipv4Addr::new(172, 20, 0, 100)
+        };
         self.add_underlay_host(&ext, "ext", ext_ip)?;
         self.state.external = Some(HostState {
             netns: ext,
@@ -685,14 +730,22 @@ impl Lab {
         Ok(())
     }
 
-    /// A namespace with `eth0` on the underlay bridge.
+    /// A namespace with `eth0` on the underlay: a port of its bridge, or
+    /// (routed) a subnet of its own behind the router.
     fn add_underlay_host(&mut self, netns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
         let ul = self.state.underlay_netns.clone();
+        let routed = self.state.underlay == "routed";
         self.add_netns(netns)?;
         ip(&[
             "-n", &ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
         ])?;
-        ip(&["-n", &ul, "link", "set", port, "master", "br0", "up"])?;
+        if routed {
+            let gw = routed::gateway(addr);
+            ip(&["-n", &ul, "addr", "add", &format!("{gw}/24"), "dev", port])?;
+            ip(&["-n", &ul, "link", "set", port, "up"])?;
+        } else {
+            ip(&["-n", &ul, "link", "set", port, "master", "br0", "up"])?;
+        }
         // The underlay behaves as a wire: a frame on it carries complete
         // checksums (the host computes them, as a NIC would; veths would
         // otherwise pass the offload state along, which XDP cannot see),
@@ -710,6 +763,10 @@ impl Lab {
             "eth0",
         ])?;
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        if routed {
+            let gw = routed::gateway(addr).to_string();
+            ip(&["-n", netns, "route", "add", "default", "via", &gw])?;
+        }
         Ok(())
     }
 
@@ -754,6 +811,15 @@ impl Lab {
         if spec.pod_cidr_flag {
             args.push("--pod-cidr".into());
             args.push(node.pod_cidr.clone());
+        }
+        if spec.bgp {
+            args.push("--bgp=on".into());
+            args.push(format!("--bgp-asn={}", routed::node_as(i)));
+            args.push(format!(
+                "--bgp-peer={}:{}",
+                routed::gateway(node.ip),
+                routed::ROUTER_AS
+            ));
         }
         args.extend(spec.agent_args.iter().cloned());
         let mut env = Vec::new();
@@ -898,7 +964,10 @@ impl Lab {
         in_netns_cgroup(&n.netns, n.cgroup.as_deref(), program)
     }
 
-    fn node_ip(i: usize) -> Result<Ipv4Addr> {
+    fn node_ip(spec: &LabSpec, i: usize) -> Result<Ipv4Addr> {
+        if spec.underlay == "routed" {
+            return routed::node_ip(i);
+        }
         Ok(Ipv4Addr::new(
             172,
             20,
@@ -1479,7 +1548,7 @@ impl Lab {
         match args {
             ["ct" | "nat", "flush", ..]
             | ["prefilter", "add" | "delete", ..]
-            | ["status" | "policy", ..] => {
+            | ["status" | "policy" | "bgp", ..] => {
                 cmd.arg("--socket").arg(&n.api_socket);
             }
             ["endpoint" | "identity" | "explain", ..] => {
@@ -1647,6 +1716,22 @@ pub fn teardown(state: &LabState) {
     for node in &state.nodes {
         if let Some(pid) = node.agent_pid {
             stop_process(pid, Some(&node.name));
+        }
+        // A BGP daemon an agent started outlives it.
+        let pid_file = state
+            .run_dir
+            .join(format!("{}-state", node.name))
+            .join("bgp/bird.pid");
+        if let Some(pid) = fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            routed::stop_daemon(pid, &["bird"]);
+        }
+    }
+    if let Some(router) = &state.router {
+        for pid in &router.pids {
+            routed::stop_daemon(*pid, &["bird", "zebra", "bgpd"]);
         }
     }
     for pod in &state.pods {

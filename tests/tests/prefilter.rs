@@ -41,7 +41,17 @@ fn denied_packets(lab: &Lab, node: usize, cidr: &str) -> Option<u64> {
 
 #[test]
 fn denied_sources_are_dropped_on_the_uplink_and_released_live() {
-    let spec = LabSpec::new(2, 1).expect("spec");
+    denied_sources("vxlan");
+}
+
+#[test]
+fn denied_sources_are_dropped_with_native_routing() {
+    denied_sources("native");
+}
+
+fn denied_sources(mode: &str) {
+    let mut spec = LabSpec::new(2, 1).expect("spec");
+    spec.mode = mode.into();
     let mut lab = Lab::up(&spec).expect("lab");
     lab.set_services(
         vec![service(
@@ -96,8 +106,14 @@ fn denied_sources_are_dropped_on_the_uplink_and_released_live() {
                 .expect("add");
             assert!(out.contains(&cidr), "{out}");
             let xdp_before = xdp_or_tc(&lab, 0, "xdp", "prefilter_denied");
-            // The backend is on node 1: nothing may cross the tunnel to it.
-            let cap = lab.capture_underlay(1, "udp port 8472").expect("capture");
+            // The backend is on node 1: nothing may cross the underlay to
+            // it (in the tunnel, or routed to the pod).
+            let filter = if mode == "vxlan" {
+                "udp port 8472".to_owned()
+            } else {
+                format!("host {}", b.ip)
+            };
+            let cap = lab.capture_underlay(1, &filter).expect("capture");
             match attempt(&ext.netns, n0).expect("attempt") {
                 Attempt::Failed(..) => {}
                 other => panic!("denied source got through: {other:?}"),

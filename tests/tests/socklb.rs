@@ -102,7 +102,17 @@ fn ip_of(lab: &Lab, pod: &str) -> Ipv4Addr {
 
 #[test]
 fn sockets_go_straight_to_a_backend_and_see_the_service() {
-    let spec = LabSpec::new(2, 2).expect("spec");
+    sockets_go_straight("vxlan");
+}
+
+#[test]
+fn sockets_go_straight_to_a_backend_with_native_routing() {
+    sockets_go_straight("native");
+}
+
+fn sockets_go_straight(mode: &str) {
+    let mut spec = LabSpec::new(2, 2).expect("spec");
+    spec.mode = mode.into();
     let mut lab = Lab::up(&spec).expect("lab");
     // Node 1 keeps the per-packet path: each node's programs act only on
     // its own pods.

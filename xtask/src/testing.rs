@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("nft", "nftables"),
     ("/usr/lib/cni/portmap", "containernetworking-plugins"),
+    // The BGP speaker (the agent's --bgp) and the routed lab's router.
+    ("bird", "bird2"),
 ];
 
 pub(crate) fn is_root() -> bool {

@@ -5,7 +5,7 @@
 
 use std::{path::Path, sync::Arc, time::Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use dataplane_common::api::{AgentStatus, EndpointStatus, Request, Response};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -110,6 +110,17 @@ async fn handle_request(agent: &Arc<Agent>, request: Request) -> Result<Response
                 frontends_empty: st.frontends_empty,
                 masquerade: agent.net.masquerade,
             }))
+        }
+        Request::Bgp => {
+            let Some(bgp) = &agent.bgp else {
+                bail!("BGP is off on this node (--bgp on starts it)");
+            };
+            let reader = bgp.reader();
+            tokio::task::spawn_blocking(move || -> Result<Response> {
+                Ok(Response::Bgp(Box::new(reader.status()?)))
+            })
+            .await
+            .context("bgp worker")??
         }
         Request::EndpointAdd(spec) => {
             let _one = agent.api_lock.lock().await;

@@ -28,6 +28,7 @@ use tokio::{
 use tracing::{info, warn};
 
 mod api;
+pub(crate) mod bgp;
 pub mod config;
 mod endpoints;
 mod network;
@@ -204,6 +205,30 @@ pub struct AgentArgs {
     /// How often expired conntrack entries are removed.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub ct_gc_interval: std::time::Duration,
+    /// BGP: a BIRD 2 daemon, configured and started by the agent in the
+    /// node's network namespace, advertises the node's pod CIDR to
+    /// `--bgp-peer`s and installs what they advertise into the kernel's
+    /// routing table (native routing across L3: the agent then installs no
+    /// routes to other nodes' pods itself). It outlives the agent.
+    #[arg(long, value_enum, default_value = "off")]
+    pub bgp: OnOff,
+    /// This node's AS number.
+    #[arg(long, default_value = "64512", value_parser = crate::bgp::parse_asn)]
+    pub bgp_asn: u32,
+    /// A BGP neighbour, `ADDRESS:ASN` (repeat, or comma-separate in a
+    /// config): eBGP when its AS differs from --bgp-asn, iBGP otherwise.
+    #[arg(long = "bgp-peer", value_delimiter = ',')]
+    pub bgp_peers: Vec<crate::bgp::Peer>,
+    /// Also advertise LoadBalancer ingress IPs and external IPs (with
+    /// externalTrafficPolicy Local, only while this node has an endpoint).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub bgp_advertise_services: bool,
+    /// Seconds peers keep this node's routes while its daemon restarts.
+    #[arg(long, default_value_t = 120)]
+    pub bgp_graceful_restart_time: u32,
+    /// The BIRD 2 daemon (`birdc` is expected next to it, or on PATH).
+    #[arg(long, default_value = "bird")]
+    pub bgp_daemon: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -309,6 +334,10 @@ impl Status {
 
 pub(crate) struct Agent {
     node: String,
+    /// The BGP speaker, with --bgp on.
+    bgp: Option<bgp::Bgp>,
+    state_dir: PathBuf,
+    bgp_advertise_services: bool,
     pod_mtu: u32,
     net: Net,
     own_cidr_fixed: bool,
@@ -526,10 +555,34 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         )?,
     );
 
-    let telemetry = telemetry::Telemetry::new(pin_dir.clone());
+    let bgp = match args.bgp {
+        OnOff::Off => None,
+        OnOff::On => {
+            if args.bgp_peers.is_empty() {
+                bail!("--bgp on: no --bgp-peer to speak to");
+            }
+            Some(bgp::Bgp::new(
+                crate::bgp::Speaker {
+                    asn: args.bgp_asn,
+                    router_id: net.node_ip,
+                    peers: args.bgp_peers.clone(),
+                    graceful_restart: args.bgp_graceful_restart_time,
+                },
+                &args.state_dir,
+                args.bgp_daemon.clone(),
+            )?)
+        }
+    };
+    let telemetry = telemetry::Telemetry::new(
+        pin_dir.clone(),
+        bgp.as_ref().map(|b| (b.client(), b.control_socket())),
+    );
     let (barrier_requests, barriers) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         node: args.node.clone(),
+        bgp,
+        state_dir: args.state_dir.clone(),
+        bgp_advertise_services: args.bgp_advertise_services,
         pod_mtu,
         net,
         own_cidr_fixed: pod_cidr.is_some(),
@@ -576,6 +629,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let xdp = network::xdp_mode(&agent).await?;
     lock(&agent.status)?.restored = true;
     info!(mode = agent.net.mode.name(), uplink = %agent.net.uplink, node_ip = %agent.net.node_ip, pod_mtu, xdp, "node datapath ready");
+    if !args.cleanup {
+        network::sync_bgp(&agent, true);
+    }
 
     telemetry::serve(&args.metrics_addr, telemetry.clone()).await?;
 

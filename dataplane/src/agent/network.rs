@@ -10,7 +10,7 @@ use dataplane_common::{
     netlink::{Nl, ROUTE_PROTOCOL, route_key},
 };
 use rtnetlink::packet_route::route::RouteMessage;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Agent, AgentArgs, Mode, Net, VXLAN_OVERHEAD, lock};
 
@@ -265,6 +265,9 @@ pub(super) struct RouteWants {
     pub nodes: Option<BTreeMap<String, RemoteNode>>,
     /// Service addresses (those outside the Service range get a route).
     pub external: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    /// External and LoadBalancer IPs served from this node (BGP may
+    /// advertise them).
+    pub served_externally: std::collections::BTreeSet<std::net::Ipv4Addr>,
 }
 
 fn route_for(net: &Net, node: &RemoteNode) -> RouteMessage {
@@ -301,7 +304,13 @@ pub(super) async fn sync_routes(agent: &Agent) -> Result<(usize, usize)> {
         };
         (nodes, r.external.clone())
     };
-    let mut want: Vec<RouteMessage> = nodes.values().map(|n| route_for(&agent.net, n)).collect();
+    // With BGP and native routing, the peers teach the routes to other
+    // nodes' pods (their next hops need not share this node's L2).
+    let mut want: Vec<RouteMessage> = if agent.bgp.is_some() && agent.net.mode == Mode::Native {
+        Vec::new()
+    } else {
+        nodes.values().map(|n| route_for(&agent.net, n)).collect()
+    };
     let svc = agent.net.service_cidr;
     let into_host = |ip: std::net::Ipv4Addr, len: u8| {
         Nl::pod_cidr_route(ip, len, agent.net.hostdev_ifindex, None, agent.net.node_ip)
@@ -331,6 +340,36 @@ pub(super) async fn sync_routes(agent: &Agent) -> Result<(usize, usize)> {
     Ok((added, removed))
 }
 
+/// Tells the BGP daemon (if BGP is on) what this node advertises now: its
+/// pod CIDR once known, and (with --bgp-advertise-services) the external
+/// and LoadBalancer IPs it serves. A failure is logged and counted, and
+/// retried with the next change or resync: the datapath goes on. `full`:
+/// also make sure the daemon still answers.
+pub(super) fn sync_bgp(agent: &Agent, full: bool) {
+    let Some(bgp) = &agent.bgp else {
+        return;
+    };
+    let adv = (|| -> Result<crate::bgp::Advertised> {
+        let own = lock(&agent.status)?.own_cidr;
+        let services = if agent.bgp_advertise_services {
+            lock(&agent.routes)?.served_externally.clone()
+        } else {
+            Default::default()
+        };
+        Ok(crate::bgp::Advertised {
+            pod_cidr: match own {
+                Some(ipnetwork::IpNetwork::V4(c)) => Some(c),
+                _ => None,
+            },
+            service_ips: services,
+        })
+    })();
+    if let Err(e) = adv.and_then(|adv| bgp.apply(&adv, full)) {
+        warn!("BGP: {e:#}");
+        crate::telemetry::error(&agent.telemetry, "bgp");
+    }
+}
+
 /// `--cleanup`: programs, pins, the VXLAN device, routes and the endpoint
 /// registry go; the pods lose connectivity until an agent runs again.
 pub(super) async fn cleanup(agent: &Agent) -> Result<()> {
@@ -351,6 +390,9 @@ pub(super) async fn cleanup(agent: &Agent) -> Result<()> {
         agent.nl.del_link(agent.net.vxlan_ifindex).await?;
     }
     agent.nl.del_link(agent.net.hostdev_ifindex).await?;
+    if super::bgp::stop_daemon(&agent.state_dir)? {
+        info!("BGP daemon stopped");
+    }
     info!(protocol = ROUTE_PROTOCOL, "datapath removed");
     Ok(())
 }

@@ -182,6 +182,7 @@ async fn apply(
             );
         }
         lock(&agent.status)?.nodes = nodes.len();
+        network::sync_bgp(agent, full);
     }
     let ips: Vec<IpAddr> = if full {
         cluster.pod_ips().collect()
@@ -275,6 +276,7 @@ async fn apply(
             r.external = external;
             changed
         };
+        network::sync_bgp(agent, full);
         if changed || full {
             let (added, removed) = network::sync_routes(agent).await?;
             if added + removed > 0 {

@@ -96,7 +96,9 @@ pub(super) fn apply(
     let (frontends, frontends_empty, backends) =
         (svcs.frontends(), svcs.frontends_empty(), svcs.backends());
     let addresses = svcs.addresses();
+    let served = svcs.served_externally();
     drop(svcs);
+    lock(&agent.routes)?.served_externally = served;
     {
         let mut st = lock(&agent.status)?;
         st.frontends = frontends;

@@ -432,6 +432,24 @@ impl Services {
             .collect()
     }
 
+    /// The addresses outside traffic is served on from this node: external
+    /// and LoadBalancer IPs whose external-scope frontend has a backend
+    /// (with externalTrafficPolicy Local, a backend on this node). What
+    /// BGP may advertise.
+    pub fn served_externally(&self) -> BTreeSet<std::net::Ipv4Addr> {
+        self.applied
+            .values()
+            .flat_map(|a| a.entries.iter())
+            .filter(|(k, v)| {
+                k.slot == 0 && k.scope == dataplane_common::SCOPE_EXTERNAL && v.count > 0
+            })
+            .filter_map(|(k, _)| match k.ip() {
+                Some(IpAddr::V4(ip)) if !ip.is_unspecified() => Some(ip),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Frontends in the maps.
     pub fn frontends(&self) -> usize {
         self.applied

@@ -1,0 +1,210 @@
+//! BGP on a routed underlay: nodes in subnets of their own behind a router
+//! (BIRD 2), no shared L2. Each node's agent runs a BGP speaker that
+//! advertises its pod CIDR; the router learns them and passes them on, and
+//! pods reach each other natively (no encapsulation on the wire); with the
+//! router's sessions down the same topology carries no pod traffic. Needs
+//! root, bird2.
+
+use std::time::{Duration, Instant};
+
+use lab::{Lab, LabSpec, ping};
+use serde_json::Value;
+
+fn spec() -> LabSpec {
+    let mut spec = LabSpec::new(2, 1).expect("spec");
+    spec.mode = "native".into();
+    spec.underlay = "routed".into();
+    spec.bgp = true;
+    spec
+}
+
+fn json(lab: &Lab, node: usize, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&lab.cli(node, &a).expect("cli")).expect("json")
+}
+
+/// Waits until `f` holds (or fails after 30 s, saying what it saw last).
+fn eventually(what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+#[test]
+fn native_routing_across_l3_over_bgp() {
+    let mut lab = Lab::up(&spec()).expect("lab");
+    let router = lab.state.router.clone().expect("router");
+    eventually("the router learns both pod CIDRs over BGP", || {
+        let routes = router.routes().map_err(|e| e.to_string())?;
+        for cidr in ["10.244.0.0/24", "10.244.1.0/24"] {
+            if !routes.contains(cidr) {
+                return Err(format!("{cidr} missing:\n{routes}"));
+            }
+        }
+        Ok(())
+    });
+    for node in 0..2 {
+        let peers = json(&lab, node, &["bgp", "peers"]);
+        let p = &peers[0];
+        assert_eq!(p["state"], "Established", "node {node}: {peers}");
+        assert_eq!(p["neighbor_as"], 65000);
+        eventually("each node learns the other's CIDR", || {
+            let routes = json(&lab, node, &["bgp", "routes"]);
+            let rows = routes.as_array().cloned().unwrap_or_default();
+            let other = format!("10.244.{}.0/24", 1 - node);
+            let own = format!("10.244.{node}.0/24");
+            let learned = rows
+                .iter()
+                .any(|r| r["prefix"] == other && r["kind"] == "learned" && r["best"] == true);
+            let advertised = rows
+                .iter()
+                .any(|r| r["prefix"] == own && r["kind"] == "advertised");
+            if learned && advertised {
+                Ok(())
+            } else {
+                Err(format!("{routes}"))
+            }
+        });
+    }
+    // In the kernel, from BGP (BIRD's protocol), via the router.
+    let out = lab::run(
+        lab.on_node(0, "ip")
+            .args(["route", "show", "10.244.1.0/24"]),
+    )
+    .expect("ip route");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("via 172.21.0.1") && text.contains("proto bird"),
+        "{text}"
+    );
+
+    let (a, b) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    // The router's sessions down: the routes are withdrawn everywhere, and
+    // the pods no longer reach each other (the test depends on BGP).
+    router.bgp_sessions(false).expect("disable");
+    eventually("node 0 forgets node 1's CIDR", || {
+        let out = lab::run(
+            lab.on_node(0, "ip")
+                .args(["route", "show", "10.244.1.0/24"]),
+        )
+        .map_err(|e| e.to_string())?;
+        if out.stdout.is_empty() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    });
+    assert_eq!(
+        ping(&a.netns, &b.ip.to_string(), 2, &["-W", "1"])
+            .expect("ping")
+            .received,
+        0,
+        "pods reached each other across L3 without BGP's routes"
+    );
+    router.bgp_sessions(true).expect("enable");
+    eventually("the routes are back", || {
+        let out = lab::run(
+            lab.on_node(0, "ip")
+                .args(["route", "show", "10.244.1.0/24"]),
+        )
+        .map_err(|e| e.to_string())?;
+        if out.stdout.is_empty() {
+            Err("no route".into())
+        } else {
+            Ok(())
+        }
+    });
+    // Plain IP on the router's port toward node 1: no tunnel.
+    let cap = lab
+        .capture_on(
+            &lab.state.underlay_netns.clone(),
+            "n1",
+            "icmp or udp port 8472",
+        )
+        .expect("capture");
+    assert_eq!(
+        ping(&a.netns, &b.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+    assert_eq!(
+        ping(&b.netns, &a.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+    let frames = cap.finish().expect("capture");
+    assert!(!frames.is_empty());
+    for f in &frames {
+        let (src, dst, proto, _) = lab::ipv4_of(f).expect("IPv4");
+        assert_eq!(proto, 1, "{src} -> {dst}: not ICMP (encapsulated?)");
+        assert!(
+            [a.ip, b.ip].contains(&src) && [a.ip, b.ip].contains(&dst),
+            "{src} -> {dst}"
+        );
+    }
+    // TCP and UDP too.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| lab::echo_server(&b.netns, 7000, &stop));
+        let to = std::net::SocketAddr::from((b.ip, 7000));
+        let tcp = lab::tcp_echo(&a.netns, to, "over bgp\n");
+        let udp = lab::udp_echo(&a.netns, to, "over bgp");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(tcp.expect("TCP").trim(), "over bgp");
+        assert_eq!(udp.expect("UDP"), "over bgp");
+    });
+
+    // The agent killed outright: its BGP daemon lives on, nothing is
+    // withdrawn, and no ping is lost.
+    let pinger = {
+        let netns = a.netns.clone();
+        let to = b.ip.to_string();
+        std::thread::spawn(move || ping(&netns, &to, 60, &["-i", "0.05"]))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    lab.signal_agent(0, libc::SIGKILL).expect("kill -9");
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.start_agent_again(0).expect("start");
+    let p = pinger.join().expect("pinger").expect("ping");
+    assert_eq!(p.received, 60, "pings lost across kill -9: {p:?}");
+    assert_eq!(json(&lab, 0, &["bgp", "peers"])[0]["state"], "Established");
+
+    // Node 1 told the wrong AS for its router: refused with a named error,
+    // node 0's session stays up, and the metric says so.
+    let args = &mut lab.state.nodes[1].agent_args;
+    for a in args.iter_mut() {
+        if a.starts_with("--bgp-peer=") {
+            *a = "--bgp-peer=172.21.1.1:65099".into();
+        }
+    }
+    lab.signal_agent(1, libc::SIGTERM).expect("stop");
+    lab.start_agent_again(1).expect("start");
+    eventually("node 1's session refused for its AS", || {
+        let peers = json(&lab, 1, &["bgp", "peers"]);
+        let p = &peers[0];
+        let err = p["last_error"].as_str().unwrap_or("");
+        if p["state"] != "Established" && err.contains("Bad peer AS") {
+            Ok(())
+        } else {
+            Err(format!("{peers}"))
+        }
+    });
+    assert_eq!(json(&lab, 0, &["bgp", "peers"])[0]["state"], "Established");
+    assert_eq!(
+        lab.metric(0, "dataplane_bgp_session_state{peer=\"172.21.0.1\"}")
+            .expect("metric"),
+        Some(6.0)
+    );
+    let state = lab
+        .metric(1, "dataplane_bgp_session_state{peer=\"172.21.1.1\"}")
+        .expect("metric");
+    assert!(state.is_some_and(|s| s < 6.0), "{state:?}");
+}
