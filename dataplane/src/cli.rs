@@ -636,6 +636,9 @@ fn run(cli: Cli) -> Result<()> {
                 removed.routes,
                 removed.devices.join(", ")
             );
+            if removed.bgp_daemon {
+                println!("stopped the BGP daemon (its routes withdrawn from its peers)");
+            }
             for f in &removed.files {
                 println!("removed {}", f.display());
             }

@@ -45,6 +45,8 @@ pub struct Removed {
     pub routes: usize,
     pub devices: Vec<String>,
     pub files: Vec<PathBuf>,
+    /// A BGP daemon was stopped.
+    pub bgp_daemon: bool,
 }
 
 fn remove_path(path: &Path, removed: &mut Removed) -> Result<()> {
@@ -110,7 +112,11 @@ pub async fn run(args: &UninstallArgs) -> Result<Removed> {
         }
     }
 
+    // The BGP daemon withdraws this node's routes from its peers as it
+    // stops.
+    removed.bgp_daemon = crate::agent::bgp::stop_daemon(&args.state_dir)?;
     remove_path(&args.state_dir.join("endpoints.json"), &mut removed)?;
+    remove_path(&args.state_dir.join("bgp"), &mut removed)?;
     // A container has it as a mount point, which stays.
     if std::fs::read_dir(&args.state_dir).is_ok_and(|mut d| d.next().is_none())
         && std::fs::remove_dir(&args.state_dir).is_ok()

@@ -64,6 +64,14 @@ enum Cmd {
         /// auto, tcx or clsact.
         #[arg(long, default_value = "auto")]
         attach_mode: String,
+        /// `l2`: one bridge joins the nodes; `routed`: each node (and the
+        /// external host) in a subnet of its own behind a router, and the
+        /// agents speak BGP to it (use with --mode native).
+        #[arg(long, default_value = "l2", value_parser = ["l2", "routed"])]
+        underlay: String,
+        /// The routed underlay's router: `bird` (BIRD 2) or `frr`.
+        #[arg(long, default_value = "bird", value_parser = ["bird", "frr"])]
+        router: String,
     },
     /// Create or replace objects, as `kubectl apply -f`.
     Apply {
@@ -214,13 +222,15 @@ fn run(cli: Cli) -> Result<i32> {
             name,
             pods_per_node,
             attach_mode,
+            underlay,
+            router,
         } => up(
             nodes,
             mode,
             manifests.as_deref(),
             name,
             pods_per_node,
-            attach_mode,
+            (attach_mode, underlay, router),
         ),
         Cmd::Apply { file } => {
             let mut lab = Lab::attach(find(cli.lab.as_deref())?);
@@ -397,9 +407,12 @@ fn up(
     manifests: Option<&Path>,
     name: Option<String>,
     pods_per_node: Option<usize>,
-    attach_mode: String,
+    (attach_mode, underlay, router): (String, String, String),
 ) -> Result<i32> {
     let mut spec = LabSpec::new(0, 0)?;
+    spec.bgp = underlay == "routed";
+    spec.underlay = underlay;
+    spec.router = router;
     if let Some(n) = &name {
         if n.is_empty()
             || n.len() > 40
@@ -508,8 +521,21 @@ fn overlap(a: (u32, u32), b: (u32, u32)) -> bool {
 /// The lab in text: nodes, pods, the external host, and how to reach in.
 pub fn print_lab(state: &LabState) {
     let alive = |pid: Option<u32>| pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+    let underlay = match &state.router {
+        Some(r) => format!(
+            "routed underlay: router ({}, AS {}) in netns {}",
+            r.daemon,
+            crate::routed::ROUTER_AS,
+            state.underlay_netns
+        ),
+        None => format!(
+            "underlay 172.20.0.0/{} in netns {}",
+            crate::UNDERLAY_PREFIX,
+            state.underlay_netns
+        ),
+    };
     println!(
-        "lab {} (id {}, {} mode, underlay 172.20.0.0/{} in netns {})",
+        "lab {} (id {}, {} mode, {underlay})",
         state.name,
         state.id,
         if state.mode.is_empty() {
@@ -517,8 +543,6 @@ pub fn print_lab(state: &LabState) {
         } else {
             &state.mode
         },
-        crate::UNDERLAY_PREFIX,
-        state.underlay_netns
     );
     for (i, n) in state.nodes.iter().enumerate() {
         println!(

@@ -69,6 +69,40 @@ impl RouterState {
         self.ask(&["show", "route"], "show ip route bgp")
     }
 
+    /// The next hops the router has for `prefix` (from BGP), as its
+    /// daemon shows them: empty when it has no route.
+    pub fn next_hops(&self, prefix: &str) -> Result<Vec<Ipv4Addr>> {
+        let text = if self.daemon == "bird" {
+            match self.ask(&["show", "route", prefix], "") {
+                Ok(t) => t,
+                // birdc fails a query for a prefix it has no route to.
+                Err(e) if format!("{e}").contains("Network not found") => String::new(),
+                Err(e) => return Err(e),
+            }
+        } else {
+            let t = self.ask(&[], &format!("show ip route {prefix}"))?;
+            if t.contains("Network not in table") {
+                String::new()
+            } else {
+                t
+            }
+        };
+        // BIRD: "via 172.21.0.11 on n0"; FRR: "* 172.21.0.11, via n0".
+        let mut hops: Vec<Ipv4Addr> = text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter_map(|w| match (w[0], w[1]) {
+                ("via", addr) => addr.parse().ok(),
+                (addr, "via") => addr.trim_end_matches(',').parse().ok(),
+                _ => None,
+            })
+            .collect();
+        hops.sort();
+        hops.dedup();
+        Ok(hops)
+    }
+
     /// The router's BGP sessions, as its daemon shows them.
     pub fn sessions(&self) -> Result<String> {
         self.ask(&["show", "protocols"], "show bgp summary")
@@ -106,7 +140,8 @@ impl RouterState {
         };
         if !out.status.success() {
             bail!(
-                "asking the router: {}",
+                "asking the router: {}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -184,10 +219,18 @@ pub fn start_router(netns: &str, daemon: &str, nodes: usize, dir: &Path) -> Resu
             pids.push(read_pid(&pid_file)?);
         }
         "frr" => {
-            let conf = dir.join("frr.conf");
-            fs::write(&conf, frr_config(nodes)?)?;
-            // zebra installs the routes bgpd chose; both daemonize, with
-            // their sockets and pid files in `dir`.
+            // zebra installs the routes bgpd chose; both daemonize, as the
+            // frr user (FRR's vty needs its group), with their
+            // configuration, sockets and pid files in `dir`.
+            fs::write(dir.join("zebra.conf"), "hostname lab-router\n")?;
+            fs::write(dir.join("bgpd.conf"), frr_config(nodes)?)?;
+            let status = Command::new("chown")
+                .args(["-R", "frr:frr"])
+                .arg(dir)
+                .status()?;
+            if !status.success() {
+                bail!("chown frr {}: {status}", dir.display());
+            }
             let zsock = dir.join("zserv.api");
             for (bin, extra) in [
                 ("/usr/lib/frr/zebra", vec![]),
@@ -202,14 +245,13 @@ pub fn start_router(netns: &str, daemon: &str, nodes: usize, dir: &Path) -> Resu
                 let mut cmd = crate::in_netns(netns, bin);
                 cmd.arg("-d")
                     .arg("-f")
-                    .arg(&conf)
+                    .arg(dir.join(format!("{name}.conf")))
                     .arg("-i")
                     .arg(&pid_file)
                     .arg("-z")
                     .arg(&zsock)
                     .arg("--vty_socket")
                     .arg(dir)
-                    .args(["-u", "root", "-g", "root"])
                     .args(&extra)
                     .stdout(Stdio::null());
                 let out = cmd

@@ -208,3 +208,186 @@ fn native_routing_across_l3_over_bgp() {
         .expect("metric");
     assert!(state.is_some_and(|s| s < 6.0), "{state:?}");
 }
+
+#[test]
+fn service_addresses_are_advertised_and_withdrawn() {
+    use lab::services::{Ep, identity_server, service, who};
+    let mut spec = spec();
+    spec.agent_args.push("--bgp-advertise-services=true".into());
+    let mut lab = Lab::up(&spec).expect("lab");
+    let router = lab.state.router.clone().expect("router");
+    let lb = |name: &str, ip: &str, etp: &str| {
+        service(
+            name,
+            serde_json::json!({"type": "LoadBalancer", "externalTrafficPolicy": etp,
+                "ports": [{"port": 80, "targetPort": 8080}]}),
+            serde_json::json!({"loadBalancer": {"ingress": [{"ip": ip}]}}),
+        )
+    };
+    let slice = |lab: &Lab, name: &str| {
+        lab.slice(
+            name,
+            &format!("{name}-1"),
+            &[Ep::ready("pod-1-0")],
+            serde_json::json!([{"port": 8080, "protocol": "TCP"}]),
+        )
+    };
+    lab.set_services(
+        vec![
+            lb("web", "192.0.2.50", "Cluster"),
+            lb("local", "192.0.2.51", "Local"),
+        ],
+        vec![slice(&lab, "web"), slice(&lab, "local")],
+    )
+    .expect("publish");
+    let (n0, n1) = (lab.state.nodes[0].ip, lab.state.nodes[1].ip);
+    eventually("the router learns the Service addresses", || {
+        let web = router
+            .next_hops("192.0.2.50/32")
+            .map_err(|e| e.to_string())?;
+        let local = router
+            .next_hops("192.0.2.51/32")
+            .map_err(|e| e.to_string())?;
+        // Cluster: every node serves it; Local: only the endpoint's node.
+        if web == [n0, n1] && local == [n1] {
+            Ok(())
+        } else {
+            Err(format!("192.0.2.50 via {web:?}, 192.0.2.51 via {local:?}"))
+        }
+    });
+    let ext = lab.state.external.clone().expect("external host");
+    let backend = lab.pod("pod-1-0").netns.clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| identity_server(&backend, "pod-1-0", &[8080], &stop));
+        std::thread::sleep(Duration::from_millis(200));
+        // No route was added by hand: the external host reaches them over
+        // what the router learned.
+        let r = (|| -> anyhow::Result<()> {
+            for ip in [[192, 0, 2, 50], [192, 0, 2, 51]] {
+                let w = who(&ext.netns, std::net::SocketAddr::from((ip, 80)), 0)?;
+                anyhow::ensure!(w.name == "pod-1-0", "{w:?}");
+            }
+            Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r.expect("the Services from the external host");
+    });
+
+    // The Service goes: its address is withdrawn.
+    lab.set_services(
+        vec![lb("web", "192.0.2.50", "Cluster")],
+        vec![slice(&lab, "web")],
+    )
+    .expect("publish");
+    eventually("192.0.2.51 withdrawn", || {
+        match router
+            .next_hops("192.0.2.51/32")
+            .map_err(|e| e.to_string())?
+        {
+            h if h.is_empty() => Ok(()),
+            h => Err(format!("still via {h:?}")),
+        }
+    });
+
+    // Node 1 uninstalled: its BGP daemon stops and the router forgets its
+    // pod CIDR (and its path to the Service).
+    lab.signal_agent(1, libc::SIGKILL).expect("kill");
+    let node = lab.state.nodes[1].clone();
+    let out = lab::run(
+        std::process::Command::new(&lab.state.dataplane_bin).args([
+            "--netns",
+            &node.netns,
+            "uninstall",
+            "--node",
+            &node.name,
+            "--pin-root",
+            &lab.state.pin_root.display().to_string(),
+            "--state-dir",
+            &lab.state
+                .run_dir
+                .join(format!("{}-state", node.name))
+                .display()
+                .to_string(),
+            "--api-socket",
+            &node.api_socket.display().to_string(),
+            "--cni-bin-dir",
+            &lab.state.run_dir.join("no-cni-bin").display().to_string(),
+            "--cni-conf-dir",
+            &lab.state.run_dir.join("no-cni-conf").display().to_string(),
+            "--ipam-dir",
+            &node.ipam_dir.display().to_string(),
+        ]),
+    )
+    .expect("uninstall");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stopped the BGP daemon"), "{text}");
+    let started = Instant::now();
+    eventually("node 1's routes withdrawn", || {
+        let pods = router
+            .next_hops("10.244.1.0/24")
+            .map_err(|e| e.to_string())?;
+        let web = router
+            .next_hops("192.0.2.50/32")
+            .map_err(|e| e.to_string())?;
+        if pods.is_empty() && web == [n0] {
+            Ok(())
+        } else {
+            Err(format!(
+                "10.244.1.0/24 via {pods:?}, 192.0.2.50 via {web:?}"
+            ))
+        }
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "withdrawn after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn frr_as_the_router() {
+    let mut spec = spec();
+    spec.router = "frr".into();
+    let lab = Lab::up(&spec).expect("lab");
+    let router = lab.state.router.clone().expect("router");
+    let (n0, n1) = (lab.state.nodes[0].ip, lab.state.nodes[1].ip);
+    eventually("FRR learns both pod CIDRs", || {
+        let a = router
+            .next_hops("10.244.0.0/24")
+            .map_err(|e| e.to_string())?;
+        let b = router
+            .next_hops("10.244.1.0/24")
+            .map_err(|e| e.to_string())?;
+        if a == [n0] && b == [n1] {
+            Ok(())
+        } else {
+            Err(format!("10.244.0.0/24 via {a:?}, 10.244.1.0/24 via {b:?}"))
+        }
+    });
+    for node in 0..2 {
+        eventually("the node's session with FRR", || {
+            let peers = json(&lab, node, &["bgp", "peers"]);
+            if peers[0]["state"] == "Established" {
+                Ok(())
+            } else {
+                Err(format!("{peers}"))
+            }
+        });
+    }
+    let (a, b) = (lab.pod("pod-0-0").clone(), lab.pod("pod-1-0").clone());
+    eventually("pods reach each other through FRR", || {
+        let p = ping(&a.netns, &b.ip.to_string(), 1, &["-W", "1"]).map_err(|e| e.to_string())?;
+        if p.received == 1 {
+            Ok(())
+        } else {
+            Err(format!("{p:?}"))
+        }
+    });
+    assert_eq!(
+        ping(&b.netns, &a.ip.to_string(), 3, &[])
+            .expect("ping")
+            .received,
+        3
+    );
+}

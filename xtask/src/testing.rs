@@ -22,6 +22,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/lib/cni/portmap", "containernetworking-plugins"),
     // The BGP speaker (the agent's --bgp) and the routed lab's router.
     ("bird", "bird2"),
+    ("vtysh", "frr"),
 ];
 
 pub(crate) fn is_root() -> bool {

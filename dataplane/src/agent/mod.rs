@@ -28,7 +28,7 @@ use tokio::{
 use tracing::{info, warn};
 
 mod api;
-pub(crate) mod bgp;
+pub mod bgp;
 pub mod config;
 mod endpoints;
 mod network;
