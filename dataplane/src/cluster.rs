@@ -88,7 +88,17 @@ impl std::fmt::Display for Key {
 pub struct NodeInfo {
     pub internal_ip: Option<Ipv4Addr>,
     pub pod_cidrs: Vec<IpNetwork>,
+    /// The node's own BGP settings, from its annotations
+    /// ([`BGP_ASN_ANNOTATION`], [`BGP_PEERS_ANNOTATION`]): they override
+    /// the agent's --bgp-asn and --bgp-peer on that node.
+    pub bgp_asn: Option<u32>,
+    pub bgp_peers: Option<Vec<crate::bgp::Peer>>,
 }
+
+/// A Node annotation: this node's AS number.
+pub const BGP_ASN_ANNOTATION: &str = "dataplane.io/bgp-asn";
+/// A Node annotation: this node's BGP peers, `ADDRESS:ASN[,ADDRESS:ASN…]`.
+pub const BGP_PEERS_ANNOTATION: &str = "dataplane.io/bgp-peers";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
@@ -308,11 +318,36 @@ where
                         .map_err(|e| invalid(&key, "status.addresses", e))
                 })
                 .transpose()?;
+            let annotations = n.metadata.annotations.unwrap_or_default();
+            let field = |a: &str| format!("metadata.annotations[{a}]");
+            let bgp_asn = annotations
+                .get(BGP_ASN_ANNOTATION)
+                .map(|v| {
+                    crate::bgp::parse_asn(v.trim())
+                        .map_err(|e| invalid(&key, &field(BGP_ASN_ANNOTATION), format!("{e:#}")))
+                })
+                .transpose()?;
+            let bgp_peers = annotations
+                .get(BGP_PEERS_ANNOTATION)
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            p.parse::<crate::bgp::Peer>().map_err(|e| {
+                                invalid(&key, &field(BGP_PEERS_ANNOTATION), format!("{e:#}"))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
             Ok((
                 key,
                 Object::Node(NodeInfo {
                     internal_ip,
                     pod_cidrs,
+                    bgp_asn,
+                    bgp_peers,
                 }),
             ))
         }
@@ -844,6 +879,18 @@ impl Cluster {
     /// This node's pod CIDR, the other nodes (conflicts resolved by name
     /// order) and one line per node left out. Nodes are few; this is
     /// recomputed only when a Node changes.
+    /// This node's BGP settings from its Node object's annotations (AS
+    /// number, peers), where it has them.
+    pub fn own_bgp(&self) -> (Option<u32>, Option<Vec<crate::bgp::Peer>>) {
+        self.objects
+            .iter()
+            .find_map(|(k, o)| match o {
+                Object::Node(n) if k.name == self.own => Some((n.bgp_asn, n.bgp_peers.clone())),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
     pub fn nodes(
         &self,
     ) -> (
@@ -1059,6 +1106,43 @@ mod tests {
         let mut ch = Changes::default();
         c.apply(u, &mut ch);
         ch
+    }
+
+    #[test]
+    fn a_node_s_bgp_annotations_override_the_flags_and_bad_ones_are_named() {
+        let with = |asn: &str, peers: &str| {
+            convert(
+                Kind::Node,
+                json!({"metadata": {"name": "me", "annotations": {
+                    BGP_ASN_ANNOTATION: asn, BGP_PEERS_ANNOTATION: peers}},
+                    "spec": {"podCIDR": "10.244.0.0/24"}}),
+            )
+        };
+        let mut c = Cluster::new("me");
+        let (k, o) = with("65010", "172.21.0.1:65000, 172.21.0.2:65000").unwrap();
+        apply(&mut c, Update::Upsert(k, o));
+        let (asn, peers) = c.own_bgp();
+        assert_eq!(asn, Some(65010));
+        assert_eq!(
+            peers
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["172.21.0.1:65000", "172.21.0.2:65000"]
+        );
+        let e = with("lots", "").unwrap_err().to_string();
+        assert!(
+            e.contains("metadata.annotations[dataplane.io/bgp-asn]") && e.contains("not a number"),
+            "{e}"
+        );
+        let e = with("65010", "172.21.0.1").unwrap_err().to_string();
+        assert!(
+            e.contains("metadata.annotations[dataplane.io/bgp-peers]") && e.contains("ADDRESS:ASN"),
+            "{e}"
+        );
+        // Without annotations, the flags stand.
+        assert_eq!(Cluster::new("other").own_bgp(), (None, None));
     }
 
     #[test]

@@ -177,16 +177,17 @@ fn native_routing_across_l3_over_bgp() {
     assert_eq!(p.received, 60, "pings lost across kill -9: {p:?}");
     assert_eq!(json(&lab, 0, &["bgp", "peers"])[0]["state"], "Established");
 
-    // Node 1 told the wrong AS for its router: refused with a named error,
-    // node 0's session stays up, and the metric says so.
-    let args = &mut lab.state.nodes[1].agent_args;
-    for a in args.iter_mut() {
-        if a.starts_with("--bgp-peer=") {
-            *a = "--bgp-peer=172.21.1.1:65099".into();
-        }
-    }
-    lab.signal_agent(1, libc::SIGTERM).expect("stop");
-    lab.start_agent_again(1).expect("start");
+    // Node 1's Node object names the wrong AS for its router (its
+    // annotation overrides the agent's --bgp-peer, live): refused with a
+    // named error, node 0's session stays up, and the metric says so.
+    lab.apply_docs(&[lab::manifests::Doc {
+        file: "node-1.yaml".into(),
+        index: 1,
+        value: serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1",
+                         "annotations": {"dataplane.io/bgp-peers": "172.21.1.1:65099"}}}),
+    }])
+    .expect("annotate node-1");
     eventually("node 1's session refused for its AS", || {
         let peers = json(&lab, 1, &["bgp", "peers"]);
         let p = &peers[0];

@@ -24,8 +24,9 @@ pub(crate) struct Bgp {
     dir: PathBuf,
     daemon: PathBuf,
     client: PathBuf,
-    /// The configuration last loaded, and what it advertises.
-    loaded: Mutex<Option<(String, Advertised)>>,
+    /// The configuration last loaded, what it advertises, and the AS
+    /// number it speaks as.
+    loaded: Mutex<Option<(String, Advertised, u32)>>,
 }
 
 /// `birdc` next to the daemon when it is given by path, else from PATH.
@@ -70,14 +71,25 @@ impl Bgp {
     /// when it changed) and loaded, the daemon started if none answers
     /// (asked only when `check`, or when the configuration changed: the
     /// full resyncs look after a daemon that went away).
-    pub(crate) fn apply(&self, adv: &Advertised, check: bool) -> Result<()> {
+    pub(crate) fn apply(
+        &self,
+        adv: &Advertised,
+        (asn, peers): (Option<u32>, Option<Vec<bgp::Peer>>),
+        check: bool,
+    ) -> Result<()> {
         let log = self.dir.join("bird.log");
-        let text = bgp::render(&self.speaker, adv, &log.display().to_string());
+        // The Node object's annotations win over the flags.
+        let speaker = Speaker {
+            asn: asn.unwrap_or(self.speaker.asn),
+            peers: peers.unwrap_or_else(|| self.speaker.peers.clone()),
+            ..self.speaker.clone()
+        };
+        let text = bgp::render(&speaker, adv, &log.display().to_string());
         let mut loaded = self
             .loaded
             .lock()
             .map_err(|_| anyhow::anyhow!("bgp state poisoned"))?;
-        let same = loaded.as_ref().is_some_and(|(t, _)| *t == text);
+        let same = loaded.as_ref().is_some_and(|(t, ..)| *t == text);
         if same && !check {
             return Ok(());
         }
@@ -132,22 +144,28 @@ impl Bgp {
                 );
             }
             info!(
-                asn = self.speaker.asn,
-                peers = self.speaker.peers.len(),
+                asn = speaker.asn,
+                peers = speaker.peers.len(),
                 pod_cidr = ?adv.pod_cidr,
                 "BGP daemon started"
             );
         }
-        *loaded = Some((text, adv.clone()));
+        *loaded = Some((text, adv.clone(), speaker.asn));
         Ok(())
     }
 
     /// Reads the daemon's state, without holding on to the speaker.
     pub(crate) fn reader(&self) -> Reader {
+        let asn = self
+            .loaded
+            .lock()
+            .ok()
+            .and_then(|l| l.as_ref().map(|(.., asn)| *asn))
+            .unwrap_or(self.speaker.asn);
         Reader {
             client: self.client.clone(),
             socket: self.control_socket(),
-            asn: self.speaker.asn,
+            asn,
             router_id: self.speaker.router_id,
         }
     }

@@ -268,6 +268,9 @@ pub(super) struct RouteWants {
     /// External and LoadBalancer IPs served from this node (BGP may
     /// advertise them).
     pub served_externally: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    /// This node's BGP AS number and peers from its Node object's
+    /// annotations, overriding the flags.
+    pub bgp_own: (Option<u32>, Option<Vec<crate::bgp::Peer>>),
 }
 
 fn route_for(net: &Net, node: &RemoteNode) -> RouteMessage {
@@ -349,22 +352,25 @@ pub(super) fn sync_bgp(agent: &Agent, full: bool) {
     let Some(bgp) = &agent.bgp else {
         return;
     };
-    let adv = (|| -> Result<crate::bgp::Advertised> {
+    let adv = (|| -> Result<(crate::bgp::Advertised, (Option<u32>, Option<Vec<crate::bgp::Peer>>))> {
         let own = lock(&agent.status)?.own_cidr;
         let services = if agent.bgp_advertise_services {
             lock(&agent.routes)?.served_externally.clone()
         } else {
             Default::default()
         };
-        Ok(crate::bgp::Advertised {
-            pod_cidr: match own {
-                Some(ipnetwork::IpNetwork::V4(c)) => Some(c),
-                _ => None,
+        Ok((
+            crate::bgp::Advertised {
+                pod_cidr: match own {
+                    Some(ipnetwork::IpNetwork::V4(c)) => Some(c),
+                    _ => None,
+                },
+                service_ips: services,
             },
-            service_ips: services,
-        })
+            lock(&agent.routes)?.bgp_own.clone(),
+        ))
     })();
-    if let Err(e) = adv.and_then(|adv| bgp.apply(&adv, full)) {
+    if let Err(e) = adv.and_then(|(adv, own)| bgp.apply(&adv, own, full)) {
         warn!("BGP: {e:#}");
         crate::telemetry::error(&agent.telemetry, "bgp");
     }

@@ -182,6 +182,7 @@ async fn apply(
             );
         }
         lock(&agent.status)?.nodes = nodes.len();
+        lock(&agent.routes)?.bgp_own = cluster.own_bgp();
         network::sync_bgp(agent, full);
     }
     let ips: Vec<IpAddr> = if full {
