@@ -66,6 +66,10 @@ pub struct Speaker {
     pub graceful_restart: u32,
 }
 
+/// A node's own AS number and peers (its Node object's annotations), each
+/// overriding the agent's flag where given.
+pub type Overrides = (Option<u32>, Option<Vec<Peer>>);
+
 /// What the node advertises.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Advertised {

@@ -324,7 +324,7 @@ where
                 .get(BGP_ASN_ANNOTATION)
                 .map(|v| {
                     crate::bgp::parse_asn(v.trim())
-                        .map_err(|e| invalid(&key, &field(BGP_ASN_ANNOTATION), format!("{e:#}")))
+                        .map_err(|e| invalid(&key, field(BGP_ASN_ANNOTATION), format!("{e:#}")))
                 })
                 .transpose()?;
             let bgp_peers = annotations
@@ -335,7 +335,7 @@ where
                         .filter(|p| !p.is_empty())
                         .map(|p| {
                             p.parse::<crate::bgp::Peer>().map_err(|e| {
-                                invalid(&key, &field(BGP_PEERS_ANNOTATION), format!("{e:#}"))
+                                invalid(&key, field(BGP_PEERS_ANNOTATION), format!("{e:#}"))
                             })
                         })
                         .collect::<Result<Vec<_>, _>>()
@@ -881,7 +881,7 @@ impl Cluster {
     /// recomputed only when a Node changes.
     /// This node's BGP settings from its Node object's annotations (AS
     /// number, peers), where it has them.
-    pub fn own_bgp(&self) -> (Option<u32>, Option<Vec<crate::bgp::Peer>>) {
+    pub fn own_bgp(&self) -> crate::bgp::Overrides {
         self.objects
             .iter()
             .find_map(|(k, o)| match o {

@@ -74,7 +74,7 @@ impl Bgp {
     pub(crate) fn apply(
         &self,
         adv: &Advertised,
-        (asn, peers): (Option<u32>, Option<Vec<bgp::Peer>>),
+        (asn, peers): bgp::Overrides,
         check: bool,
     ) -> Result<()> {
         let log = self.dir.join("bird.log");

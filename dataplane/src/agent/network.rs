@@ -270,7 +270,7 @@ pub(super) struct RouteWants {
     pub served_externally: std::collections::BTreeSet<std::net::Ipv4Addr>,
     /// This node's BGP AS number and peers from its Node object's
     /// annotations, overriding the flags.
-    pub bgp_own: (Option<u32>, Option<Vec<crate::bgp::Peer>>),
+    pub bgp_own: crate::bgp::Overrides,
 }
 
 fn route_for(net: &Net, node: &RemoteNode) -> RouteMessage {
@@ -352,7 +352,7 @@ pub(super) fn sync_bgp(agent: &Agent, full: bool) {
     let Some(bgp) = &agent.bgp else {
         return;
     };
-    let adv = (|| -> Result<(crate::bgp::Advertised, (Option<u32>, Option<Vec<crate::bgp::Peer>>))> {
+    let adv = (|| -> Result<(crate::bgp::Advertised, crate::bgp::Overrides)> {
         let own = lock(&agent.status)?.own_cidr;
         let services = if agent.bgp_advertise_services {
             lock(&agent.routes)?.served_externally.clone()
