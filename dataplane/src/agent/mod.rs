@@ -256,7 +256,8 @@ fn parse_source(s: &str) -> Result<Source, String> {
 pub enum Mode {
     /// Encapsulate in VXLAN between nodes (Flannel's default).
     Vxlan,
-    /// Plain routing via each node's underlay address (nodes on one L2).
+    /// Plain routing: via each node's underlay address (nodes on one L2),
+    /// or as BGP peers teach it (--bgp on).
     Native,
 }
 
