@@ -204,10 +204,71 @@ fn native_routing_across_l3_over_bgp() {
             .expect("metric"),
         Some(6.0)
     );
+    assert!(
+        lab.agent_log(1).contains("BGP session not established"),
+        "the refusal is in node 1's log"
+    );
     let state = lab
         .metric(1, "dataplane_bgp_session_state{peer=\"172.21.1.1\"}")
         .expect("metric");
     assert!(state.is_some_and(|s| s < 6.0), "{state:?}");
+
+    // The annotation removed: back to the agent's flags, established.
+    lab.apply_docs(&[lab::manifests::Doc {
+        file: "node-1.yaml".into(),
+        index: 1,
+        value: serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1"}}),
+    }])
+    .expect("node-1 without annotations");
+    eventually("node 1's session back", || {
+        let peers = json(&lab, 1, &["bgp", "peers"]);
+        if peers[0]["state"] == "Established" {
+            Ok(())
+        } else {
+            Err(format!("{peers}"))
+        }
+    });
+
+    // A second peer on node 0 that does not exist: tried, failing, in
+    // the log and the metrics, while the router's session stays up.
+    lab.apply_docs(&[lab::manifests::Doc {
+        file: "node-0.yaml".into(),
+        index: 1,
+        value: serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-0",
+                         "annotations": {"dataplane.io/bgp-peers": "172.21.0.1:65000,172.21.0.99:65000"}}}),
+    }])
+    .expect("annotate node-0");
+    eventually("the unreachable peer is tried and reported", || {
+        let peers = json(&lab, 0, &["bgp", "peers"]);
+        let by = |n: &str| {
+            peers
+                .as_array()
+                .and_then(|a| a.iter().find(|p| p["neighbor"] == n))
+                .cloned()
+        };
+        match (by("172.21.0.1"), by("172.21.0.99")) {
+            (Some(up), Some(down))
+                if up["state"] == "Established" && down["state"] != "Established" =>
+            {
+                Ok(())
+            }
+            _ => Err(format!("{peers}")),
+        }
+    });
+    let down = lab
+        .metric(0, "dataplane_bgp_session_state{peer=\"172.21.0.99\"}")
+        .expect("metric");
+    assert!(down.is_some_and(|s| s < 6.0), "{down:?}");
+    eventually("pods reach each other again", || {
+        let p = ping(&a.netns, &b.ip.to_string(), 1, &["-W", "1"]).map_err(|e| e.to_string())?;
+        if p.received == 1 {
+            Ok(())
+        } else {
+            Err(format!("{p:?}"))
+        }
+    });
 }
 
 #[test]
@@ -391,4 +452,59 @@ fn frr_as_the_router() {
             .received,
         3
     );
+}
+
+#[test]
+fn a_changed_pod_cidr_is_advertised_and_the_old_one_withdrawn() {
+    let mut spec = spec();
+    spec.pods_per_node = 0;
+    // The agents take their CIDR from their Node objects.
+    spec.pod_cidr_flag = false;
+    let mut lab = Lab::up(&spec).expect("lab");
+    let router = lab.state.router.clone().expect("router");
+    let n1 = lab.state.nodes[1].ip;
+    eventually("node 1's CIDR at the router", || {
+        match router
+            .next_hops("10.244.1.0/24")
+            .map_err(|e| e.to_string())?
+        {
+            h if h == [n1] => Ok(()),
+            h => Err(format!("via {h:?}")),
+        }
+    });
+    lab.state.nodes[1].pod_cidr = "10.244.9.0/24".into();
+    lab.write_node_list(&[0, 1]).expect("publish");
+    let started = Instant::now();
+    eventually("the new CIDR advertised, the old withdrawn", || {
+        let new = router
+            .next_hops("10.244.9.0/24")
+            .map_err(|e| e.to_string())?;
+        let old = router
+            .next_hops("10.244.1.0/24")
+            .map_err(|e| e.to_string())?;
+        if new == [n1] && old.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "10.244.9.0/24 via {new:?}, 10.244.1.0/24 via {old:?}"
+            ))
+        }
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    eventually("node 0 learns it", || {
+        let routes = json(&lab, 0, &["bgp", "routes"]);
+        let has = routes.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|r| r["prefix"] == "10.244.9.0/24" && r["kind"] == "learned")
+        });
+        if has {
+            Ok(())
+        } else {
+            Err(format!("{routes}"))
+        }
+    });
 }

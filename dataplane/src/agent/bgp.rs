@@ -171,6 +171,7 @@ impl Bgp {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Reader {
     client: PathBuf,
     socket: PathBuf,
@@ -190,6 +191,40 @@ impl Reader {
             sessions: bgp::parse_protocols(&self.birdc(&["show", "protocols", "all"])?),
             routes: bgp::parse_routes(&self.birdc(&["show", "route"])?),
         })
+    }
+}
+
+/// Logs each session's changes of state (with the error that ended an
+/// established one), looking every 2 s: the daemon retries on its own, the
+/// operator sees it in the agent's log and in the metrics.
+pub(crate) async fn watch_sessions(reader: Reader) {
+    let mut known: std::collections::BTreeMap<String, String> = Default::default();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        every.tick().await;
+        let r = reader.clone();
+        let Ok(Ok(st)) = tokio::task::spawn_blocking(move || r.status()).await else {
+            continue;
+        };
+        for s in st.sessions {
+            let before = known.insert(s.neighbor.clone(), s.state.clone());
+            if before.as_deref() == Some(s.state.as_str()) {
+                continue;
+            }
+            let error = s.last_error.as_deref().unwrap_or("");
+            if s.state == "Established" {
+                info!(peer = %s.neighbor, peer_as = ?s.neighbor_as, "BGP session established");
+            } else {
+                warn!(
+                    peer = %s.neighbor,
+                    peer_as = ?s.neighbor_as,
+                    state = %s.state,
+                    error,
+                    was = before.as_deref().unwrap_or("-"),
+                    "BGP session not established"
+                );
+            }
+        }
     }
 }
 

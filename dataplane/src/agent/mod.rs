@@ -673,6 +673,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let every = args.ct_gc_interval;
         tokio::spawn(async move { services::collector(agent, every, purges).await });
     }
+    if let Some(b) = &agent.bgp {
+        tokio::spawn(bgp::watch_sessions(b.reader()));
+    }
 
     let listener = api::bind(&args.api_socket)?;
     info!(socket = %args.api_socket.display(), "local API listening");
