@@ -646,8 +646,37 @@ fn example_overlays_build_on_the_base_and_their_config_parses() {
         let k = kustomize(&dir);
         assert_eq!(k.files, kustomize(&deploy_dir()).files, "{}", dir.display());
         let mut cm = base_cm.clone();
+        let mut added_caps: Vec<String> = Vec::new();
         for p in &k.patches {
             for doc in documents(p) {
+                if doc["kind"] == "DaemonSet" {
+                    // Only the agent's capabilities, all of the base's kept.
+                    assert_eq!(doc["metadata"]["name"], "dataplane");
+                    let patch: DaemonSet =
+                        strict(&doc, &p.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+                    let c = &patch
+                        .spec
+                        .expect("spec")
+                        .template
+                        .spec
+                        .expect("pod")
+                        .containers;
+                    assert_eq!(c.len(), 1, "{}", p.display());
+                    assert_eq!(c[0].name, agent_container(ds).name);
+                    let caps = |c: &k8s_openapi::api::core::v1::Container| {
+                        c.security_context
+                            .as_ref()
+                            .and_then(|s| s.capabilities.as_ref())
+                            .and_then(|c| c.add.clone())
+                            .unwrap_or_default()
+                    };
+                    let (base, patched) = (caps(agent_container(ds)), caps(&c[0]));
+                    for b in &base {
+                        assert!(patched.contains(b), "{}: drops {b}", p.display());
+                    }
+                    added_caps.extend(patched.into_iter().filter(|c| !base.contains(c)));
+                    continue;
+                }
                 assert_eq!(doc["kind"], "ConfigMap", "{}", p.display());
                 assert_eq!(doc["metadata"]["name"], "dataplane-config");
                 let patch: ConfigMap =
@@ -675,6 +704,23 @@ fn example_overlays_build_on_the_base_and_their_config_parses() {
         if dir.ends_with("kube-proxy-free") {
             assert_eq!(a.mode, dataplane::agent::Mode::Native);
             assert_eq!(a.k8s_api_server.as_deref(), Some("192.168.1.10:6443"));
+        }
+        if dir.ends_with("bgp") {
+            assert_eq!(a.mode, dataplane::agent::Mode::Native);
+            assert_eq!(a.bgp, dataplane::agent::OnOff::On);
+            assert_eq!(a.bgp_asn, 64512);
+            assert_eq!(
+                a.bgp_peers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+                ["10.0.0.1:65000"]
+            );
+            assert!(a.bgp_advertise_services);
+            // The BGP port is privileged.
+            assert_eq!(added_caps, ["NET_BIND_SERVICE"]);
+        } else {
+            assert!(added_caps.is_empty(), "{}: {added_caps:?}", dir.display());
         }
         let _ = std::fs::remove_dir_all(&conf);
     }

@@ -101,6 +101,44 @@ fn builder() -> Result<&'static str> {
     bail!("neither podman nor buildah is installed (apt-get install podman)")
 }
 
+/// The BGP speaker the agent runs with `--bgp on`: BIRD 2's `bird` and
+/// `birdc` from the build host's Debian package, with every library they
+/// link (as `ldd` resolves them), at their own paths under `root`.
+fn stage_bird(root: &Path) -> Result<()> {
+    const BINARIES: [&str; 2] = ["/usr/sbin/bird", "/usr/sbin/birdc"];
+    if !BINARIES.iter().all(|b| Path::new(b).is_file()) {
+        crate::testing::apt_install(&["bird2"])?;
+    }
+    let mut files: Vec<PathBuf> = BINARIES.iter().map(PathBuf::from).collect();
+    for b in BINARIES {
+        let out = output(Command::new("ldd").arg(b))?;
+        for line in out.lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)", or the
+            // loader's own "/lib64/ld-linux-x86-64.so.2 (0x…)".
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|p| p.starts_with('/')),
+            };
+            if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                files.push(PathBuf::from(p));
+            }
+        }
+    }
+    files.sort();
+    files.dedup();
+    for f in &files {
+        let dest = root.join(f.strip_prefix("/")?);
+        fs::create_dir_all(dest.parent().context("parent")?)?;
+        // Symlinks followed: the image gets the library under the name
+        // the binaries ask for.
+        fs::copy(f, &dest).with_context(|| format!("staging {}", f.display()))?;
+    }
+    Ok(())
+}
+
 /// Builds the image; returns its tag.
 pub(crate) fn image() -> Result<String> {
     let bins = build_static()?;
@@ -111,6 +149,7 @@ pub(crate) fn image() -> Result<String> {
     for b in ["dataplane", "dataplane-cni"] {
         fs::copy(bins.join(b), ctx.join("bin").join(b)).with_context(|| format!("staging {b}"))?;
     }
+    stage_bird(&ctx.join("rootfs"))?;
     let tag = format!("{IMAGE}:{}", version());
     let containerfile = workspace_root().join("deploy").join("Containerfile");
     let mut cmd = Command::new(tool);
@@ -157,7 +196,7 @@ pub(crate) fn check(tag: &str) -> Result<()> {
             bail!("{tag} --version: {got:?}, expected {want:?}");
         }
         eprintln!("xtask: image {tag}: entry point {entry:?}; in a container: {got}");
-        return Ok(());
+        return check_bird(tool, tag);
     }
     // This machine's runtime may refuse containers (cgroup hybrid mode,
     // rlimits); the image's content is still checked, outside it.
@@ -182,5 +221,36 @@ pub(crate) fn check(tag: &str) -> Result<()> {
         "xtask: image {tag}: entry point {entry:?}; the container runtime refused to run it here ({}), so its /usr/bin/dataplane ran outside it: {got}",
         why.lines().last().unwrap_or_default()
     );
+    check_bird(tool, tag)
+}
+
+/// The image's BIRD runs on what the image holds: `bird --version` and
+/// `birdc` (to a socket that is not there) in a chroot of the image's
+/// files, so a library left out fails it.
+fn check_bird(tool: &str, tag: &str) -> Result<()> {
+    let root = output(Command::new(tool).args(["image", "mount", tag]))?;
+    let root = PathBuf::from(root.trim());
+    let run = |args: &[&str]| Command::new("chroot").arg(&root).args(args).output();
+    let bird = run(&["/usr/sbin/bird", "--version"]);
+    let birdc = run(&[
+        "/usr/sbin/birdc",
+        "-s",
+        "/nonexistent.ctl",
+        "show",
+        "status",
+    ]);
+    let _ = Command::new(tool).args(["image", "unmount", tag]).output();
+    let bird = bird?;
+    let version = String::from_utf8_lossy(&bird.stderr).trim().to_owned();
+    if !bird.status.success() || !version.starts_with("BIRD version 2") {
+        bail!("{tag}: /usr/sbin/bird --version in the image: {version}");
+    }
+    let birdc = birdc?;
+    let said = String::from_utf8_lossy(&birdc.stdout).into_owned()
+        + &String::from_utf8_lossy(&birdc.stderr);
+    if !said.contains("Unable to connect") {
+        bail!("{tag}: /usr/sbin/birdc in the image did not run: {said}");
+    }
+    eprintln!("xtask: image {tag}: {version}, birdc runs (in a chroot of the image)");
     Ok(())
 }
