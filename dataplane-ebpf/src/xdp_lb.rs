@@ -136,7 +136,8 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, len: u32) -> Verdict {
         return Verdict::new(XDP_PASS as i32, Reason::Forwarded);
     };
     let mut fib = fib_params(ctx, p.flow.proto, p.ip.tot_len());
-    let tunnel = match route::v4(daddr.to_ne_bytes()) {
+    // Some(remote node): into VXLAN toward it; Some(0): routed as it is.
+    let encap = match route::v4(daddr.to_ne_bytes()) {
         Ok(Route::Tunnel(node, _)) => match tunnel_endpoint(node) {
             Some(remote) => {
                 fib_addrs(&mut fib, p.node, remote);
@@ -154,7 +155,7 @@ pub fn forward(ctx: &XdpContext, p: &Pkt, len: u32) -> Verdict {
         }
         _ => None,
     };
-    let Some(remote) = tunnel else {
+    let Some(remote) = encap else {
         return Verdict::new(XDP_PASS as i32, Reason::Forwarded);
     };
     // SAFETY: the context pointer the kernel passed, and our own params.
