@@ -24,10 +24,10 @@ use crate::{
 
 /// Everything that arrives on the uplink, before the stack allocates an
 /// skb: what the prefilter denies is dropped here; NodePort, LoadBalancer
-/// and external-IP flows (and their replies) that leave the node again
-/// are translated and sent back out (`XDP_TX`, counted as forwarded
-/// to-network); the rest is passed on to tc untouched (counted as
-/// forwarded from-network).
+/// and external-IP flows from clients outside the cluster that leave the
+/// node again (to a backend on another node) are translated and sent back
+/// out (`XDP_TX`, counted as forwarded to-network); the rest is passed on
+/// to tc untouched (counted as forwarded from-network).
 #[xdp]
 pub fn host_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;

@@ -3,11 +3,12 @@
 //! choice and SNAT port as tc's `host_in` (see [`svc::from_network_xdp`]),
 //! and the packet sent back out of the uplink with `XDP_TX` when that is
 //! where it goes: to a backend on another node (in the tunnel, whose outer
-//! headers are built here, or routed natively) and replies to outside
-//! clients. Everything else (backends and pods on this node, the node
+//! headers are built here, or routed natively). Only clients outside the
+//! cluster are served here: everything else (senders in the cluster, such
+//! as a backend's replies; backends and pods on this node, the node
 //! itself, what needs an ICMP answer, fragments, IP options, a neighbour
 //! not yet resolved) is passed on untouched, and tc does what it always
-//! did. Checksums are patched incrementally: a frame from a wire carries
+//! did. Checksums are patched incrementally: a frame off a wire carries
 //! complete ones (XDP cannot see an skb's offload state).
 
 use aya_ebpf::{
@@ -19,13 +20,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use dataplane_common::{
-    CT_F_DST, CT_F_SRC, DP_F_XDP_LB, DatapathConfig, FAMILY_IPV4, IPPROTO_TCP, IPPROTO_UDP,
-    IpcacheEntry, Reason,
+    CT_F_DST, CT_F_SRC, DP_F_XDP_LB, DatapathConfig, FAMILY_IPV4, IPCACHE_KIND_NO_MASQUERADE,
+    IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, Reason,
 };
 
 use crate::{
     config,
     fwd::Pkt,
+    ipcache,
     l4::{FRAG_NONE, Flow},
     parse::{ETH_HLEN, ETH_P_IP, IP_OFFSET_MASK, Ipv4Hdr},
     prefilter,
@@ -72,6 +74,7 @@ pub fn parse(ctx: &XdpContext, p: &mut Pkt, len: u32) -> u32 {
         || ip.version_ihl != 0x45
         || ip.frag_off() & (IP_MF | IP_OFFSET_MASK) != 0
         || ip.ttl <= 1
+        || from_the_cluster(ip.saddr)
     {
         return XDP_PASS;
     }
@@ -119,6 +122,17 @@ pub fn parse(ctx: &XdpContext, p: &mut Pkt, len: u32) -> u32 {
         src_identity: 0,
     };
     CONTINUE
+}
+
+/// Whether `saddr` is a pod or node of the cluster. Their packets (a
+/// backend's replies from another node, a node reaching a NodePort) are
+/// tc's: XDP serves clients outside the cluster, whose frames come off a
+/// wire with complete checksums, where a cluster sender's may still be
+/// left to its offload (on veths, CHECKSUM_PARTIAL travels with the frame,
+/// and XDP cannot see it).
+#[inline(never)]
+fn from_the_cluster(saddr: [u8; 4]) -> bool {
+    ipcache::lookup_v4(saddr).is_some_and(|e| e.kind != IPCACHE_KIND_NO_MASQUERADE)
 }
 
 /// Sends a translated packet on, if its route leads back out of the

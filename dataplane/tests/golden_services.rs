@@ -1239,7 +1239,7 @@ fn xdp_serves_nodeports_into_the_tunnel() {
 }
 
 #[test]
-fn xdp_serves_nodeports_and_replies_in_native_routing() {
+fn xdp_serves_nodeports_in_native_routing_and_leaves_replies_to_tc() {
     let f = fixture(dataplane_common::MODE_NATIVE);
     let _svcs = services(&f);
     uplink_for_xdp(false);
@@ -1312,22 +1312,33 @@ fn xdp_serves_nodeports_and_replies_in_native_routing() {
     );
     run(
         &f,
-        vec![Case {
-            what: "the backend's reply: back from the NodePort to the client, out again",
-            prog: "host_xdp",
-            ifindex: f.uplink_if,
-            input: reply,
-            verdict: XDP_TX,
-            out: Out::Exact(tcp(
-                (UPLINK_MAC, EXT_MAC),
-                (NODE, 30082),
-                (EXT, 42001),
-                62,
-                true,
-                &[],
-                b"welcome",
-            )),
-            counted: ("to-network", "forwarded"),
-        }],
+        vec![
+            Case {
+                what: "the backend's reply comes from a pod of the cluster: tc's, untouched",
+                prog: "host_xdp",
+                ifindex: f.uplink_if,
+                input: reply.clone(),
+                verdict: XDP_PASS,
+                out: Out::Same,
+                counted: ("from-network", "forwarded"),
+            },
+            Case {
+                what: "tc sends it back from the NodePort to the client",
+                prog: "host_in",
+                ifindex: f.uplink_if,
+                input: reply,
+                verdict: TC_ACT_REDIRECT,
+                out: Out::Exact(tcp(
+                    (REMOTE_NODE_MAC, UPLINK_MAC),
+                    (NODE, 30082),
+                    (EXT, 42001),
+                    62,
+                    true,
+                    &[],
+                    b"welcome",
+                )),
+                counted: ("from-network", "forwarded"),
+            },
+        ],
     );
 }

@@ -117,6 +117,11 @@ pub struct LabSpec {
     /// With the routed underlay: each node's agent speaks BGP to the
     /// router (`--bgp on`, AS 64512 + i; the router is AS 65000).
     pub bgp: bool,
+    /// The agents' `--xdp`. `generic` unless a test asks: on a veth, a
+    /// native XDP program takes GSO from its peer (TCP between nodes runs
+    /// at a fraction of its rate), and XDP_TX needs a program on the
+    /// peer, which the lab then puts on the underlay's side.
+    pub xdp: String,
 }
 
 impl LabSpec {
@@ -158,6 +163,7 @@ impl LabSpec {
             underlay: "l2".into(),
             router: "bird".into(),
             bgp: false,
+            xdp: "generic".into(),
         })
     }
 
@@ -684,7 +690,8 @@ impl Lab {
         self.write_nodes_file(spec.nodes, &all)?;
         for i in 0..spec.nodes {
             let netns = self.state.nodes[i].netns.clone();
-            self.add_underlay_host(&netns, &format!("n{i}"), Self::node_ip(spec, i)?)?;
+            let native = spec.xdp != "generic" && spec.xdp != "off";
+            self.add_underlay_host(&netns, &format!("n{i}"), Self::node_ip(spec, i)?, native)?;
             sysctl(&netns, "net.ipv4.ip_forward", "1")?;
             if spec.cgroups {
                 self.state.nodes[i].cgroup = Some(self.add_cgroup(&netns)?);
@@ -708,7 +715,7 @@ impl Lab {
         } else {
             Ipv4Addr::new(172, 20, 0, 100)
         };
-        self.add_underlay_host(&ext, "ext", ext_ip)?;
+        self.add_underlay_host(&ext, "ext", ext_ip, false)?;
         self.state.external = Some(HostState {
             netns: ext,
             ip: ext_ip,
@@ -731,8 +738,16 @@ impl Lab {
     }
 
     /// A namespace with `eth0` on the underlay: a port of its bridge, or
-    /// (routed) a subnet of its own behind the router.
-    fn add_underlay_host(&mut self, netns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+    /// (routed) a subnet of its own behind the router. `xdp_peer`: the
+    /// host runs native XDP on eth0, whose XDP_TX frames the underlay's
+    /// side then takes (see xdp_pass).
+    fn add_underlay_host(
+        &mut self,
+        netns: &str,
+        port: &str,
+        addr: Ipv4Addr,
+        xdp_peer: bool,
+    ) -> Result<()> {
         let ul = self.state.underlay_netns.clone();
         let routed = self.state.underlay == "routed";
         self.add_netns(netns)?;
@@ -746,13 +761,15 @@ impl Lab {
         } else {
             ip(&["-n", &ul, "link", "set", port, "master", "br0", "up"])?;
         }
-        // The underlay behaves as a wire: a frame on it carries complete
-        // checksums (the host computes them, as a NIC would; veths would
-        // otherwise pass the offload state along, which XDP cannot see),
-        // and the bridge's side takes the frames a node's XDP program
-        // sends back out (see xdp_pass).
-        set_offload(netns, "eth0", ETHTOOL_STXCSUM, false)?;
-        xdp_pass::attach(&ul, port)?;
+        // The external host is a machine outside the cluster: its frames
+        // reach the nodes with complete checksums, as off a wire (a veth
+        // would pass its offload state along, which XDP cannot see).
+        if port == "ext" {
+            set_offload(netns, "eth0", ETHTOOL_STXCSUM, false)?;
+        }
+        if xdp_peer {
+            xdp_pass::attach(&ul, port)?;
+        }
         ip(&[
             "-n",
             netns,
@@ -812,6 +829,7 @@ impl Lab {
             args.push("--pod-cidr".into());
             args.push(node.pod_cidr.clone());
         }
+        args.push(format!("--xdp={}", spec.xdp));
         if spec.bgp {
             args.push("--bgp=on".into());
             args.push(format!("--bgp-asn={}", routed::node_as(i)));
@@ -907,6 +925,14 @@ impl Lab {
     /// Adds an argument to node `i`'s agent command line (next start).
     pub fn add_agent_arg(&mut self, i: usize, arg: &str) {
         self.state.nodes[i].agent_args.push(arg.into());
+    }
+
+    /// Sets `--flag=value` on node `i`'s agent command line (next start),
+    /// in place of the one there.
+    pub fn set_agent_flag(&mut self, i: usize, flag: &str, value: &str) {
+        let args = &mut self.state.nodes[i].agent_args;
+        args.retain(|a| !a.starts_with(&format!("{flag}=")));
+        args.push(format!("{flag}={value}"));
     }
 
     fn wait_agent_ready(&mut self, i: usize) -> Result<()> {

@@ -156,7 +156,7 @@ fn denied_sources(mode: &str) {
 
     // Configured at start, with XDP off: tc drops them.
     lab.signal_agent(0, libc::SIGTERM).expect("stop");
-    lab.add_agent_arg(0, "--xdp=off");
+    lab.set_agent_flag(0, "--xdp", "off");
     lab.add_agent_arg(0, &format!("--deny-cidr={cidr}"));
     lab.start_agent_again(0).expect("start");
     let status: serde_json::Value =

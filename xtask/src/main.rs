@@ -53,10 +53,24 @@ enum Cmd {
     /// The container image (deploy/Containerfile) from static binaries,
     /// with podman or buildah, offline; then checks it runs.
     Image,
-    /// Benchmarks: Services, NetworkPolicy, and the control plane (change latency, full sync, agent memory).
+    /// Benchmarks: side by side with the plain-veth limit and a
+    /// Flannel-style cluster (target/bench/report.md), Services, XDP,
+    /// NetworkPolicy, and the control plane (change latency, full sync,
+    /// agent memory).
     Bench {
-        /// Only this part: `services`, `policy` or `control-plane`.
+        /// Only this section: `compare`, `services`, `xdp`, `policy` or
+        /// `control-plane`.
+        #[arg(long)]
         only: Option<String>,
+        /// Fewer and shorter repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// The harness alone: every configuration up and one short
+        /// measurement of each (what `cargo xtask test` runs).
+        #[arg(long)]
+        smoke: bool,
+        /// Same as --only (kept for `cargo xtask bench services`).
+        section: Option<String>,
     },
 }
 
@@ -75,7 +89,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { keep } => demo::demo(keep),
         Cmd::Lab { args } => labcmd::lab(&args),
         Cmd::Image => image::image().and_then(|tag| image::check(&tag)),
-        Cmd::Bench { only } => bench::bench(only.as_deref()),
+        Cmd::Bench {
+            only,
+            quick,
+            smoke,
+            section,
+        } => bench::bench(only.or(section).as_deref(), quick, smoke),
     }
 }
 

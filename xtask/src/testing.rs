@@ -47,7 +47,13 @@ pub(crate) fn have(tool: &str) -> bool {
 
 /// The lab drives iproute2, ping and bpftool; install them when missing.
 pub(crate) fn ensure_test_tools() -> Result<()> {
-    let mut missing: Vec<&str> = TEST_PACKAGES
+    apt_install_missing(TEST_PACKAGES)
+}
+
+/// Installs the packages of the (tool, package) pairs whose tool is
+/// missing.
+pub(crate) fn apt_install_missing(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(t, _)| !have(t))
         .map(|(_, p)| *p)

@@ -16,6 +16,7 @@ use lab::{Lab, LabSpec};
 use crate::testing::prepare_lab_with;
 use crate::toolchain::{cache_dir, cargo_with_linker, output};
 
+mod compare;
 mod policy;
 mod services;
 mod xdp;
@@ -23,13 +24,28 @@ mod xdp;
 /// Single changes timed per phase.
 const CHANGES: u32 = 200;
 
-pub(crate) fn bench(only: Option<&str>) -> Result<()> {
-    const PARTS: [&str; 4] = ["services", "xdp", "policy", "control-plane"];
+pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> {
+    const PARTS: [&str; 5] = ["compare", "services", "xdp", "policy", "control-plane"];
     if only.is_some_and(|o| !PARTS.contains(&o)) {
-        bail!("cargo xtask bench [{}]", PARTS.join("|"));
+        bail!("cargo xtask bench [--quick] [--only {}]", PARTS.join("|"));
+    }
+    if smoke {
+        prepare_lab_with(false)?;
+        let path = compare::bench(compare::Plan::SMOKE)?;
+        eprintln!("xtask: bench harness smoke run: {}", path.display());
+        return Ok(());
     }
     prepare_lab_with(true)?;
     let run = |part: &str| only.is_none_or(|o| o == part);
+    if run("compare") {
+        let plan = if quick {
+            compare::Plan::QUICK
+        } else {
+            compare::Plan::FULL
+        };
+        let path = compare::bench(plan)?;
+        eprintln!("xtask: report written to {}", path.display());
+    }
     if run("services") {
         services::bench()?;
     }

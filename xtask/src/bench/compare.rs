@@ -1,0 +1,695 @@
+//! Side by side: the same measurements, in the same run, on
+//! - the limit: two namespaces joined by one veth pair (same node), and two
+//!   node namespaces on the underlay bridge (node to node), no programs;
+//! - a Flannel-style cluster, built as flanneld builds it: a VXLAN device
+//!   per node (VNI 1, port 8472, nolearning) with the FDB and neighbour
+//!   entries and a route per remote subnet, a `cni0` bridge for the node's
+//!   pods, flanneld's masquerade and forward rules;
+//! - ours, in VXLAN and in native routing (the lab).
+//!
+//! Each topology offers a same-node pod pair and a cross-node pair; each
+//! pair is measured for TCP throughput (iperf3, 1 and 2 streams),
+//! request/response latency (1-byte transactions on one connection,
+//! p50/p99) and new connections per second (connect, one transaction,
+//! close). Figures are medians over repetitions with their min–max;
+//! `target/bench/report.md` gets the table and the ratios to the
+//! baselines of the same run.
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lab::{Lab, LabSpec, in_netns_thread, ip};
+
+use crate::toolchain::output;
+
+/// How long and how often.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    pub reps: usize,
+    pub seconds: u32,
+    pub transactions: usize,
+}
+
+impl Plan {
+    pub(crate) const FULL: Plan = Plan {
+        reps: 3,
+        seconds: 5,
+        transactions: 20_000,
+    };
+    pub(crate) const QUICK: Plan = Plan {
+        reps: 2,
+        seconds: 2,
+        transactions: 5_000,
+    };
+    /// The harness only: every topology up, one short measurement each.
+    pub(crate) const SMOKE: Plan = Plan {
+        reps: 1,
+        seconds: 1,
+        transactions: 200,
+    };
+}
+
+/// Two endpoints to measure between: the client's namespace, the
+/// server's namespace and address.
+#[derive(Clone, Debug)]
+struct Pair {
+    client: String,
+    server: String,
+    addr: Ipv4Addr,
+}
+
+/// Namespaces this harness made, removed when dropped (also on panic).
+struct Topology {
+    namespaces: Vec<String>,
+}
+
+impl Topology {
+    fn netns(&mut self, name: &str) -> Result<String> {
+        ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(name.to_owned())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn prefix() -> String {
+    format!("dpb{}", std::process::id())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    output(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ]))
+    .map(drop)
+}
+
+fn mac_of(ns: &str, dev: &str) -> Result<String> {
+    let out = output(Command::new("ip").args(["-n", ns, "-j", "link", "show", dev]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v[0]["address"].as_str().context("no MAC")?.to_owned())
+}
+
+/// The limit: a veth pair (same node) and two nodes on a bridge.
+fn limit(t: &mut Topology) -> Result<(Pair, Pair)> {
+    let p = prefix();
+    let (a, b) = (t.netns(&format!("{p}-va"))?, t.netns(&format!("{p}-vb"))?);
+    ip(&[
+        "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &b,
+    ])?;
+    for (ns, addr) in [(&a, "10.99.0.1/24"), (&b, "10.99.0.2/24")] {
+        ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    }
+    let (n0, n1) = underlay(t, "l")?;
+    Ok((
+        Pair {
+            client: a,
+            server: b,
+            addr: Ipv4Addr::new(10, 99, 0, 2),
+        },
+        Pair {
+            client: n0,
+            server: n1,
+            addr: Ipv4Addr::new(172, 30, 0, 12),
+        },
+    ))
+}
+
+/// Two node namespaces (172.30.0.11, .12) on a bridge in a third.
+fn underlay(t: &mut Topology, tag: &str) -> Result<(String, String)> {
+    let p = prefix();
+    let ul = t.netns(&format!("{p}-{tag}ul"))?;
+    ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let n = t.netns(&format!("{p}-{tag}n{i}"))?;
+        let port = format!("n{i}");
+        ip(&[
+            "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n,
+        ])?;
+        ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("172.30.0.{}/24", 11 + i),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &n, "link", "set", "eth0", "up"])?;
+        nodes.push(n);
+    }
+    let n1 = nodes.pop().context("node")?;
+    let n0 = nodes.pop().context("node")?;
+    Ok((n0, n1))
+}
+
+/// Flannel's VXLAN backend, as flanneld sets up a node: `flannel.1` with
+/// the node's /32 of its subnet, `cni0` with the gateway, pods on the
+/// bridge, and for each other node a route via its `flannel.1` address,
+/// that address's neighbour entry and the FDB entry to its node.
+fn flannel(t: &mut Topology) -> Result<(Pair, Pair)> {
+    let p = prefix();
+    let (n0, n1) = underlay(t, "f")?;
+    let nodes = [n0, n1];
+    const MTU: &str = "1450";
+    let mut pods = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        sysctl(n, "net.ipv4.ip_forward", "1")?;
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &format!("172.30.0.{}", 11 + i),
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("10.245.{i}.0/32"),
+            "dev",
+            "flannel.1",
+        ])?;
+        ip(&["-n", n, "link", "set", "flannel.1", "up"])?;
+        ip(&["-n", n, "link", "add", "cni0", "mtu", MTU, "type", "bridge"])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("10.245.{i}.1/24"),
+            "dev",
+            "cni0",
+        ])?;
+        ip(&["-n", n, "link", "set", "cni0", "up"])?;
+        for j in 0..2 {
+            let pod = t.netns(&format!("{p}-fp{i}{j}"))?;
+            let host = format!("veth{j}");
+            ip(&[
+                "-n", n, "link", "add", &host, "mtu", MTU, "type", "veth", "peer", "name", "eth0",
+                "netns", &pod,
+            ])?;
+            ip(&["-n", n, "link", "set", &host, "master", "cni0", "up"])?;
+            ip(&[
+                "-n",
+                &pod,
+                "addr",
+                "add",
+                &format!("10.245.{i}.{}/24", 2 + j),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &pod, "link", "set", "eth0", "mtu", MTU, "up"])?;
+            ip(&[
+                "-n",
+                &pod,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.245.{i}.1"),
+            ])?;
+            pods.push((pod, Ipv4Addr::new(10, 245, i as u8, 2 + j as u8)));
+        }
+        // flanneld's rules (iptables): pod-to-pod not masqueraded, the
+        // rest leaving the cluster masqueraded, and forwarding allowed.
+        for rule in [
+            "-t nat -A POSTROUTING -s 10.245.0.0/16 -d 10.245.0.0/16 -j RETURN",
+            "-t nat -A POSTROUTING -s 10.245.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE --random-fully",
+            "-A FORWARD -s 10.245.0.0/16 -j ACCEPT",
+            "-A FORWARD -d 10.245.0.0/16 -j ACCEPT",
+        ] {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", n, "iptables"])
+                .args(rule.split(' '));
+            output(&mut cmd)?;
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let o = 1 - i;
+        let mac = mac_of(&nodes[o], "flannel.1")?;
+        let gw = format!("10.245.{o}.0");
+        ip(&[
+            "-n",
+            n,
+            "neigh",
+            "add",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])?;
+        output(Command::new("bridge").args([
+            "-n",
+            n,
+            "fdb",
+            "append",
+            &mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            &format!("172.30.0.{}", 11 + o),
+        ]))?;
+        ip(&[
+            "-n",
+            n,
+            "route",
+            "add",
+            &format!("10.245.{o}.0/24"),
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])?;
+    }
+    Ok((
+        Pair {
+            client: pods[0].0.clone(),
+            server: pods[1].0.clone(),
+            addr: pods[1].1,
+        },
+        Pair {
+            client: pods[0].0.clone(),
+            server: pods[2].0.clone(),
+            addr: pods[2].1,
+        },
+    ))
+}
+
+/// Ours: a lab in `mode`, two pods per node.
+fn ours(mode: &str) -> Result<(Lab, Pair, Pair)> {
+    let mut spec = LabSpec::new(2, 2)?;
+    spec.mode = mode.into();
+    let lab = Lab::up(&spec)?;
+    let pod = |name: &str| lab.pod(name).clone();
+    let (a, b, c) = (pod("pod-0-0"), pod("pod-0-1"), pod("pod-1-0"));
+    let same = Pair {
+        client: a.netns.clone(),
+        server: b.netns,
+        addr: b.ip,
+    };
+    let cross = Pair {
+        client: a.netns,
+        server: c.netns,
+        addr: c.ip,
+    };
+    Ok((lab, same, cross))
+}
+
+/// One measurement of a pair.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sample {
+    pub gbps_1: f64,
+    pub gbps_2: f64,
+    pub rr_p50_us: f64,
+    pub rr_p99_us: f64,
+    pub conn_per_s: f64,
+}
+
+fn iperf(pair: &Pair, streams: u32, seconds: u32) -> Result<f64> {
+    const PORT: &str = "5301";
+    let mut server: Child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.server,
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            PORT,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 server")?;
+    let result = (|| -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &pair.client, "iperf3", "-c"])
+                .arg(pair.addr.to_string())
+                .args([
+                    "-p",
+                    PORT,
+                    "-J",
+                    "-t",
+                    &seconds.to_string(),
+                    "-P",
+                    &streams.to_string(),
+                ])
+                .output()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return Ok(bps / 1e9);
+            }
+            // The server not listening yet.
+            if Instant::now() > deadline {
+                bail!(
+                    "iperf3 to {}: {}",
+                    pair.addr,
+                    v["error"].as_str().unwrap_or("no result")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+/// A 1-byte echo server on `port` in the server's namespace, serving
+/// connections one after another until `stop`.
+fn echo_server(pair: &Pair, port: u16, stop: &AtomicBool) -> Result<()> {
+    in_netns_thread(&pair.server, || -> Result<()> {
+        let l = TcpListener::bind(("0.0.0.0", port))?;
+        l.set_nonblocking(true)?;
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_nodelay(true)?;
+                    let mut b = [0u8; 1];
+                    while let Ok(1) = s.read(&mut b) {
+                        if s.write_all(&b).is_err() {
+                            break;
+                        }
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        Ok(())
+    })?
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Request/response on one connection: (p50, p99) in µs; then new
+/// connections per second for `seconds`.
+fn rr_and_crr(pair: &Pair, plan: Plan) -> Result<(f64, f64, f64)> {
+    const PORT: u16 = 5302;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let server = s.spawn(|| echo_server(pair, PORT, &stop));
+        let to = SocketAddr::from((pair.addr, PORT));
+        let r = in_netns_thread(&pair.client, || -> Result<(f64, f64, f64)> {
+            let connect = || -> Result<TcpStream> {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                loop {
+                    match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                        Ok(c) => return Ok(c),
+                        Err(_) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        Err(e) => return Err(e).context("connecting"),
+                    }
+                }
+            };
+            let mut c = connect()?;
+            c.set_nodelay(true)?;
+            let mut lat = Vec::with_capacity(plan.transactions);
+            let mut b = [0u8; 1];
+            for _ in 0..plan.transactions {
+                let t = Instant::now();
+                c.write_all(&[7])?;
+                c.read_exact(&mut b)?;
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            drop(c);
+            lat.sort_by(f64::total_cmp);
+            let started = Instant::now();
+            let until = started + Duration::from_secs(u64::from(plan.seconds));
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let mut c = connect()?;
+                c.set_nodelay(true)?;
+                c.write_all(&[7])?;
+                c.read_exact(&mut b)?;
+                n += 1;
+            }
+            Ok((
+                percentile(&lat, 0.50),
+                percentile(&lat, 0.99),
+                n as f64 / started.elapsed().as_secs_f64(),
+            ))
+        });
+        stop.store(true, Ordering::Relaxed);
+        let served = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("echo server panicked"));
+        let r = r??;
+        served??;
+        Ok(r)
+    })
+}
+
+fn sample(pair: &Pair, plan: Plan) -> Result<Sample> {
+    let (rr_p50_us, rr_p99_us, conn_per_s) = rr_and_crr(pair, plan)?;
+    Ok(Sample {
+        gbps_1: iperf(pair, 1, plan.seconds)?,
+        gbps_2: iperf(pair, 2, plan.seconds)?,
+        rr_p50_us,
+        rr_p99_us,
+        conn_per_s,
+    })
+}
+
+/// A configuration's samples, same node and across nodes.
+pub(crate) struct Row {
+    pub name: &'static str,
+    pub same: Vec<Sample>,
+    pub cross: Vec<Sample>,
+}
+
+/// Measures every configuration `plan.reps` times, rounds interleaved
+/// (a drift of the machine spreads over all of them).
+pub(crate) fn measure(plan: Plan) -> Result<Vec<Row>> {
+    crate::testing::apt_install_missing(&[("iperf3", "iperf3")])?;
+    let mut topo = Topology {
+        namespaces: Vec::new(),
+    };
+    let (veth, n2n) = limit(&mut topo)?;
+    let (fl_same, fl_cross) = flannel(&mut topo)?;
+    let (_vx_lab, vx_same, vx_cross) = ours("vxlan")?;
+    let (_nat_lab, nat_same, nat_cross) = ours("native")?;
+    let configs: Vec<(&'static str, Option<Pair>, Pair)> = vec![
+        ("limit (veth; node to node)", Some(veth), n2n),
+        ("Flannel-style VXLAN", Some(fl_same), fl_cross),
+        ("dataplane VXLAN", Some(vx_same), vx_cross),
+        ("dataplane native", Some(nat_same), nat_cross),
+    ];
+    let mut rows: Vec<Row> = configs
+        .iter()
+        .map(|(name, ..)| Row {
+            name,
+            same: Vec::new(),
+            cross: Vec::new(),
+        })
+        .collect();
+    for _ in 0..plan.reps {
+        for (row, (name, same, cross)) in rows.iter_mut().zip(&configs) {
+            if let Some(same) = same {
+                row.same
+                    .push(sample(same, plan).with_context(|| format!("{name}, same node"))?);
+            }
+            row.cross
+                .push(sample(cross, plan).with_context(|| format!("{name}, across nodes"))?);
+        }
+    }
+    Ok(rows)
+}
+
+/// Median and (min, max) of one figure over samples.
+fn spread(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = samples.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn cell(samples: &[Sample], f: impl Fn(&Sample) -> f64, digits: usize) -> String {
+    let (m, lo, hi) = spread(samples, f);
+    if m.is_nan() {
+        return "–".into();
+    }
+    format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = output(Command::new("uname").arg("-r")).unwrap_or_default();
+    let iperf = output(Command::new("iperf3").arg("--version")).unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores; Linux {}; {}",
+        kernel.trim(),
+        iperf.lines().next().unwrap_or("iperf3").trim()
+    )
+}
+
+/// The report: absolute figures with their spread, then the ratios to the
+/// baselines of this run against the goals.
+pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "# dataplane side by side\n\nMachine: {}. Each figure: median (min–max) of {} repetition(s), rounds interleaved; iperf3 runs {} s, request/response {} transactions of 1 byte on one connection, connections per second over {} s (connect, 1 byte each way, close).\n",
+        machine(),
+        plan.reps,
+        plan.seconds,
+        plan.transactions,
+        plan.seconds
+    );
+    for (title, cross) in [("Same node", false), ("Across nodes", true)] {
+        let _ = writeln!(
+            r,
+            "## {title}\n\n| configuration | TCP Gbit/s, 1 stream | 2 streams | RR p50 µs | RR p99 µs | connections/s |\n|---|---|---|---|---|---|"
+        );
+        for row in rows {
+            let s = if cross { &row.cross } else { &row.same };
+            let _ = writeln!(
+                r,
+                "| {} | {} | {} | {} | {} | {} |",
+                row.name,
+                cell(s, |x| x.gbps_1, 2),
+                cell(s, |x| x.gbps_2, 2),
+                cell(s, |x| x.rr_p50_us, 1),
+                cell(s, |x| x.rr_p99_us, 1),
+                cell(s, |x| x.conn_per_s, 0),
+            );
+        }
+        r.push('\n');
+    }
+    let med = |name: &str, cross: bool, f: fn(&Sample) -> f64| {
+        rows.iter()
+            .find(|row| row.name == name)
+            .map_or(f64::NAN, |row| {
+                spread(if cross { &row.cross } else { &row.same }, f).0
+            })
+    };
+    let (lim, fl, vx, nat) = (
+        "limit (veth; node to node)",
+        "Flannel-style VXLAN",
+        "dataplane VXLAN",
+        "dataplane native",
+    );
+    let gb: fn(&Sample) -> f64 = |x| x.gbps_1;
+    let conn: fn(&Sample) -> f64 = |x| x.conn_per_s;
+    let p50: fn(&Sample) -> f64 = |x| x.rr_p50_us;
+    let goals: Vec<(String, f64, f64)> = vec![
+        (
+            "across nodes, throughput: dataplane VXLAN vs Flannel-style (goal ≥ 1.2×)".into(),
+            med(vx, true, gb) / med(fl, true, gb),
+            1.2,
+        ),
+        (
+            "across nodes, connections/s: dataplane VXLAN vs Flannel-style (goal ≥ 1.2×)".into(),
+            med(vx, true, conn) / med(fl, true, conn),
+            1.2,
+        ),
+        (
+            "native routing vs node to node, throughput (goal ≥ 0.9×)".into(),
+            med(nat, true, gb) / med(lim, true, gb),
+            0.9,
+        ),
+        (
+            "same node vs the plain veth pair, throughput (goal ≥ 0.95×)".into(),
+            med(vx, false, gb) / med(lim, false, gb),
+            0.95,
+        ),
+        (
+            "Flannel-style across nodes vs node to node, throughput (reference: 0.61× measured before)".into(),
+            med(fl, true, gb) / med(lim, true, gb),
+            0.0,
+        ),
+    ];
+    let _ = writeln!(r, "## Ratios to this run's baselines\n");
+    for (what, ratio, goal) in goals {
+        let verdict = if goal == 0.0 {
+            "reported".to_owned()
+        } else if ratio >= goal {
+            "meets".to_owned()
+        } else {
+            format!("MISSES by {:.0} %", (goal - ratio) / goal * 100.0)
+        };
+        let _ = writeln!(r, "- {what}: **{ratio:.2}×** ({verdict})");
+    }
+    let rr = med(vx, true, p50) / med(fl, true, p50);
+    let _ = writeln!(
+        r,
+        "- request/response p50 across nodes: dataplane VXLAN {:.1} µs vs Flannel-style {:.1} µs ({rr:.2}×; goal: below)",
+        med(vx, true, p50),
+        med(fl, true, p50)
+    );
+    r
+}
+
+/// Runs the comparison and writes `target/bench/report.md`; returns its
+/// path.
+pub(crate) fn bench(plan: Plan) -> Result<PathBuf> {
+    let rows = measure(plan)?;
+    let text = report(&rows, plan);
+    let dir = crate::workspace_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("report.md");
+    std::fs::write(&path, &text)?;
+    print!("\n{text}");
+    Ok(path)
+}
