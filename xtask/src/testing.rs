@@ -108,10 +108,13 @@ pub(crate) fn test(args: &[String]) -> Result<()> {
     }
     cmd.args(args);
     status(&mut cmd)?;
-    // The image, unless a filter picked some tests only.
+    // The image and the bench harness's smoke run, unless a filter picked
+    // some tests only.
     if root && args.is_empty() {
         let tag = crate::image::image()?;
         crate::image::check(&tag)?;
+        prepare_lab_with(false)?;
+        crate::bench::smoke()?;
     }
     if !root {
         bail!(

@@ -681,15 +681,156 @@ pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
     r
 }
 
-/// Runs the comparison and writes `target/bench/report.md`; returns its
+/// Runs the comparison and writes `target/bench/<file>`; returns its
 /// path.
-pub(crate) fn bench(plan: Plan) -> Result<PathBuf> {
+pub(crate) fn bench(plan: Plan, file: &str) -> Result<PathBuf> {
     let rows = measure(plan)?;
-    let text = report(&rows, plan);
+    for row in &rows {
+        if row.cross.len() != plan.reps {
+            bail!("{}: {} samples of {}", row.name, row.cross.len(), plan.reps);
+        }
+    }
+    let mut text = report(&rows, plan);
     let dir = crate::workspace_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("report.md");
+    let _ = writeln!(text, "\n## Plots\n");
+    for p in plots(&rows, &dir)? {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let _ = writeln!(text, "![{name}]({name})");
+    }
+    let path = dir.join(file);
     std::fs::write(&path, &text)?;
     print!("\n{text}");
     Ok(path)
+}
+
+/// A grouped bar chart: one group per configuration, one bar per series,
+/// each with its value above it.
+fn bar_chart(
+    path: &std::path::Path,
+    title: &str,
+    unit: &str,
+    configs: &[&str],
+    series: &[(&str, Vec<f64>)],
+) -> Result<()> {
+    use plotters::prelude::*;
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        * 1.2;
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..configs.len() as f64, 0f64..top.max(1e-9))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let names: Vec<String> = configs.iter().map(|c| c.to_string()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(configs.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 1e-6 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(unit)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let palette = [BLUE, RED, GREEN, MAGENTA];
+    let width = 0.8 / series.len() as f64;
+    for (k, (name, values)) in series.iter().enumerate() {
+        let color = palette[k % palette.len()];
+        chart
+            .draw_series(
+                values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(i, v)| {
+                        let x0 = i as f64 + 0.1 + k as f64 * width;
+                        Rectangle::new([(x0, 0.0), (x0 + width * 0.9, *v)], color.filled())
+                    }),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+        chart
+            .draw_series(
+                values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(i, v)| {
+                        let x0 = i as f64 + 0.1 + k as f64 * width;
+                        Text::new(format!("{v:.2}"), (x0, *v + top * 0.02), ("sans-serif", 12))
+                    }),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// The report's plots, next to it: throughput and request/response
+/// latency per configuration.
+fn plots(rows: &[Row], dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let configs: Vec<&str> = rows.iter().map(|r| r.name).collect();
+    let med = |s: &[Sample], f: fn(&Sample) -> f64| spread(s, f).0;
+    let col = |cross: bool, f: fn(&Sample) -> f64| -> Vec<f64> {
+        rows.iter()
+            .map(|r| med(if cross { &r.cross } else { &r.same }, f))
+            .collect()
+    };
+    let throughput = dir.join("throughput.svg");
+    bar_chart(
+        &throughput,
+        "TCP throughput, 1 stream (median)",
+        "Gbit/s",
+        &configs,
+        &[
+            ("same node", col(false, |x| x.gbps_1)),
+            ("across nodes", col(true, |x| x.gbps_1)),
+        ],
+    )?;
+    let latency = dir.join("latency.svg");
+    bar_chart(
+        &latency,
+        "Request/response, 1 byte each way (median p50)",
+        "µs",
+        &configs,
+        &[
+            ("same node", col(false, |x| x.rr_p50_us)),
+            ("across nodes", col(true, |x| x.rr_p50_us)),
+        ],
+    )?;
+    let conns = dir.join("connections.svg");
+    bar_chart(
+        &conns,
+        "New connections per second (median)",
+        "connections/s",
+        &configs,
+        &[
+            ("same node", col(false, |x| x.conn_per_s)),
+            ("across nodes", col(true, |x| x.conn_per_s)),
+        ],
+    )?;
+    Ok(vec![throughput, latency, conns])
 }

@@ -197,6 +197,7 @@ fn rate(lab: &Lab, hook: &str, frame: &[u8]) -> Result<f64> {
 fn nodeport_pps() -> Result<Pps> {
     let mut spec = LabSpec::new(2, 1)?;
     spec.mode = "native".into();
+    spec.xdp = "native".into();
     let mut lab = Lab::up(&spec)?;
     lab.set_services(
         vec![service(
