@@ -36,6 +36,10 @@ pub(crate) struct Plan {
     pub reps: usize,
     pub seconds: u32,
     pub transactions: usize,
+    /// Service counts for the Service comparison.
+    pub services: &'static [usize],
+    /// connect() timing there: (warm-up, connects per round, rounds).
+    pub connects: (usize, usize, usize),
 }
 
 impl Plan {
@@ -43,31 +47,38 @@ impl Plan {
         reps: 3,
         seconds: 5,
         transactions: 20_000,
+        services: &[1, 100, 1000, 10_000],
+        connects: (200, 500, 6),
     };
     pub(crate) const QUICK: Plan = Plan {
         reps: 2,
         seconds: 2,
         transactions: 5_000,
+        services: &[1, 100, 1000],
+        connects: (100, 300, 3),
     };
     /// The harness only: every topology up, one short measurement each.
     pub(crate) const SMOKE: Plan = Plan {
         reps: 1,
         seconds: 1,
         transactions: 200,
+        services: &[1, 10],
+        connects: (10, 50, 1),
     };
 }
 
 /// Two endpoints to measure between: the client's namespace, the
 /// server's namespace and address.
 #[derive(Clone, Debug)]
-struct Pair {
-    client: String,
-    server: String,
-    addr: Ipv4Addr,
+pub(super) struct Pair {
+    pub client: String,
+    pub server: String,
+    pub addr: Ipv4Addr,
 }
 
 /// Namespaces this harness made, removed when dropped (also on panic).
-struct Topology {
+#[derive(Default)]
+pub(super) struct Topology {
     namespaces: Vec<String>,
 }
 
@@ -170,18 +181,31 @@ fn underlay(t: &mut Topology, tag: &str) -> Result<(String, String)> {
     Ok((n0, n1))
 }
 
+fn flannel(t: &mut Topology) -> Result<(Pair, Pair)> {
+    flannel_with(t, "")
+}
+
+/// Node `i`'s namespace in the Flannel-style topology tagged `tag`.
+pub(super) fn flannel_node(tag: &str, i: usize) -> String {
+    format!("{}-f{tag}n{i}", prefix())
+}
+
 /// Flannel's VXLAN backend, as flanneld sets up a node: `flannel.1` with
 /// the node's /32 of its subnet, `cni0` with the gateway, pods on the
 /// bridge, and for each other node a route via its `flannel.1` address,
-/// that address's neighbour entry and the FDB entry to its node.
-fn flannel(t: &mut Topology) -> Result<(Pair, Pair)> {
+/// that address's neighbour entry and the FDB entry to its node. `tag`
+/// tells several of them apart.
+pub(super) fn flannel_with(t: &mut Topology, tag: &str) -> Result<(Pair, Pair)> {
     let p = prefix();
-    let (n0, n1) = underlay(t, "f")?;
+    let (n0, n1) = underlay(t, &format!("f{tag}"))?;
     let nodes = [n0, n1];
     const MTU: &str = "1450";
     let mut pods = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         sysctl(n, "net.ipv4.ip_forward", "1")?;
+        // As kubeadm requires on a Flannel node: bridged pod-to-pod
+        // packets pass netfilter (kube-proxy's DNAT replies need it).
+        sysctl(n, "net.bridge.bridge-nf-call-iptables", "1")?;
         ip(&[
             "-n",
             n,
@@ -222,7 +246,7 @@ fn flannel(t: &mut Topology) -> Result<(Pair, Pair)> {
         ])?;
         ip(&["-n", n, "link", "set", "cni0", "up"])?;
         for j in 0..2 {
-            let pod = t.netns(&format!("{p}-fp{i}{j}"))?;
+            let pod = t.netns(&format!("{p}-f{tag}p{i}{j}"))?;
             let host = format!("veth{j}");
             ip(&[
                 "-n", n, "link", "add", &host, "mtu", MTU, "type", "veth", "peer", "name", "eth0",
@@ -512,9 +536,7 @@ pub(crate) struct Row {
 /// (a drift of the machine spreads over all of them).
 pub(crate) fn measure(plan: Plan) -> Result<Vec<Row>> {
     crate::testing::apt_install_missing(&[("iperf3", "iperf3")])?;
-    let mut topo = Topology {
-        namespaces: Vec::new(),
-    };
+    let mut topo = Topology::default();
     let (veth, n2n) = limit(&mut topo)?;
     let (fl_same, fl_cross) = flannel(&mut topo)?;
     let (_vx_lab, vx_same, vx_cross) = ours("vxlan")?;
@@ -681,27 +703,34 @@ pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
     r
 }
 
-/// Runs the comparison and writes `target/bench/<file>`; returns its
-/// path.
-pub(crate) fn bench(plan: Plan, file: &str) -> Result<PathBuf> {
+/// Runs the comparison and writes `report.md` and the plots into
+/// `target/bench/<sub>`; returns the report's path.
+pub(crate) fn bench(plan: Plan, sub: &str) -> Result<PathBuf> {
     let rows = measure(plan)?;
     for row in &rows {
         if row.cross.len() != plan.reps {
             bail!("{}: {} samples of {}", row.name, row.cross.len(), plan.reps);
         }
     }
-    let mut text = report(&rows, plan);
-    let dir = crate::workspace_root().join("target").join("bench");
+    let dir = crate::workspace_root()
+        .join("target")
+        .join("bench")
+        .join(sub);
     std::fs::create_dir_all(&dir)?;
+    let mut text = report(&rows, plan);
+    let services = super::kubeproxy::measure(plan.services, plan.connects)?;
+    text.push_str(&super::kubeproxy::report(&services));
+    let service_plot = dir.join("services.svg");
+    super::kubeproxy::plot(&services, &service_plot)?;
     let _ = writeln!(text, "\n## Plots\n");
-    for p in plots(&rows, &dir)? {
+    for p in plots(&rows, &dir)?.into_iter().chain([service_plot]) {
         let name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let _ = writeln!(text, "![{name}]({name})");
     }
-    let path = dir.join(file);
+    let path = dir.join("report.md");
     std::fs::write(&path, &text)?;
     print!("\n{text}");
     Ok(path)

@@ -17,6 +17,7 @@ use crate::testing::prepare_lab_with;
 use crate::toolchain::{cache_dir, cargo_with_linker, output};
 
 mod compare;
+mod kubeproxy;
 mod policy;
 mod services;
 mod xdp;
@@ -41,7 +42,7 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
         } else {
             compare::Plan::FULL
         };
-        let path = compare::bench(plan, "report.md")?;
+        let path = compare::bench(plan, "")?;
         eprintln!("xtask: report written to {}", path.display());
     }
     if run("services") {
@@ -94,11 +95,11 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
 }
 
 /// The bench harness itself: every configuration of the comparison up,
-/// one short measurement of each, the report written (as
-/// `target/bench/smoke-report.md`: a real run's report stays).
+/// one short measurement of each, the report and plots written (into
+/// `target/bench/smoke/`: a real run's stay).
 pub(crate) fn smoke() -> Result<()> {
     let started = Instant::now();
-    let path = compare::bench(compare::Plan::SMOKE, "smoke-report.md")?;
+    let path = compare::bench(compare::Plan::SMOKE, "smoke")?;
     eprintln!(
         "xtask: bench harness smoke run in {:.0} s: {}",
         started.elapsed().as_secs_f64(),

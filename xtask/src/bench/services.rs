@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use super::{golden_bench, median, verdict};
 use crate::toolchain::output;
 
-const PORT: u16 = 8080;
+pub(super) const PORT: u16 = 8080;
 /// Connections per target per round; rounds alternate the targets.
 const CONNECTS: usize = 500;
 const ROUNDS: usize = 6;
@@ -149,7 +149,7 @@ pub(super) fn bench() -> Result<()> {
     );
     let programmed = programmed.context("programming time")?;
     println!(
-        "== 10,000 Services (one port, one backend each) programmed in {:.2} s, from writing the manifests to every frontend and backend slot in the maps ({}; kube-proxy here: 1.3 s iptables-legacy, 35 s nftables, 77 s iptables-nft)",
+        "== 10,000 Services (one port, one backend each) programmed in {:.2} s, from writing the manifests to every frontend and backend slot in the maps ({}; kube-proxy's load times: `cargo xtask bench --only compare`)",
         programmed.as_secs_f64(),
         verdict(programmed < Duration::from_secs(1))
     );
@@ -200,7 +200,7 @@ pub(super) fn bench() -> Result<()> {
 
 /// `n` ClusterIP Services, the first at 10.96.0.10, each with the one
 /// backend.
-fn manifests(lab: &Lab, n: usize) -> (Vec<Value>, Vec<Value>) {
+pub(super) fn manifests(lab: &Lab, n: usize) -> (Vec<Value>, Vec<Value>) {
     let ports = json!([{"name": "http", "port": PORT, "protocol": "TCP"}]);
     let mut services = Vec::with_capacity(n);
     let mut slices = Vec::with_capacity(n);
@@ -224,7 +224,7 @@ fn manifests(lab: &Lab, n: usize) -> (Vec<Value>, Vec<Value>) {
 
 /// Waits until node 0's agent reports `n` frontends, none of them without
 /// its backend (a frontend is in the maps before its EndpointSlice is).
-fn wait_programmed(lab: &Lab, n: usize) -> Result<()> {
+pub(super) fn wait_programmed(lab: &Lab, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Response::Status(s) = lab.agent_call(0, &Request::Status)?
@@ -266,7 +266,7 @@ fn in_cgroup<T>(cgroup: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Resu
 }
 
 /// Accepts and drops connections until `stop`.
-fn sink_server(netns: &str, stop: &AtomicBool) -> Result<()> {
+pub(super) fn sink_server(netns: &str, stop: &AtomicBool) -> Result<()> {
     lab::in_netns_thread(netns, || -> Result<()> {
         let l = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
         l.set_nonblocking(true)?;
@@ -283,7 +283,17 @@ fn sink_server(netns: &str, stop: &AtomicBool) -> Result<()> {
 /// Median connect() time in microseconds to `pod` and to `cip`, the two
 /// measured alternately. Each connection ends with a RST (linger 0), so no
 /// TIME_WAIT piles up.
-fn connect_times(netns: &str, pod: SocketAddr, cip: SocketAddr) -> Result<(f64, f64)> {
+pub(super) fn connect_times(netns: &str, pod: SocketAddr, cip: SocketAddr) -> Result<(f64, f64)> {
+    connect_times_n(netns, pod, cip, (200, CONNECTS, ROUNDS))
+}
+
+/// [`connect_times`] with (warm-up connects, connects per round, rounds).
+pub(super) fn connect_times_n(
+    netns: &str,
+    pod: SocketAddr,
+    cip: SocketAddr,
+    (warmup, connects, rounds): (usize, usize, usize),
+) -> Result<(f64, f64)> {
     lab::in_netns_thread(netns, || -> Result<(f64, f64)> {
         let once = |to: SocketAddr| -> Result<f64> {
             let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -294,16 +304,16 @@ fn connect_times(netns: &str, pod: SocketAddr, cip: SocketAddr) -> Result<(f64, 
             Ok(t.elapsed().as_secs_f64() * 1e6)
         };
         // Warm up both paths (neighbour entries, caches).
-        for _ in 0..200 {
+        for _ in 0..warmup {
             once(pod)?;
             once(cip)?;
         }
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            for _ in 0..CONNECTS {
+        for _ in 0..rounds {
+            for _ in 0..connects {
                 a.push(once(pod)?);
             }
-            for _ in 0..CONNECTS {
+            for _ in 0..connects {
                 b.push(once(cip)?);
             }
         }
