@@ -1629,6 +1629,17 @@ impl Lab {
         }))
     }
 
+    /// Packets node `node` counted under (hook, direction, reason) in
+    /// dp_metrics.
+    pub fn counted(&self, node: usize, hook: &str, direction: &str, reason: &str) -> Result<u64> {
+        Ok(self
+            .dump(node, "dp_metrics")?
+            .iter()
+            .filter(|r| r["hook"] == hook && r["direction"] == direction && r["reason"] == reason)
+            .filter_map(|r| r["packets"].as_u64())
+            .sum())
+    }
+
     /// `dataplane map dump <map> -o json` on node `node`, parsed.
     pub fn dump(&self, node: usize, map: &str) -> Result<Vec<serde_json::Value>> {
         Ok(serde_json::from_str(

@@ -18,12 +18,8 @@ const NODE_PORT: u16 = 30080;
 const HTTP: u16 = 8080;
 
 fn xdp_or_tc(lab: &Lab, node: usize, hook: &str, reason: &str) -> u64 {
-    lab.dump(node, "dp_metrics")
-        .expect("dump")
-        .iter()
-        .filter(|r| r["hook"] == hook && r["direction"] == "from-network" && r["reason"] == reason)
-        .filter_map(|r| r["packets"].as_u64())
-        .sum()
+    lab.counted(node, hook, "from-network", reason)
+        .expect("dp_metrics")
 }
 
 fn denied_packets(lab: &Lab, node: usize, cidr: &str) -> Option<u64> {

@@ -24,12 +24,8 @@ const ECHO: u16 = 9000;
 
 /// Packets `node` counted at `hook` in `direction` as forwarded.
 fn forwarded(lab: &Lab, node: usize, hook: &str, direction: &str) -> u64 {
-    lab.dump(node, "dp_metrics")
-        .expect("dump")
-        .iter()
-        .filter(|r| r["hook"] == hook && r["direction"] == direction && r["reason"] == "forwarded")
-        .filter_map(|r| r["packets"].as_u64())
-        .sum()
+    lab.counted(node, hook, direction, "forwarded")
+        .expect("dp_metrics")
 }
 
 fn status(lab: &Lab, node: usize) -> serde_json::Value {

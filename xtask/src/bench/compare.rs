@@ -118,7 +118,8 @@ fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     .map(drop)
 }
 
-fn mac_of(ns: &str, dev: &str) -> Result<String> {
+/// `dev`'s MAC in `netns` (`ip -j link`).
+pub(super) fn mac_of(ns: &str, dev: &str) -> Result<String> {
     let out = output(Command::new("ip").args(["-n", ns, "-j", "link", "show", dev]))?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     Ok(v[0]["address"].as_str().context("no MAC")?.to_owned())
@@ -828,38 +829,39 @@ fn plots(rows: &[Row], dir: &std::path::Path) -> Result<Vec<PathBuf>> {
             .map(|r| med(if cross { &r.cross } else { &r.same }, f))
             .collect()
     };
-    let throughput = dir.join("throughput.svg");
-    bar_chart(
-        &throughput,
-        "TCP throughput, 1 stream (median)",
-        "Gbit/s",
-        &configs,
-        &[
-            ("same node", col(false, |x| x.gbps_1)),
-            ("across nodes", col(true, |x| x.gbps_1)),
-        ],
-    )?;
-    let latency = dir.join("latency.svg");
-    bar_chart(
-        &latency,
-        "Request/response, 1 byte each way (median p50)",
-        "µs",
-        &configs,
-        &[
-            ("same node", col(false, |x| x.rr_p50_us)),
-            ("across nodes", col(true, |x| x.rr_p50_us)),
-        ],
-    )?;
-    let conns = dir.join("connections.svg");
-    bar_chart(
-        &conns,
-        "New connections per second (median)",
-        "connections/s",
-        &configs,
-        &[
-            ("same node", col(false, |x| x.conn_per_s)),
-            ("across nodes", col(true, |x| x.conn_per_s)),
-        ],
-    )?;
-    Ok(vec![throughput, latency, conns])
+    // (file, title, unit, the figure)
+    type Chart = (&'static str, &'static str, &'static str, fn(&Sample) -> f64);
+    let charts: [Chart; 3] = [
+        (
+            "throughput.svg",
+            "TCP throughput, 1 stream (median)",
+            "Gbit/s",
+            |x| x.gbps_1,
+        ),
+        (
+            "latency.svg",
+            "Request/response, 1 byte each way (median p50)",
+            "µs",
+            |x| x.rr_p50_us,
+        ),
+        (
+            "connections.svg",
+            "New connections per second (median)",
+            "connections/s",
+            |x| x.conn_per_s,
+        ),
+    ];
+    let mut paths = Vec::new();
+    for (file, title, unit, f) in charts {
+        let path = dir.join(file);
+        bar_chart(
+            &path,
+            title,
+            unit,
+            &configs,
+            &[("same node", col(false, f)), ("across nodes", col(true, f))],
+        )?;
+        paths.push(path);
+    }
+    Ok(paths)
 }

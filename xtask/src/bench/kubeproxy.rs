@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lab::{Lab, LabSpec};
 
-use super::services::{PORT, connect_times_n, manifests, sink_server, wait_programmed};
+use super::services::{PORT, cluster_ip, connect_times_n, program, sink_server};
 
 /// One dataplane's figures at one Service count.
 #[derive(Clone, Debug)]
@@ -36,11 +36,6 @@ pub(crate) struct Point {
 pub(crate) struct Series {
     pub name: String,
     pub points: Vec<Point>,
-}
-
-/// The ClusterIP of Service `i` (10.96.0.10 up, as the services bench).
-fn cluster_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32)
 }
 
 /// kube-proxy's iptables rules for `n` Services; Service `n - 1` (the
@@ -242,21 +237,7 @@ fn ours(counts: &[usize], connects: (usize, usize, usize)) -> Result<Series> {
         let r = (|| -> Result<Series> {
             let mut points = Vec::new();
             for &n in counts {
-                let render = |objects: Vec<serde_json::Value>| {
-                    objects
-                        .iter()
-                        .map(serde_json::Value::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n---\n")
-                        + "\n"
-                };
-                let (services, slices) = manifests(&lab, n);
-                let (services, slices) = (render(services), render(slices));
-                let started = Instant::now();
-                lab.write_manifest("services.yaml", &services)?;
-                lab.write_manifest("endpointslices.yaml", &slices)?;
-                wait_programmed(&lab, n)?;
-                let took = started.elapsed();
+                let took = program(&lab, n)?;
                 let (pod_us, cip_us) = connect_times_n(
                     &client,
                     SocketAddr::from((backend.ip, PORT)),

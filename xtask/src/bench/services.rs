@@ -41,20 +41,9 @@ pub(super) fn bench() -> Result<()> {
             let mut memory = None;
             let mut socket_lb = None;
             for n in [10_000usize, 1000, 100, 1] {
-                // Rendered before the clock starts: the agent's time is
-                // measured, not this (debug-built) tool's serializer.
-                let render = |objects: Vec<Value>| {
-                    let docs: Vec<String> = objects.iter().map(Value::to_string).collect();
-                    docs.join("\n---\n") + "\n"
-                };
-                let (services, slices) = manifests(&lab, n);
-                let (services, slices) = (render(services), render(slices));
-                let started = Instant::now();
-                lab.write_manifest("services.yaml", &services)?;
-                lab.write_manifest("endpointslices.yaml", &slices)?;
-                wait_programmed(&lab, n)?;
+                let took = program(&lab, n)?;
                 if n == 10_000 {
-                    programmed = Some(started.elapsed());
+                    programmed = Some(took);
                     memory = Some(service_memory(&lab)?);
                 }
                 let (pod, cip) = connect_times(
@@ -198,14 +187,37 @@ pub(super) fn bench() -> Result<()> {
     Ok(())
 }
 
+/// The ClusterIP of Service `i` of [`manifests`] (10.96.0.10 up).
+pub(super) fn cluster_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32)
+}
+
+/// Writes [`manifests`]' `n` Services into the lab; the time from writing
+/// them to node 0's agent having every one in its maps (rendered before
+/// the clock starts: the agent's time is measured, not this debug-built
+/// tool's serializer).
+pub(super) fn program(lab: &Lab, n: usize) -> Result<Duration> {
+    let render = |objects: Vec<Value>| {
+        let docs: Vec<String> = objects.iter().map(Value::to_string).collect();
+        docs.join("\n---\n") + "\n"
+    };
+    let (services, slices) = manifests(lab, n);
+    let (services, slices) = (render(services), render(slices));
+    let started = Instant::now();
+    lab.write_manifest("services.yaml", &services)?;
+    lab.write_manifest("endpointslices.yaml", &slices)?;
+    wait_programmed(lab, n)?;
+    Ok(started.elapsed())
+}
+
 /// `n` ClusterIP Services, the first at 10.96.0.10, each with the one
 /// backend.
-pub(super) fn manifests(lab: &Lab, n: usize) -> (Vec<Value>, Vec<Value>) {
+fn manifests(lab: &Lab, n: usize) -> (Vec<Value>, Vec<Value>) {
     let ports = json!([{"name": "http", "port": PORT, "protocol": "TCP"}]);
     let mut services = Vec::with_capacity(n);
     let mut slices = Vec::with_capacity(n);
     for i in 0..n {
-        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
+        let ip = cluster_ip(i);
         let name = format!("s{i}");
         services.push(service(
             &name,
@@ -224,7 +236,7 @@ pub(super) fn manifests(lab: &Lab, n: usize) -> (Vec<Value>, Vec<Value>) {
 
 /// Waits until node 0's agent reports `n` frontends, none of them without
 /// its backend (a frontend is in the maps before its EndpointSlice is).
-pub(super) fn wait_programmed(lab: &Lab, n: usize) -> Result<()> {
+fn wait_programmed(lab: &Lab, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Response::Status(s) = lab.agent_call(0, &Request::Status)?

@@ -69,12 +69,9 @@ fn pin_to_cpu(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// `dev`'s MAC in `netns`, as bytes.
 fn mac_of(netns: &str, dev: &str) -> Result<[u8; 6]> {
-    let out = crate::toolchain::output(
-        std::process::Command::new("ip").args(["-n", netns, "-j", "link", "show", dev]),
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let text = v[0]["address"].as_str().context("no MAC")?;
+    let text = super::compare::mac_of(netns, dev)?;
     let mut mac = [0u8; 6];
     for (b, part) in mac.iter_mut().zip(text.split(':')) {
         *b = u8::from_str_radix(part, 16)?;
@@ -175,12 +172,7 @@ fn sent_on(lab: &Lab, hook: &str) -> Result<u64> {
     } else {
         "from-network"
     };
-    Ok(lab
-        .dump(0, "dp_metrics")?
-        .iter()
-        .filter(|r| r["hook"] == hook && r["direction"] == direction && r["reason"] == "forwarded")
-        .filter_map(|r| r["packets"].as_u64())
-        .sum())
+    lab.counted(0, hook, direction, "forwarded")
 }
 
 fn rate(lab: &Lab, hook: &str, frame: &[u8]) -> Result<f64> {
