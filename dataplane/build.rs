@@ -55,6 +55,13 @@ fn main() -> anyhow::Result<()> {
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".into(),
         "-Clink-arg=--btf".into(),
+        // bpf-linker passes LLVM `-bpf-expand-memcpy-in-order` by default,
+        // which also sets the BPF backend's stores-per-memset limit to 0:
+        // every zeroing of a key or struct (hundreds of sites) then
+        // becomes a call to aya-ebpf's byte-at-a-time `memset`, which was
+        // most of each program's time per packet. Without it LLVM writes
+        // them as plain stores.
+        "-Clink-arg=--disable-expand-memcpy-in-order".into(),
         // A warning in the kernel programs fails the build (and is shown).
         "-Dwarnings".into(),
     ]
