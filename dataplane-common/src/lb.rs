@@ -260,8 +260,10 @@ const _: () = assert!(core::mem::size_of::<CtScratch>() == 240);
 pub const CT_STAT_CREATED: u32 = 0;
 /// New NAT flows refused: no free port for that remote endpoint.
 pub const CT_STAT_NAT_EXHAUSTED: u32 = 1;
-/// Dead entries the programs removed or overwrote to reuse their key (so
-/// that created - reclaimed - removed by the agent - live = evicted).
+/// Entries the programs removed or overwrote: dead ones whose key a new
+/// flow reuses, and a translated flow's pair that a new connection on the
+/// same ports retired (so that created - reclaimed - removed by the agent
+/// - live = evicted).
 pub const CT_STAT_RECLAIMED: u32 = 2;
 pub const CT_STATS_MAX: u32 = 4;
 

@@ -12,9 +12,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     CT_CLOSE_TIMEOUT, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_CLOSING, CT_F_DST, CT_F_ESTABLISHED,
-    CT_F_POLICY, CT_F_SRC, CT_MAX, CT_STAT_CREATED, CT_STAT_NAT_EXHAUSTED, CT_STAT_RECLAIMED,
-    CT_STATS_MAX, CT_SYN_TIMEOUT, CT_TCP_TIMEOUT, CT_UDP_TIMEOUT, CtEntry, CtKey, CtScratch,
-    FAMILY_IPV4, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, Reason,
+    CT_F_POLICY, CT_F_SERVICE, CT_F_SRC, CT_MAX, CT_STAT_CREATED, CT_STAT_NAT_EXHAUSTED,
+    CT_STAT_RECLAIMED, CT_STATS_MAX, CT_SYN_TIMEOUT, CT_TCP_TIMEOUT, CT_UDP_TIMEOUT, CtEntry,
+    CtKey, CtScratch, FAMILY_IPV4, IPPROTO_TCP, NAT_PORT_MAX, NAT_PORT_MIN, Reason,
 };
 
 use crate::l4::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -284,6 +284,47 @@ pub fn track_replies(flow: &Flow) -> bool {
         0,
     );
     insert(&k, &sc.reply).is_ok()
+}
+
+/// A new TCP connection that is not to a Service (a SYN without ACK):
+/// a translated flow still tracked on the same addresses and ports is an
+/// earlier connection the client is done with (its kernel reuses a port
+/// only then, not knowing where the Service sent it). Left in place, its
+/// reply entry would translate this connection's answers, the backend's
+/// TIME_WAIT answer to the SYN among them, back into the Service's
+/// address: the client would never see them and retry for as long as the
+/// backend's TIME_WAIT lasts. Both its entries are removed.
+#[inline(never)]
+pub fn retire_reused(flow: &Flow) {
+    if flow.dry || flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let k = key(
+        flow.daddr,
+        flow.saddr,
+        flow.dport,
+        flow.sport,
+        flow.proto,
+        CT_DIR_REPLY,
+    );
+    let Some(e) = CT.get_ptr_mut(&k) else {
+        return;
+    };
+    // SAFETY: a valid map value pointer.
+    let e = unsafe { &*e };
+    if e.flags & CT_F_SERVICE == 0 {
+        return;
+    }
+    // The reply direction's packet: this one turned around.
+    let mut reply = *flow;
+    (reply.saddr, reply.daddr) = (flow.daddr, flow.saddr);
+    (reply.sport, reply.dport) = (flow.dport, flow.sport);
+    let pair = pair_key(&reply, e, CT_DIR_REPLY);
+    for k in [&pair, &k] {
+        if CT.remove(k).is_ok() {
+            stat(CT_STAT_RECLAIMED);
+        }
+    }
 }
 
 /// Stores both directions of a new flow, as built in the scratch slot.

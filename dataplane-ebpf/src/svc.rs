@@ -176,7 +176,11 @@ pub fn from_endpoint(flow: &Flow, len: u32, out: &mut Nat) -> u32 {
     if known_either(flow, CT_DIR_ORIG, CT_F_SERVICE, len, out) {
         return NAT;
     }
-    new_internal(flow, out)
+    let code = new_internal(flow, out);
+    if code == NONE {
+        ct::retire_reused(flow);
+    }
+    code
 }
 
 /// A new flow from a pod or this node: to a Service frontend, or not ours.

@@ -318,6 +318,40 @@ fn addrs(p: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
     ((h.source(), sp), (h.destination(), dp))
 }
 
+/// A client port reused for a direct connection to the backend it last
+/// reached through a Service (its kernel cannot know where the Service
+/// sent it): the SYN retires the old flow's entries, so the backend's
+/// answers reach the client untranslated. Before, they came back from the
+/// ClusterIP, and the client retried its SYN until the backend's TIME_WAIT
+/// ended (35 s in the bench's connection-rate run).
+#[test]
+fn a_direct_syn_retires_a_service_flow_on_the_same_ports() {
+    let f = fixture(MODE_VXLAN);
+    let _svcs = services(&f);
+    let (pod, peer) = ((POD_MAC, HOST_MAC), (PEER_MAC, PEER_HOST_MAC));
+    let ct_entries = || dataplane::maps::count(&f.pin_dir, "dp_ct").expect("dp_ct");
+    let run = |ifindex, packet: &[u8]| {
+        let (rc, out) = f.tc("lxc_from_ctr", ifindex, packet);
+        assert_eq!(rc, TC_ACT_REDIRECT, "{}", show(packet));
+        addrs(&out)
+    };
+    let answer = tcp(peer, (PEER, 8080), (POD, 41000), 64, false, &[], &[]);
+    // Through the Service, and its answer translated back.
+    let syn = tcp(pod, (POD, 41000), (WEB, 80), 64, true, &[], &[]);
+    assert_eq!(run(f.pod_if, &syn), ((POD, 41000), (PEER, 8080)));
+    assert_eq!(run(f.peer_if, &answer), ((WEB, 80), (POD, 41000)));
+    assert_eq!(ct_entries(), 2);
+    // A later packet of that flow that is not a SYN changes nothing.
+    let ack = tcp(pod, (POD, 41000), (PEER, 8080), 64, false, &[], &[]);
+    assert_eq!(run(f.pod_if, &ack), ((POD, 41000), (PEER, 8080)));
+    assert_eq!(ct_entries(), 2);
+    // The same port, straight to the backend: the old entries go.
+    let syn = tcp(pod, (POD, 41000), (PEER, 8080), 64, true, &[], &[]);
+    assert_eq!(run(f.pod_if, &syn), ((POD, 41000), (PEER, 8080)));
+    assert_eq!(ct_entries(), 0);
+    assert_eq!(run(f.peer_if, &answer), ((PEER, 8080), (POD, 41000)));
+}
+
 #[test]
 fn service_translation_table() {
     let f = fixture(MODE_VXLAN);
@@ -760,19 +794,14 @@ fn external_flows_follow_the_maglev_table() {
     assert_eq!(hit.len(), 3, "60 flows reach all three backends: {hit:?}");
 }
 
-/// Not a test: `cargo xtask bench` runs it for the per-packet cost of the
-/// Service path, measured by the kernel (TEST_RUN's own clock). A frontend
-/// whose one backend is itself makes the rewrite a no-op, so repeated runs
-/// see the same packet: it is compared with the same packet to a port no
-/// Service has, on the same forwarding path (local delivery).
-#[test]
-#[ignore = "a benchmark: cargo xtask bench"]
-fn bench_service_path_per_packet() {
+/// A frontend on PEER:9090 whose one backend is PEER:9090 itself: the
+/// rewrite is a no-op, so TEST_RUN's repeats see the same packet on an
+/// established Service flow.
+fn self_service(f: &Fixture) {
     use dataplane::maps::Table as _;
     use dataplane::maps::services::BackendId;
     use dataplane_common::{Backend, FAMILY_IPV4, SCOPE_INTERNAL, ServiceKey, ServiceValue};
 
-    let f = fixture(MODE_VXLAN);
     let key = ServiceKey::v4(PEER, 9090u16.to_be_bytes(), 6, SCOPE_INTERNAL, 0);
     let mut svcs = ServicesMap::open(&f.pin_dir).expect("dp_services");
     svcs.put(
@@ -807,6 +836,17 @@ fn bench_service_path_per_packet() {
             },
         )
         .expect("backend");
+}
+
+/// Not a test: `cargo xtask bench` runs it for the per-packet cost of the
+/// Service path, measured by the kernel (TEST_RUN's own clock). The
+/// frontend of [`self_service`] is compared with the same packet to a
+/// port no Service has, on the same forwarding path (local delivery).
+#[test]
+#[ignore = "a benchmark: cargo xtask bench"]
+fn bench_service_path_per_packet() {
+    let f = fixture(MODE_VXLAN);
+    self_service(&f);
     let run = |packet: &[u8], repeat: u32| {
         f.timed("lxc_from_ctr", f.pod_if, packet, repeat, TC_ACT_REDIRECT)
     };
@@ -842,6 +882,136 @@ fn bench_service_path_per_packet() {
     let (new_plain, new_svc) = (a / f64::from(n), b / f64::from(n));
     println!(
         "BENCH service-path established_ns={est_svc:.1} plain_ns={est_plain:.1} new_flow_ns={new_svc:.1} new_plain_ns={new_plain:.1}"
+    );
+}
+
+/// Not a test: `cargo xtask bench` runs it for the per-packet cost of each
+/// program on its common path, by TEST_RUN's clock: the median of 100
+/// calls of 250 runs each, after a first run that creates the flow's
+/// state. TTL 255 leaves room for the 250 hops a forwarding program
+/// counts down. Not here: `overlay_in` (TEST_RUN cannot attach VXLAN
+/// metadata, and without it the program drops), `from_host`, and the
+/// rewrites TEST_RUN keeps between runs (masquerade, XDP NodePort); the
+/// report's live run-time statistics cover those.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench"]
+fn bench_each_program_per_packet() {
+    use dataplane_common::MODE_NATIVE;
+    type Case = (
+        &'static str,
+        &'static str,
+        fn(&Fixture) -> u32,
+        Vec<u8>,
+        u32,
+    );
+    let pkt = |macs, src: [u8; 4], dst: ([u8; 4], u16)| {
+        tcp(macs, (src, 40_000), dst, 255, false, &[], b"x")
+    };
+    let uplink = ([0x02, 0, 0, 0, 0, 0x12], [0x02, 0, 0, 0, 0, 0x11]);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // Each fixture lives in its own thread's network namespace.
+    let run = |mode: u8, cases: Vec<Case>| {
+        std::thread::spawn(move || {
+            let f = fixture(mode);
+            self_service(&f);
+            let mut line = String::new();
+            for (key, prog, dev, packet, verdict) in &cases {
+                let dev = dev(&f);
+                let time = |repeat| {
+                    if prog.ends_with("xdp") {
+                        f.timed_xdp(prog, dev, packet, repeat, *verdict)
+                    } else {
+                        f.timed(prog, dev, packet, repeat, *verdict)
+                    }
+                };
+                time(1);
+                let ns = median((0..100).map(|_| time(250)).collect());
+                line.push_str(&format!(" {key}={ns:.1}"));
+            }
+            line
+        })
+        .join()
+        .expect("bench thread")
+    };
+    let vxlan: Vec<Case> = vec![
+        (
+            "lxc_from_ctr:pod-to-pod-same-node",
+            "lxc_from_ctr",
+            |f| f.pod_if,
+            pkt((POD_MAC, HOST_MAC), POD, (PEER, 8080)),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "lxc_from_ctr:pod-to-remote-pod-vxlan",
+            "lxc_from_ctr",
+            |f| f.pod_if,
+            pkt((POD_MAC, HOST_MAC), POD, (REMOTE_POD, 8080)),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "lxc_from_ctr:pod-to-clusterip-established",
+            "lxc_from_ctr",
+            |f| f.pod_if,
+            pkt((POD_MAC, HOST_MAC), POD, (PEER, 9090)),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "lxc_from_ctr:pod-to-outside",
+            "lxc_from_ctr",
+            |f| f.pod_if,
+            pkt((POD_MAC, HOST_MAC), POD, (OUTSIDE, 443)),
+            TC_ACT_OK,
+        ),
+        (
+            "lxc_to_ctr:stack-to-pod",
+            "lxc_to_ctr",
+            |f| f.pod_if,
+            pkt((HOST_MAC, POD_MAC), NODE, (POD, 8080)),
+            TC_ACT_OK,
+        ),
+        (
+            "overlay_out:node-to-remote-pod",
+            "overlay_out",
+            |f| f.tunnel_if,
+            pkt((HOST_MAC, PEER_MAC), NODE, (REMOTE_POD, 8080)),
+            TC_ACT_OK,
+        ),
+        (
+            "host_out:node-to-node",
+            "host_out",
+            |f| f.uplink_if,
+            pkt(uplink, NODE, (REMOTE_NODE, 8080)),
+            TC_ACT_OK,
+        ),
+        (
+            "host_in:vxlan-underlay-to-node",
+            "host_in",
+            |f| f.uplink_if,
+            udp(uplink, (REMOTE_NODE, 40_000), (NODE, 8472), 64, &[0; 58]),
+            TC_ACT_OK,
+        ),
+        (
+            "host_xdp:frame-for-the-node",
+            "host_xdp",
+            |f| f.uplink_if,
+            pkt(uplink, REMOTE_NODE, (NODE, 8080)),
+            XDP_PASS,
+        ),
+    ];
+    let native: Vec<Case> = vec![(
+        "host_in:native-remote-pod-to-pod",
+        "host_in",
+        |f| f.uplink_if,
+        pkt(uplink, REMOTE_POD, (POD, 8080)),
+        TC_ACT_REDIRECT,
+    )];
+    println!(
+        "BENCH programs{}{}",
+        run(MODE_VXLAN, vxlan),
+        run(MODE_NATIVE, native)
     );
 }
 
