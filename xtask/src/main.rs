@@ -53,13 +53,13 @@ enum Cmd {
     /// The container image (deploy/Containerfile) from static binaries,
     /// with podman or buildah, offline; then checks it runs.
     Image,
-    /// Benchmarks: side by side with the plain-veth limit and a
-    /// Flannel-style cluster (target/bench/report.md), Services, XDP,
-    /// NetworkPolicy, and the control plane (change latency, full sync,
-    /// agent memory).
+    /// Benchmarks, into target/bench/report.md with plots: side by side
+    /// with the plain-veth limit, a Flannel-style cluster and kube-proxy,
+    /// each program per packet, Services, XDP, NetworkPolicy, and the
+    /// control plane (change latency, full sync, agent memory).
     Bench {
-        /// Only this section: `compare`, `services`, `xdp`, `policy` or
-        /// `control-plane`.
+        /// Only this section: `compare`, `programs`, `services`, `xdp`,
+        /// `policy` or `control-plane`.
         #[arg(long)]
         only: Option<String>,
         /// Fewer and shorter repetitions.

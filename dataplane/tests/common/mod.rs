@@ -267,6 +267,33 @@ impl Fixture {
         r.duration.as_nanos() as f64
     }
 
+    /// [`Fixture::timed`] for an XDP program.
+    pub fn timed_xdp(
+        &self,
+        prog: &str,
+        ifindex: u32,
+        packet: &[u8],
+        repeat: u32,
+        action: u32,
+    ) -> f64 {
+        let p: &Xdp = self.program(prog).try_into().expect("xdp program");
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
+        assert_eq!(r.return_value, action, "{prog}: action");
+        r.duration.as_nanos() as f64
+    }
+
     /// (hook, direction, reason) -> packets, from dp_metrics.
     pub fn counted(&self) -> Vec<(String, String, String, u64)> {
         metrics::rows(&self.pin_dir)

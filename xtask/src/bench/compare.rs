@@ -16,6 +16,7 @@
 //! baselines of the same run.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -40,6 +41,8 @@ pub(crate) struct Plan {
     pub services: &'static [usize],
     /// connect() timing there: (warm-up, connects per round, rounds).
     pub connects: (usize, usize, usize),
+    /// `perf` profiles across nodes.
+    pub profile: bool,
 }
 
 impl Plan {
@@ -49,6 +52,7 @@ impl Plan {
         transactions: 20_000,
         services: &[1, 100, 1000, 10_000],
         connects: (200, 500, 6),
+        profile: true,
     };
     pub(crate) const QUICK: Plan = Plan {
         reps: 2,
@@ -56,6 +60,7 @@ impl Plan {
         transactions: 5_000,
         services: &[1, 100, 1000],
         connects: (100, 300, 3),
+        profile: true,
     };
     /// The harness only: every topology up, one short measurement each.
     pub(crate) const SMOKE: Plan = Plan {
@@ -64,6 +69,7 @@ impl Plan {
         transactions: 200,
         services: &[1, 10],
         connects: (10, 50, 1),
+        profile: false,
     };
 }
 
@@ -368,13 +374,93 @@ fn ours(mode: &str) -> Result<(Lab, Pair, Pair)> {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Sample {
     pub gbps_1: f64,
+    /// CPU seconds (all CPUs, every context: the lab's senders, receivers
+    /// and softirqs share them) per GB received, over the 1-stream run.
+    pub cpu_s_per_gb: f64,
+    /// Ours: each program's (ns, runs) per GB over the same run.
+    pub programs: ProgramStats,
     pub gbps_2: f64,
     pub rr_p50_us: f64,
     pub rr_p99_us: f64,
     pub conn_per_s: f64,
 }
 
-fn iperf(pair: &Pair, streams: u32, seconds: u32) -> Result<f64> {
+/// The machine's busy CPU time so far, in seconds (`/proc/stat`: every
+/// state but idle and iowait).
+fn busy_cpu_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy as f64 / hz)
+}
+
+/// The kernel's run-time statistics (ns, runs) of the programs of one
+/// lab's datapath, by program name, summed over its nodes: the programs
+/// that use a map pinned in one of `pin_dirs`. Counted while an
+/// [`aya::sys::enable_stats`] descriptor is open.
+pub(super) type ProgramStats = BTreeMap<String, (u64, u64)>;
+
+pub(super) fn program_stats(pin_dirs: &[PathBuf]) -> Result<ProgramStats> {
+    let mut maps = BTreeSet::new();
+    for dir in pin_dirs {
+        for e in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+            // Maps only: links and other pins are not maps.
+            if let Ok(info) = aya::maps::MapInfo::from_pin(e?.path()) {
+                maps.insert(info.id());
+            }
+        }
+    }
+    let mut stats = ProgramStats::new();
+    for p in aya::programs::loaded_programs() {
+        let p = p?;
+        let ours = p
+            .map_ids()?
+            .unwrap_or_default()
+            .iter()
+            .any(|id| maps.contains(id));
+        if ours {
+            let name = p.name_as_str().unwrap_or("?").to_owned();
+            let e = stats.entry(name).or_default();
+            e.0 += p.run_time().as_nanos() as u64;
+            e.1 += p.run_count();
+        }
+    }
+    Ok(stats)
+}
+
+/// What each program did between two [`program_stats`].
+fn stats_delta(before: &ProgramStats, after: &ProgramStats) -> ProgramStats {
+    after
+        .iter()
+        .map(|(name, (ns, runs))| {
+            let (ns0, runs0) = before.get(name).copied().unwrap_or_default();
+            (name.clone(), (ns - ns0, runs - runs0))
+        })
+        .filter(|(_, (_, runs))| *runs > 0)
+        .collect()
+}
+
+/// iperf3 from the client to the server: Gbit/s, CPU seconds per GB, and
+/// what the programs of the datapath pinned in `pins` did per GB.
+fn iperf(
+    pair: &Pair,
+    streams: u32,
+    seconds: u32,
+    pins: &[PathBuf],
+) -> Result<(f64, f64, ProgramStats)> {
     const PORT: &str = "5301";
     let mut server: Child = Command::new("ip")
         .args([
@@ -391,9 +477,11 @@ fn iperf(pair: &Pair, streams: u32, seconds: u32) -> Result<f64> {
         .stderr(Stdio::null())
         .spawn()
         .context("iperf3 server")?;
-    let result = (|| -> Result<f64> {
+    let result = (|| -> Result<(f64, f64, ProgramStats)> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
+            let progs = program_stats(pins)?;
+            let cpu = busy_cpu_s()?;
             let out = Command::new("ip")
                 .args(["netns", "exec", &pair.client, "iperf3", "-c"])
                 .arg(pair.addr.to_string())
@@ -407,9 +495,22 @@ fn iperf(pair: &Pair, streams: u32, seconds: u32) -> Result<f64> {
                     &streams.to_string(),
                 ])
                 .output()?;
+            let cpu = busy_cpu_s()? - cpu;
+            let progs = stats_delta(&progs, &program_stats(pins)?);
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                return Ok(bps / 1e9);
+            let received = &v["end"]["sum_received"];
+            if let (Some(bps), Some(bytes)) = (
+                received["bits_per_second"].as_f64(),
+                received["bytes"].as_f64(),
+            ) {
+                let gb = bytes / 1e9;
+                let per_gb = progs
+                    .into_iter()
+                    .map(|(name, (ns, runs))| {
+                        (name, ((ns as f64 / gb) as u64, (runs as f64 / gb) as u64))
+                    })
+                    .collect();
+                return Ok((bps / 1e9, cpu / gb, per_gb));
             }
             // The server not listening yet.
             if Instant::now() > deadline {
@@ -432,23 +533,15 @@ fn iperf(pair: &Pair, streams: u32, seconds: u32) -> Result<f64> {
 fn echo_server(pair: &Pair, port: u16, stop: &AtomicBool) -> Result<()> {
     in_netns_thread(&pair.server, || -> Result<()> {
         let l = TcpListener::bind(("0.0.0.0", port))?;
-        l.set_nonblocking(true)?;
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_nodelay(true)?;
-                    let mut b = [0u8; 1];
-                    while let Ok(1) = s.read(&mut b) {
-                        if s.write_all(&b).is_err() {
-                            break;
-                        }
-                    }
+        super::accept_until(&l, stop, |mut s| {
+            let _ = s.set_nodelay(true);
+            let mut b = [0u8; 1];
+            while let Ok(1) = s.read(&mut b) {
+                if s.write_all(&b).is_err() {
+                    break;
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
-        }
-        Ok(())
+        })
     })?
 }
 
@@ -456,10 +549,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// A client opening thousands of connections a second to one address
+/// would run out of ports to TIME_WAIT: it may reuse them (timestamps
+/// tell old segments apart), from the widest range.
+pub(super) fn crr_client_sysctls(netns: &str) -> Result<()> {
+    sysctl(netns, "net.ipv4.tcp_tw_reuse", "1")?;
+    sysctl(netns, "net.ipv4.ip_local_port_range", "1024 65000")
+}
+
 /// Request/response on one connection: (p50, p99) in µs; then new
 /// connections per second for `seconds`.
 fn rr_and_crr(pair: &Pair, plan: Plan) -> Result<(f64, f64, f64)> {
     const PORT: u16 = 5302;
+    crr_client_sysctls(&pair.client)?;
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let server = s.spawn(|| echo_server(pair, PORT, &stop));
@@ -515,11 +617,14 @@ fn rr_and_crr(pair: &Pair, plan: Plan) -> Result<(f64, f64, f64)> {
     })
 }
 
-fn sample(pair: &Pair, plan: Plan) -> Result<Sample> {
+fn sample(pair: &Pair, plan: Plan, pins: &[PathBuf]) -> Result<Sample> {
     let (rr_p50_us, rr_p99_us, conn_per_s) = rr_and_crr(pair, plan)?;
+    let (gbps_1, cpu_s_per_gb, programs) = iperf(pair, 1, plan.seconds, pins)?;
     Ok(Sample {
-        gbps_1: iperf(pair, 1, plan.seconds)?,
-        gbps_2: iperf(pair, 2, plan.seconds)?,
+        gbps_1,
+        cpu_s_per_gb,
+        programs,
+        gbps_2: iperf(pair, 2, plan.seconds, pins)?.0,
         rr_p50_us,
         rr_p99_us,
         conn_per_s,
@@ -529,44 +634,150 @@ fn sample(pair: &Pair, plan: Plan) -> Result<Sample> {
 /// A configuration's samples, same node and across nodes.
 pub(crate) struct Row {
     pub name: &'static str,
+    /// Ours: the lab's pin directories (its programs' statistics).
+    pub pins: Vec<PathBuf>,
     pub same: Vec<Sample>,
     pub cross: Vec<Sample>,
 }
 
 /// Measures every configuration `plan.reps` times, rounds interleaved
 /// (a drift of the machine spreads over all of them).
-pub(crate) fn measure(plan: Plan) -> Result<Vec<Row>> {
+pub(crate) fn measure(plan: Plan) -> Result<(Vec<Row>, Profiles)> {
     crate::testing::apt_install_missing(&[("iperf3", "iperf3")])?;
+    // Per-program run times while this descriptor is open (closed, also
+    // on a panic, when it drops).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("BPF_ENABLE_STATS (run-time statistics)")?;
     let mut topo = Topology::default();
     let (veth, n2n) = limit(&mut topo)?;
     let (fl_same, fl_cross) = flannel(&mut topo)?;
-    let (_vx_lab, vx_same, vx_cross) = ours("vxlan")?;
-    let (_nat_lab, nat_same, nat_cross) = ours("native")?;
-    let configs: Vec<(&'static str, Option<Pair>, Pair)> = vec![
-        ("limit (veth; node to node)", Some(veth), n2n),
-        ("Flannel-style VXLAN", Some(fl_same), fl_cross),
-        ("dataplane VXLAN", Some(vx_same), vx_cross),
-        ("dataplane native", Some(nat_same), nat_cross),
+    let (vx_lab, vx_same, vx_cross) = ours("vxlan")?;
+    let (nat_lab, nat_same, nat_cross) = ours("native")?;
+    let pins =
+        |lab: &Lab| -> Vec<PathBuf> { lab.state.nodes.iter().map(|n| n.pin_dir.clone()).collect() };
+    let configs: Vec<(&'static str, Vec<PathBuf>, Pair, Pair)> = vec![
+        (LIMIT, Vec::new(), veth, n2n),
+        (FLANNEL, Vec::new(), fl_same, fl_cross),
+        (VXLAN, pins(&vx_lab), vx_same, vx_cross),
+        (NATIVE, pins(&nat_lab), nat_same, nat_cross),
     ];
     let mut rows: Vec<Row> = configs
         .iter()
-        .map(|(name, ..)| Row {
+        .map(|(name, pins, ..)| Row {
             name,
+            pins: pins.clone(),
             same: Vec::new(),
             cross: Vec::new(),
         })
         .collect();
+    let profiles = if plan.profile {
+        let pick = |name: &str| {
+            configs
+                .iter()
+                .find(|c| c.0 == name)
+                .map(|c| (c.0, c.3.clone()))
+        };
+        let picked: Vec<_> = [FLANNEL, VXLAN].iter().filter_map(|n| pick(n)).collect();
+        profiles(&picked, plan.seconds)?
+    } else {
+        Vec::new()
+    };
     for _ in 0..plan.reps {
-        for (row, (name, same, cross)) in rows.iter_mut().zip(&configs) {
-            if let Some(same) = same {
-                row.same
-                    .push(sample(same, plan).with_context(|| format!("{name}, same node"))?);
-            }
+        for (row, (name, pins, same, cross)) in rows.iter_mut().zip(&configs) {
+            row.same
+                .push(sample(same, plan, pins).with_context(|| format!("{name}, same node"))?);
             row.cross
-                .push(sample(cross, plan).with_context(|| format!("{name}, across nodes"))?);
+                .push(sample(cross, plan, pins).with_context(|| format!("{name}, across nodes"))?);
         }
     }
-    Ok(rows)
+    Ok((rows, profiles))
+}
+
+/// The configurations' names.
+const LIMIT: &str = "limit (veth; node to node)";
+const FLANNEL: &str = "Flannel-style VXLAN";
+const VXLAN: &str = "dataplane VXLAN";
+const NATIVE: &str = "dataplane native";
+
+/// `perf record` of the whole machine (software clock, every CPU) during
+/// a 1-stream iperf3 across `pair`: the symbols with at least 1 % of the
+/// samples, largest first, as (percent, symbol).
+fn profile(pair: &Pair, seconds: u32) -> Result<Vec<(f64, String)>> {
+    let data = std::env::temp_dir().join(format!("dataplane-bench-{}.perf", std::process::id()));
+    let mut rec = Command::new("perf")
+        .args(["record", "-a", "-q", "-F", "1999", "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &seconds.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf record")?;
+    let ran = iperf(pair, 1, seconds, &[]);
+    let recorded = rec.wait();
+    let report = (|| -> Result<String> {
+        ran?;
+        if !recorded?.success() {
+            bail!("perf record failed");
+        }
+        output(
+            Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "-q",
+                    "--sort",
+                    "sym",
+                    "--percent-limit",
+                    "1",
+                    "-i",
+                ])
+                .arg(&data),
+        )
+    })();
+    let _ = std::fs::remove_file(&data);
+    Ok(report?
+        .lines()
+        .filter_map(|l| {
+            let (pct, sym) = l.trim().split_once('%')?;
+            Some((pct.trim().parse().ok()?, sym.trim().to_owned()))
+        })
+        .collect())
+}
+
+/// The profiles of a run, by configuration (across nodes).
+pub(crate) type Profiles = Vec<(&'static str, Vec<(f64, String)>)>;
+
+/// Profiles our VXLAN and Flannel-style across nodes (with `perf`
+/// installed on the way; without it, the report says so).
+fn profiles(rows: &[(&'static str, Pair)], seconds: u32) -> Result<Profiles> {
+    crate::testing::apt_install_missing(&[("perf", "linux-perf")])?;
+    rows.iter()
+        .map(|(name, pair)| Ok((*name, profile(pair, seconds)?)))
+        .collect()
+}
+
+fn profile_report(profiles: &Profiles) -> String {
+    let mut r = String::from(
+        "\n### Where the CPU goes across nodes (`perf record -a`, 1-stream iperf3)\n\n\
+         Every CPU's samples (software clock) during the transfer, symbols with at least 1 %. `[k]` is the kernel, `[.]` user space; our programs show as `bpf_prog_<tag>_<name>`.\n\n",
+    );
+    for (name, top) in profiles {
+        let _ = writeln!(r, "**{name}**:\n\n| share | symbol |\n|---|---|");
+        for (pct, sym) in top.iter().take(15) {
+            let _ = writeln!(r, "| {pct:.1} % | `{sym}` |");
+        }
+        let ours: f64 = top
+            .iter()
+            .filter(|(_, s)| s.contains("bpf_prog_"))
+            .map(|(p, _)| p)
+            .sum();
+        let _ = writeln!(
+            r,
+            "\nLargest: `{}`; our programs' symbols together (of those listed): {ours:.1} %.\n",
+            top.first().map_or("–", |(_, s)| s.as_str())
+        );
+    }
+    r
 }
 
 /// Median and (min, max) of one figure over samples.
@@ -587,7 +798,7 @@ fn cell(samples: &[Sample], f: impl Fn(&Sample) -> f64, digits: usize) -> String
     format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
 }
 
-fn machine() -> String {
+pub(super) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -613,26 +824,23 @@ pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
     let mut r = String::new();
     let _ = writeln!(
         r,
-        "# dataplane side by side\n\nMachine: {}. Each figure: median (min–max) of {} repetition(s), rounds interleaved; iperf3 runs {} s, request/response {} transactions of 1 byte on one connection, connections per second over {} s (connect, 1 byte each way, close).\n",
-        machine(),
-        plan.reps,
-        plan.seconds,
-        plan.transactions,
-        plan.seconds
+        "\n## Side by side\n\nEach figure: median (min–max) of {} repetition(s), rounds interleaved; iperf3 runs {} s, request/response {} transactions of 1 byte on one connection, connections per second over {} s (connect, 1 byte each way, close). CPU s per GB: the whole machine's busy time (every CPU, every context) during the 1-stream run, per GB received.\n",
+        plan.reps, plan.seconds, plan.transactions, plan.seconds
     );
     for (title, cross) in [("Same node", false), ("Across nodes", true)] {
         let _ = writeln!(
             r,
-            "## {title}\n\n| configuration | TCP Gbit/s, 1 stream | 2 streams | RR p50 µs | RR p99 µs | connections/s |\n|---|---|---|---|---|---|"
+            "### {title}\n\n| configuration | TCP Gbit/s, 1 stream | 2 streams | CPU s per GB (1 stream) | RR p50 µs | RR p99 µs | connections/s |\n|---|---|---|---|---|---|---|"
         );
         for row in rows {
             let s = if cross { &row.cross } else { &row.same };
             let _ = writeln!(
                 r,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 row.name,
                 cell(s, |x| x.gbps_1, 2),
                 cell(s, |x| x.gbps_2, 2),
+                cell(s, |x| x.cpu_s_per_gb, 3),
                 cell(s, |x| x.rr_p50_us, 1),
                 cell(s, |x| x.rr_p99_us, 1),
                 cell(s, |x| x.conn_per_s, 0),
@@ -647,12 +855,7 @@ pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
                 spread(if cross { &row.cross } else { &row.same }, f).0
             })
     };
-    let (lim, fl, vx, nat) = (
-        "limit (veth; node to node)",
-        "Flannel-style VXLAN",
-        "dataplane VXLAN",
-        "dataplane native",
-    );
+    let (lim, fl, vx, nat) = (LIMIT, FLANNEL, VXLAN, NATIVE);
     let gb: fn(&Sample) -> f64 = |x| x.gbps_1;
     let conn: fn(&Sample) -> f64 = |x| x.conn_per_s;
     let p50: fn(&Sample) -> f64 = |x| x.rr_p50_us;
@@ -683,7 +886,7 @@ pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
             0.0,
         ),
     ];
-    let _ = writeln!(r, "## Ratios to this run's baselines\n");
+    let _ = writeln!(r, "### Ratios to this run's baselines\n");
     for (what, ratio, goal) in goals {
         let verdict = if goal == 0.0 {
             "reported".to_owned()
@@ -701,45 +904,74 @@ pub(crate) fn report(rows: &[Row], plan: Plan) -> String {
         med(vx, true, p50),
         med(fl, true, p50)
     );
+    r.push_str(&program_costs(rows));
     r
 }
 
-/// Runs the comparison and writes `report.md` and the plots into
-/// `target/bench/<sub>`; returns the report's path.
-pub(crate) fn bench(plan: Plan, sub: &str) -> Result<PathBuf> {
-    let rows = measure(plan)?;
+/// Where our programs' time goes in the 1-stream runs: the kernel's
+/// run-time statistics per GB received, against all the CPU time the
+/// transfer took.
+fn program_costs(rows: &[Row]) -> String {
+    let mut r = String::from(
+        "\n### Our programs under load (1-stream iperf3; the kernel's run-time statistics)\n\n\
+         Runs per GB received (a run may be a GSO super-packet of up to 64 KB), time per run, and that time per GB against all the CPU time per GB of the same run (the rest is the kernel stack, the VXLAN device, copies and iperf3 itself). Means over the repetitions.\n\n\
+         | configuration | program | runs per GB | ns per run | CPU ms per GB | share of all CPU |\n|---|---|---|---|---|---|\n",
+    );
+    for row in rows.iter().filter(|r| !r.pins.is_empty()) {
+        for (place, samples) in [("same node", &row.same), ("across nodes", &row.cross)] {
+            let n = samples.len().max(1) as f64;
+            let mut sum: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+            for s in samples {
+                for (name, (ns, runs)) in &s.programs {
+                    let e = sum.entry(name).or_default();
+                    e.0 += *ns as f64 / n;
+                    e.1 += *runs as f64 / n;
+                }
+            }
+            let cpu = samples.iter().map(|s| s.cpu_s_per_gb).sum::<f64>() / n;
+            for (name, (ns, runs)) in sum {
+                let _ = writeln!(
+                    r,
+                    "| {} ({place}) | {name} | {runs:.0} | {:.0} | {:.1} | {:.1} % |",
+                    row.name,
+                    ns / runs.max(1.0),
+                    ns / 1e6,
+                    ns / 1e9 / cpu * 100.0
+                );
+            }
+        }
+    }
+    r
+}
+
+/// Runs the comparison: its report sections (printed as well), and the
+/// plots written into `dir`.
+pub(crate) fn bench(plan: Plan, dir: &std::path::Path) -> Result<(String, Vec<PathBuf>)> {
+    let (rows, profiles) = measure(plan)?;
     for row in &rows {
         if row.cross.len() != plan.reps {
             bail!("{}: {} samples of {}", row.name, row.cross.len(), plan.reps);
         }
     }
-    let dir = crate::workspace_root()
-        .join("target")
-        .join("bench")
-        .join(sub);
-    std::fs::create_dir_all(&dir)?;
     let mut text = report(&rows, plan);
-    let services = super::kubeproxy::measure(plan.services, plan.connects)?;
+    if !profiles.is_empty() {
+        text.push_str(&profile_report(&profiles));
+    }
+    let services = super::kubeproxy::measure(plan)?;
     text.push_str(&super::kubeproxy::report(&services));
     let service_plot = dir.join("services.svg");
     super::kubeproxy::plot(&services, &service_plot)?;
-    let _ = writeln!(text, "\n## Plots\n");
-    for p in plots(&rows, &dir)?.into_iter().chain([service_plot]) {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let _ = writeln!(text, "![{name}]({name})");
-    }
-    let path = dir.join("report.md");
-    std::fs::write(&path, &text)?;
+    let plots: Vec<PathBuf> = plots(&rows, dir)?
+        .into_iter()
+        .chain([service_plot])
+        .collect();
     print!("\n{text}");
-    Ok(path)
+    Ok((text, plots))
 }
 
 /// A grouped bar chart: one group per configuration, one bar per series,
 /// each with its value above it.
-fn bar_chart(
+pub(super) fn bar_chart(
     path: &std::path::Path,
     title: &str,
     unit: &str,

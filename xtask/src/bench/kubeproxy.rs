@@ -20,7 +20,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lab::{Lab, LabSpec};
 
-use super::services::{PORT, cluster_ip, connect_times_n, program, sink_server};
+use super::compare::Plan;
+use super::services::{PORT, cluster_ip, connect_times_n, in_cgroup, program, sink_server};
 
 /// One dataplane's figures at one Service count.
 #[derive(Clone, Debug)]
@@ -31,6 +32,10 @@ pub(crate) struct Point {
     pub cip_us: f64,
     /// Loading the whole Service set, s.
     pub program_s: f64,
+    /// New connections per second (connect, 1 byte each way, close) to
+    /// the pod and to the ClusterIP.
+    pub pod_cps: f64,
+    pub cip_cps: f64,
 }
 
 pub(crate) struct Series {
@@ -159,7 +164,7 @@ fn load(netns: &str, program: &str, args: &[&str], input: &str) -> Result<Durati
 
 /// One kube-proxy mode on a fresh Flannel-style topology: for each count,
 /// the rules loaded (timed) and the connect times measured.
-fn kube_proxy(mode: &str, counts: &[usize], connects: (usize, usize, usize)) -> Result<Series> {
+fn kube_proxy(mode: &str, plan: Plan) -> Result<Series> {
     let tag = if mode == "iptables" { "i" } else { "n" };
     let mut topo = super::compare::Topology::default();
     let (same, _) = super::compare::flannel_with(&mut topo, tag)?;
@@ -173,7 +178,7 @@ fn kube_proxy(mode: &str, counts: &[usize], connects: (usize, usize, usize)) -> 
         let server = s.spawn(|| sink_server(&same.server, &stop));
         let r = (|| -> Result<Series> {
             let mut points = Vec::new();
-            for &n in counts {
+            for &n in plan.services {
                 let took = if mode == "iptables" {
                     load(
                         &node,
@@ -184,18 +189,13 @@ fn kube_proxy(mode: &str, counts: &[usize], connects: (usize, usize, usize)) -> 
                 } else {
                     load(&node, "nft", &["-f", "-"], &nft_rules(n, same.addr, pods))?
                 };
-                let (pod_us, cip_us) = connect_times_n(
+                points.push(point(
                     &same.client,
                     SocketAddr::from((same.addr, PORT)),
-                    SocketAddr::from((cluster_ip(n - 1), 80)),
-                    connects,
-                )?;
-                points.push(Point {
-                    services: n,
-                    pod_us,
-                    cip_us,
-                    program_s: took.as_secs_f64(),
-                });
+                    n,
+                    took,
+                    plan,
+                )?);
             }
             Ok(Series {
                 name: format!(
@@ -224,37 +224,100 @@ fn tool_version(mode: &str) -> String {
         .unwrap_or_else(|_| bin.to_owned())
 }
 
+/// One count's figures from `client`'s namespace: connect() and
+/// connections per second, to the backend pod and to the ClusterIP that
+/// leads to it (the last of `n`).
+fn point(client: &str, pod: SocketAddr, n: usize, took: Duration, plan: Plan) -> Result<Point> {
+    let cip = SocketAddr::from((cluster_ip(n - 1), 80));
+    let (pod_us, cip_us) = connect_times_n(client, pod, cip, plan.connects)?;
+    let (pod_cps, cip_cps) = connection_rates(client, pod, cip, plan.seconds)?;
+    Ok(Point {
+        services: n,
+        pod_us,
+        cip_us,
+        program_s: took.as_secs_f64(),
+        pod_cps,
+        cip_cps,
+    })
+}
+
+/// New connections per second to `pod` and to `cip` (connect, 1 byte each
+/// way, close with a RST), for about `seconds` each, in alternating
+/// rounds.
+fn connection_rates(
+    netns: &str,
+    pod: SocketAddr,
+    cip: SocketAddr,
+    seconds: u32,
+) -> Result<(f64, f64)> {
+    use std::io::{Read as _, Write as _};
+    super::compare::crr_client_sysctls(netns)?;
+    lab::in_netns_thread(netns, || -> Result<(f64, f64)> {
+        let once = |to: SocketAddr| -> Result<()> {
+            let mut c =
+                std::net::TcpStream::connect(to).with_context(|| format!("connecting to {to}"))?;
+            c.set_nodelay(true)?;
+            let mut b = [7u8; 1];
+            c.write_all(&b)?;
+            c.read_exact(&mut b)?;
+            // Closed with a RST: no TIME_WAIT on either side. The two
+            // targets share the client's ports, and a port in TIME_WAIT
+            // makes connect() search (about 10 ms here) or, reused toward
+            // a server still in TIME_WAIT, waits for a retransmitted SYN:
+            // costs of the client's kernel, not of the dataplanes compared.
+            socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO))?;
+            Ok(())
+        };
+        let mut spent = [Duration::ZERO; 2];
+        let mut done = [0u64; 2];
+        let budget = Duration::from_secs(u64::from(seconds));
+        while spent[1] < budget {
+            for (k, to) in [pod, cip].into_iter().enumerate() {
+                let t = Instant::now();
+                for _ in 0..100 {
+                    once(to)?;
+                }
+                spent[k] += t.elapsed();
+                done[k] += 100;
+            }
+        }
+        let rate = |k: usize| done[k] as f64 / spent[k].as_secs_f64();
+        Ok((rate(0), rate(1)))
+    })?
+}
+
 /// Ours, the same Services through the agent (a 1-node lab, the client and
 /// backend pods on it, as kube-proxy's): the time from writing the
-/// manifests to every frontend in the maps, then the connect times.
-fn ours(counts: &[usize], connects: (usize, usize, usize)) -> Result<Series> {
+/// manifests to every frontend in the maps, then the figures per packet
+/// (the client outside the node's cgroup, where the socket programs are
+/// attached: as with socket LB off) and with socket LB (the client in that
+/// cgroup, as a pod's processes are).
+fn ours(plan: Plan) -> Result<Vec<Series>> {
     let lab = Lab::up(&LabSpec::new(1, 2)?)?;
     let backend = lab.pod("pod-0-1").clone();
     let client = lab.pod("pod-0-0").netns.clone();
+    let cgroup = lab.state.nodes[0].cgroup.clone().context("node cgroup")?;
     let stop = AtomicBool::new(false);
-    std::thread::scope(|s| -> Result<Series> {
+    std::thread::scope(|s| -> Result<Vec<Series>> {
         let server = s.spawn(|| sink_server(&backend.netns, &stop));
-        let r = (|| -> Result<Series> {
-            let mut points = Vec::new();
-            for &n in counts {
+        let r = (|| -> Result<Vec<Series>> {
+            let (mut per_packet, mut socket) = (Vec::new(), Vec::new());
+            for &n in plan.services {
                 let took = program(&lab, n)?;
-                let (pod_us, cip_us) = connect_times_n(
-                    &client,
-                    SocketAddr::from((backend.ip, PORT)),
-                    SocketAddr::from((cluster_ip(n - 1), 80)),
-                    connects,
-                )?;
-                points.push(Point {
-                    services: n,
-                    pod_us,
-                    cip_us,
-                    program_s: took.as_secs_f64(),
-                });
+                let pod = SocketAddr::from((backend.ip, PORT));
+                per_packet.push(point(&client, pod, n, took, plan)?);
+                socket.push(in_cgroup(&cgroup, || point(&client, pod, n, took, plan))?);
             }
-            Ok(Series {
-                name: "dataplane (per packet, VXLAN)".into(),
-                points,
-            })
+            Ok(vec![
+                Series {
+                    name: "dataplane, socket LB off (per packet, VXLAN)".into(),
+                    points: per_packet,
+                },
+                Series {
+                    name: "dataplane, socket LB on (VXLAN)".into(),
+                    points: socket,
+                },
+            ])
         })();
         stop.store(true, Ordering::Relaxed);
         server
@@ -265,31 +328,31 @@ fn ours(counts: &[usize], connects: (usize, usize, usize)) -> Result<Series> {
 }
 
 /// Every dataplane at every count.
-pub(crate) fn measure(counts: &[usize], connects: (usize, usize, usize)) -> Result<Vec<Series>> {
-    Ok(vec![
-        kube_proxy("iptables", counts, connects)?,
-        kube_proxy("nftables", counts, connects)?,
-        ours(counts, connects)?,
-    ])
+pub(crate) fn measure(plan: Plan) -> Result<Vec<Series>> {
+    let mut all = vec![kube_proxy("iptables", plan)?, kube_proxy("nftables", plan)?];
+    all.extend(ours(plan)?);
+    Ok(all)
 }
 
 /// The report's section.
 pub(crate) fn report(series: &[Series]) -> String {
     let mut r = String::from(
         "## Services: connect() to a ClusterIP against the pod address\n\n\
-         One port and one endpoint per Service; the measured Service is the one the rules reach last. Added µs = ClusterIP − pod address (medians, alternating); load s = writing the whole set until it is in effect.\n\n\
-         | dataplane | Services | pod µs | ClusterIP µs | added µs | load s |\n|---|---|---|---|---|---|\n",
+         One port and one endpoint per Service; the measured Service is the one the rules reach last. Added µs = ClusterIP − pod address (medians, alternating); connections/s: connect, 1 byte each way, close (with a RST: no TIME_WAIT), in alternating rounds of 100; load s = writing the whole set until it is in effect. Socket LB off: the client outside the node's cgroup, where the socket programs attach; on: inside it, as a pod's processes are.\n\n\
+         | dataplane | Services | connect() pod µs | ClusterIP µs | added µs | connections/s pod | ClusterIP | load s |\n|---|---|---|---|---|---|---|---|\n",
     );
     for s in series {
         for p in &s.points {
             let _ = writeln!(
                 r,
-                "| {} | {} | {:.1} | {:.1} | {:+.1} | {:.2} |",
+                "| {} | {} | {:.1} | {:.1} | {:+.1} | {:.0} | {:.0} | {:.2} |",
                 s.name,
                 p.services,
                 p.pod_us,
                 p.cip_us,
                 p.cip_us - p.pod_us,
+                p.pod_cps,
+                p.cip_cps,
                 p.program_s
             );
         }
@@ -353,7 +416,7 @@ pub(crate) fn plot(series: &[Series], path: &std::path::Path) -> Result<()> {
         .y_desc("µs added")
         .draw()
         .map_err(|e| err(&e))?;
-    let palette = [RED, MAGENTA, BLUE];
+    let palette = [RED, MAGENTA, BLUE, GREEN];
     for (k, s) in series.iter().enumerate() {
         let color = palette[k % palette.len()];
         let pts: Vec<(f64, f64)> = s

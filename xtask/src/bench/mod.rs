@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -16,17 +17,37 @@ use lab::{Lab, LabSpec};
 use crate::testing::prepare_lab_with;
 use crate::toolchain::{cache_dir, cargo_with_linker, output};
 
+/// A line of a section: printed as it is measured, and kept for the
+/// report.
+macro_rules! say {
+    ($out:expr, $($t:tt)*) => {{
+        let line = format!($($t)*);
+        println!("{line}");
+        $out.push_str(&line);
+        $out.push('\n');
+    }};
+}
+
 mod compare;
 mod kubeproxy;
 mod policy;
+mod programs;
 mod services;
 mod xdp;
 
 /// Single changes timed per phase.
 const CHANGES: u32 = 200;
 
+const PARTS: [&str; 6] = [
+    "compare",
+    "programs",
+    "services",
+    "xdp",
+    "policy",
+    "control-plane",
+];
+
 pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> {
-    const PARTS: [&str; 5] = ["compare", "services", "xdp", "policy", "control-plane"];
     if only.is_some_and(|o| !PARTS.contains(&o)) {
         bail!("cargo xtask bench [--quick] [--only {}]", PARTS.join("|"));
     }
@@ -34,7 +55,11 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
         prepare_lab_with(false)?;
         return self::smoke();
     }
+    let started = Instant::now();
     prepare_lab_with(true)?;
+    let dir = crate::workspace_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let mut report = Report::new(quick);
     let run = |part: &str| only.is_none_or(|o| o == part);
     if run("compare") {
         let plan = if quick {
@@ -42,39 +67,110 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
         } else {
             compare::Plan::FULL
         };
-        let path = compare::bench(plan, "")?;
-        eprintln!("xtask: report written to {}", path.display());
+        let (text, plots) = compare::bench(plan, &dir)?;
+        report.text.push_str(&text);
+        report.plots.extend(plots);
     }
-    if run("services") {
-        services::bench()?;
+    if run("programs") {
+        let figures = programs::measure()?;
+        let text = programs::report(&figures);
+        print!("\n{text}");
+        report.text.push_str(&text);
+        let plot = dir.join("programs.svg");
+        programs::plot(&figures, &plot)?;
+        report.plots.push(plot);
     }
-    if run("xdp") {
-        xdp::bench()?;
+    // Sections whose figures are lines of text, kept as printed.
+    type Part = (&'static str, &'static str, fn() -> Result<String>);
+    let parts: [Part; 4] = [
+        ("services", "Services in detail", services::bench),
+        ("xdp", "XDP NodePort", xdp::bench),
+        ("policy", "NetworkPolicy", policy::bench),
+        ("control-plane", "The agent's control plane", control_plane),
+    ];
+    for (part, title, f) in parts {
+        if run(part) {
+            println!();
+            let text = f()?;
+            let _ = write!(report.text, "\n## {title}\n\n```text\n{text}```\n");
+        }
     }
-    if run("policy") {
-        policy::bench()?;
+    let path = report.write(&dir, started.elapsed())?;
+    eprintln!("xtask: report written to {}", path.display());
+    Ok(())
+}
+
+/// `target/bench/report.md`: the machine, then the sections that ran,
+/// then the plots.
+struct Report {
+    text: String,
+    plots: Vec<std::path::PathBuf>,
+    quick: bool,
+}
+
+impl Report {
+    fn new(quick: bool) -> Self {
+        Report {
+            text: String::new(),
+            plots: Vec::new(),
+            quick,
+        }
     }
-    if !run("control-plane") {
-        return Ok(());
+
+    fn write(&self, dir: &std::path::Path, took: Duration) -> Result<std::path::PathBuf> {
+        let mut r = format!(
+            "# dataplane benchmarks\n\nMachine: {}. `cargo xtask bench{}`, release build, {:.1} minutes (the build included).\n",
+            compare::machine(),
+            if self.quick { " --quick" } else { "" },
+            took.as_secs_f64() / 60.0
+        );
+        r.push_str(&self.text);
+        if !self.plots.is_empty() {
+            r.push_str("\n## Plots\n\n");
+            for p in &self.plots {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let _ = writeln!(r, "![{name}]({name})\n");
+            }
+        }
+        let path = dir.join("report.md");
+        std::fs::write(&path, r)?;
+        Ok(path)
     }
+}
+
+/// The agent's control-plane numbers, for both sources.
+fn control_plane() -> Result<String> {
+    let mut out = String::new();
     let mut rows = Vec::new();
     for source in ["dir", "kube"] {
         rows.push(bench_source(source)?);
     }
-    println!(
-        "\n== agent control plane, release build; a single Pod change, timed from publish to its entry in dp_endpoints"
+    say!(
+        out,
+        "== agent control plane, release build; a single Pod change, timed from publish to its entry in dp_endpoints"
     );
-    println!(
+    say!(
+        out,
         "   (goals: p99 under 100 ms and flat (p50 at scale within 2x of empty), full sync under 5 s, RSS under 150 MiB)"
     );
-    println!(
+    say!(
+        out,
         "{:<6} {:>19} {:>23} {:>9} {:>12} {:>9}   verdict",
-        "source", "empty p50/p99 ms", "at scale p50/p99 ms", "p50 x", "full sync s", "RSS MiB"
+        "source",
+        "empty p50/p99 ms",
+        "at scale p50/p99 ms",
+        "p50 x",
+        "full sync s",
+        "RSS MiB"
     );
     for r in &rows {
         let ratio = r.scale.p50 / r.empty.p50;
         let ok = r.scale.p99 < 100.0 && ratio < 2.0 && r.sync < 5.0 && r.rss < 150.0;
-        println!(
+        say!(
+            out,
             "{:<6} {:>9.1} / {:>7.1} {:>11.1} / {:>9.1} {:>9.2} {:>12.2} {:>9.1}   {}",
             r.source,
             r.empty.p50,
@@ -87,11 +183,15 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
             verdict(ok)
         );
     }
-    println!(
+    say!(
+        out,
         "(scale: 10,000 pods on 40 nodes, 5,000 Services, 1,000 NetworkPolicies, published at once; full sync is timed"
     );
-    println!(" until every pod entry is in the map and /metrics counts every object)");
-    Ok(())
+    say!(
+        out,
+        " until every pod entry is in the map and /metrics counts every object)"
+    );
+    Ok(out)
 }
 
 /// The bench harness itself: every configuration of the comparison up,
@@ -99,7 +199,18 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
 /// `target/bench/smoke/`: a real run's stay).
 pub(crate) fn smoke() -> Result<()> {
     let started = Instant::now();
-    let path = compare::bench(compare::Plan::SMOKE, "smoke")?;
+    let dir = crate::workspace_root()
+        .join("target")
+        .join("bench")
+        .join("smoke");
+    std::fs::create_dir_all(&dir)?;
+    let (text, plots) = compare::bench(compare::Plan::SMOKE, &dir)?;
+    let report = Report {
+        text,
+        plots,
+        quick: true,
+    };
+    let path = report.write(&dir, started.elapsed())?;
     eprintln!(
         "xtask: bench harness smoke run in {:.0} s: {}",
         started.elapsed().as_secs_f64(),
@@ -155,6 +266,34 @@ fn golden_bench(test: &str, name: &str, tag: &str) -> Result<BTreeMap<String, f6
             Ok((k.to_owned(), v.parse()?))
         })
         .collect()
+}
+
+/// Accepts connections on `l` until `stop`, handing each to `serve`.
+/// accept() blocks (a connection is taken the moment it is queued; a
+/// polling loop's sleep would be part of every figure that opens
+/// connections) and wakes every 50 ms to look at `stop`.
+fn accept_until(
+    l: &std::net::TcpListener,
+    stop: &std::sync::atomic::AtomicBool,
+    mut serve: impl FnMut(std::net::TcpStream),
+) -> Result<()> {
+    use std::io::ErrorKind;
+    // Linux honours SO_RCVTIMEO in accept().
+    socket2::SockRef::from(l).set_read_timeout(Some(Duration::from_millis(50)))?;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match l.accept() {
+            Ok((s, _)) => {
+                // Accepted sockets inherit the listener's timeout.
+                s.set_read_timeout(None)?;
+                serve(s);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            // A connection reset while queued, and the like: the next one.
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+    Ok(())
 }
 
 fn verdict(ok: bool) -> &'static str {

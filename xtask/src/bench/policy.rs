@@ -29,7 +29,8 @@ const TRIPS: usize = 300;
 const ROUNDS: usize = 20;
 const CHANGES: u32 = 200;
 
-pub(super) fn bench() -> Result<()> {
+pub(super) fn bench() -> Result<String> {
+    let mut out = String::new();
     let per_packet = golden_bench(
         "golden_policy",
         "bench_policy_lookup_per_packet",
@@ -71,17 +72,24 @@ pub(super) fn bench() -> Result<()> {
     })?;
     let (empty, scale, sync) = change_latency(&mut lab)?;
 
-    println!("\n== NetworkPolicy, release build");
-    println!(
+    say!(out, "== NetworkPolicy, release build");
+    say!(
+        out,
         "   per packet in lxc_from_ctr, TEST_RUN clock, an established flow from a local peer (goal: flat in the number of rules):"
     );
-    println!(
+    say!(
+        out,
         "{:>9} {:>15} {:>15} {:>12} {:>15}",
-        "rules", "no policy ns", "by identity ns", "by ipBlock ns", "denied ns"
+        "rules",
+        "no policy ns",
+        "by identity ns",
+        "by ipBlock ns",
+        "denied ns"
     );
     for n in [1, 100, 10_000] {
         let g = |k: &str| per_packet.get(&format!("{k}_{n}")).copied().unwrap_or(0.0);
-        println!(
+        say!(
+            out,
             "{:>9} {:>15.0} {:>15.0} {:>15.0} {:>15.0}",
             n,
             g("none"),
@@ -107,24 +115,29 @@ pub(super) fn bench() -> Result<()> {
         .iter()
         .map(|k| rel(k, 10_000) / rel(k, 1))
         .fold(f64::MIN, f64::max);
-    println!(
+    say!(
+        out,
         "   10,000 rules against 1, each against the unpoliced flow timed with it: at most {worst:.2}x ({})",
         verdict(worst < 1.1)
     );
-    println!(
+    say!(
+        out,
         "   TCP between two pods on one node, client and server on one CPU, {ROUNDS} rounds of {TRIPS} per phase alternating, the median of the rounds' ratios (goal: under 5 % overhead):"
     );
     for (what, (open, guarded)) in [("request/response", latency.0), ("connect()", latency.1)] {
         let over = (guarded / open - 1.0) * 100.0;
-        println!(
+        say!(
+            out,
             "   {what:<17} no policy {open:>6.1} us, under policy {guarded:>6.1} us: {over:+.1} % ({})",
             verdict(over < 5.0)
         );
     }
-    println!(
+    say!(
+        out,
         "   a policy change, from publishing it to its entry in dp_policy, {CHANGES} changes (goal: p99 under 100 ms at 1,000 policies):"
     );
-    println!(
+    say!(
+        out,
         "   2 pods, 3 policies: p50 {:.1} ms, p99 {:.1} ms; 10,002 pods, 1,003 policies: p50 {:.1} ms, p99 {:.1} ms ({}); those loaded in {sync:.2} s",
         empty.p50,
         empty.p99,
@@ -132,7 +145,7 @@ pub(super) fn bench() -> Result<()> {
         scale.p99,
         verdict(scale.p99 < 100.0)
     );
-    Ok(())
+    Ok(out)
 }
 
 fn policy(name: &str, spec: Value) -> Value {
@@ -147,28 +160,20 @@ fn policy(name: &str, spec: Value) -> Value {
 fn rr_server(netns: &str, stop: &AtomicBool) -> Result<()> {
     lab::in_netns_thread(netns, || -> Result<()> {
         let l = TcpListener::bind(("0.0.0.0", PORT))?;
-        l.set_nonblocking(true)?;
         std::thread::scope(|s| {
-            while !stop.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut c, _)) => {
-                        s.spawn(move || {
-                            pin(0);
-                            let _ = c.set_nonblocking(false);
-                            let _ = c.set_nodelay(true);
-                            let mut buf = [0u8; 64];
-                            while let Ok(n) = c.read(&mut buf) {
-                                if n == 0 || c.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        });
+            super::accept_until(&l, stop, |mut c| {
+                s.spawn(move || {
+                    pin(0);
+                    let _ = c.set_nodelay(true);
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_micros(50)),
-                }
-            }
-        });
-        Ok(())
+                });
+            })
+        })
     })?
 }
 

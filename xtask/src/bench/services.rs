@@ -28,7 +28,8 @@ pub(super) const PORT: u16 = 8080;
 const CONNECTS: usize = 500;
 const ROUNDS: usize = 6;
 
-pub(super) fn bench() -> Result<()> {
+pub(super) fn bench() -> Result<String> {
+    let mut out = String::new();
     let lab = Lab::up(&LabSpec::new(1, 2)?)?;
     let backend = lab.pod("pod-0-1").clone();
     let client = lab.pod("pod-0-0").netns.clone();
@@ -81,16 +82,23 @@ pub(super) fn bench() -> Result<()> {
     )?;
     let prefilter = golden_bench("golden", "bench_prefilter_per_packet", "BENCH prefilter")?;
 
-    println!(
-        "\n== Services, release build; TCP connect() from a pod, median of {} per target, targets alternating",
+    say!(
+        out,
+        "== Services, release build; TCP connect() from a pod, median of {} per target, targets alternating",
         CONNECTS * ROUNDS
     );
-    println!(
+    say!(
+        out,
         "   (goals: 10,000 Services within 1.1x of 1; a ClusterIP adds at most 3 us over the pod address)"
     );
-    println!(
+    say!(
+        out,
         "{:>9} {:>14} {:>14} {:>11} {:>12}",
-        "Services", "pod IP us", "ClusterIP us", "added us", "vs 1 Svc*"
+        "Services",
+        "pod IP us",
+        "ClusterIP us",
+        "added us",
+        "vs 1 Svc*"
     );
     // The ClusterIP's cost relative to the pod address in the same rounds,
     // against the same ratio at 1 Service: the machine's drift between
@@ -101,7 +109,8 @@ pub(super) fn bench() -> Result<()> {
         .find(|(n, ..)| *n == 1)
         .map_or(1.0, |(_, p, c)| ratio(*p, *c));
     for (n, pod, cip) in latency.iter().rev() {
-        println!(
+        say!(
+            out,
             "{:>9} {:>14.1} {:>14.1} {:>11.1} {:>11.2}x",
             n,
             pod,
@@ -119,72 +128,86 @@ pub(super) fn bench() -> Result<()> {
         .iter()
         .map(|(_, p, c)| c - p)
         .fold(f64::MIN, f64::max);
-    println!("   * ClusterIP/pod-IP time against the same ratio at 1 Service");
+    say!(
+        out,
+        "   * ClusterIP/pod-IP time against the same ratio at 1 Service"
+    );
     let (sock_pod, sock_cip) = socket_lb.context("socket LB row")?;
     let per_packet_added = latency
         .iter()
         .find(|(n, ..)| *n == 1)
         .map_or(0.0, |(_, p, c)| c - p);
-    println!(
+    say!(
+        out,
         "   socket LB (the client in its node's cgroup, 1 Service): pod IP {sock_pod:.1} us, ClusterIP {sock_cip:.1} us: {:+.1} us ({:.2}x) against {per_packet_added:+.1} us per packet ({}: within 5% of the pod IP)",
         sock_cip - sock_pod,
         sock_cip / sock_pod,
         verdict(sock_cip / sock_pod <= 1.05)
     );
-    println!(
+    say!(
+        out,
         "   flat: {flat:.2}x ({}); added at most {added:.1} us ({})",
         verdict(flat <= 1.1),
         verdict(added <= 3.0)
     );
     let programmed = programmed.context("programming time")?;
-    println!(
+    say!(
+        out,
         "== 10,000 Services (one port, one backend each) programmed in {:.2} s, from writing the manifests to every frontend and backend slot in the maps ({}; kube-proxy's load times: `cargo xtask bench --only compare`)",
         programmed.as_secs_f64(),
         verdict(programmed < Duration::from_secs(1))
     );
     let memory = memory.context("memory")?;
-    println!(
+    say!(
+        out,
         "== kernel memory of the Service maps at 10,000 ClusterIP Services (bpftool memlock):"
     );
     let mut total = 0u64;
     for (name, (count, bytes)) in &memory {
         total += bytes;
-        println!(
+        say!(
+            out,
             "   {name:<18} {count:>3} map(s) {:>9.1} MiB",
             *bytes as f64 / 1048576.0
         );
     }
-    println!(
+    say!(
+        out,
         "   total {:.1} MiB; ClusterIPs have no Maglev table (each NodePort/LB/external-IP port has one: 16,381 slots, 64 KiB)",
         total as f64 / 1048576.0
     );
-    println!(
+    say!(
+        out,
         "== per packet in lxc_from_ctr, TEST_RUN clock (goal: the Service lookup under 100 ns):"
     );
-    println!(
+    say!(
+        out,
         "   established Service flow {:.0} ns vs a packet to no Service {:.0} ns: {:+.0} ns ({})",
         per_packet["established_ns"],
         per_packet["plain_ns"],
         per_packet["established_ns"] - per_packet["plain_ns"],
         verdict(per_packet["established_ns"] - per_packet["plain_ns"] < 100.0)
     );
-    println!(
+    say!(
+        out,
         "   a new flow's first packet {:.0} ns vs {:.0} ns: {:+.0} ns once per connection (frontend, backend choice, two conntrack entries)",
         per_packet["new_flow_ns"],
         per_packet["new_plain_ns"],
         per_packet["new_flow_ns"] - per_packet["new_plain_ns"]
     );
-    println!(
+    say!(
+        out,
         "== the XDP prefilter per packet, TEST_RUN clock, 10,000 denied prefixes (goal: under 100 ns):"
     );
-    println!(
+    say!(
+        out,
         "   a source that passes {:.0} ns, a denied one dropped {:.0} ns, against {:.0} ns with no prefix ({})",
         prefilter["passed_ns"],
         prefilter["dropped_ns"],
         prefilter["empty_ns"],
         verdict(prefilter["passed_ns"].max(prefilter["dropped_ns"]) < 100.0)
     );
-    Ok(())
+    Ok(out)
 }
 
 /// The ClusterIP of Service `i` of [`manifests`] (10.96.0.10 up).
@@ -258,7 +281,7 @@ fn wait_programmed(lab: &Lab, n: usize) -> Result<()> {
 /// Runs `f` with this process in `cgroup` (a cgroup v2 directory), then
 /// back where it was, also when `f` fails (the lab cannot remove a cgroup
 /// with a process in it).
-fn in_cgroup<T>(cgroup: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(super) fn in_cgroup<T>(cgroup: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
     let rel = own
         .lines()
@@ -277,18 +300,23 @@ fn in_cgroup<T>(cgroup: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Resu
     r
 }
 
-/// Accepts and drops connections until `stop`.
+/// Accepts connections until `stop`, one at a time; one that sends a
+/// byte gets it back (a connection per request: connections per second).
+/// Each is kept until the client ends it (connect() timing and the
+/// connection rates end theirs with a RST), so the server holds no
+/// TIME_WAIT.
 pub(super) fn sink_server(netns: &str, stop: &AtomicBool) -> Result<()> {
     lab::in_netns_thread(netns, || -> Result<()> {
         let l = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
-        l.set_nonblocking(true)?;
-        while !stop.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+        super::accept_until(&l, stop, |mut c| {
+            use std::io::{Read as _, Write as _};
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut b = [0u8; 1];
+            if let Ok(1) = c.read(&mut b) {
+                let _ = c.write_all(&b);
+                let _ = c.read(&mut b);
             }
-        }
-        Ok(())
+        })
     })?
 }
 

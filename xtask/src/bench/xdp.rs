@@ -36,12 +36,15 @@ struct Pps {
     mode: String,
 }
 
-pub(super) fn bench() -> Result<()> {
+pub(super) fn bench() -> Result<String> {
+    let mut out = String::new();
     let pps = nodeport_pps()?;
-    println!(
-        "\n== NodePort from the external host to a backend on another node (native routing), UDP in 64-byte frames, one sending CPU that also carries the path"
+    say!(
+        out,
+        "== NodePort from the external host to a backend on another node (native routing), UDP in 64-byte frames, one sending CPU that also carries the path"
     );
-    println!(
+    say!(
+        out,
         "   node 0 translated and sent on: XDP ({}) {:.0} kpps vs tc {:.0} kpps: {:.2}x (medians of {ROUNDS} alternating rounds of {SECONDS} s; {}: XDP ahead)",
         pps.mode,
         pps.xdp / 1000.0,
@@ -49,12 +52,13 @@ pub(super) fn bench() -> Result<()> {
         pps.xdp / pps.tc,
         super::verdict(pps.xdp > pps.tc)
     );
-    println!(
+    say!(
+        out,
         "   the CPU's time per packet, sender to node 0's output: {:.2} us vs {:.2} us",
         1e6 / pps.xdp,
         1e6 / pps.tc,
     );
-    Ok(())
+    Ok(out)
 }
 
 fn pin_to_cpu(cpu: usize) -> Result<()> {
