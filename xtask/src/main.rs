@@ -62,7 +62,8 @@ enum Cmd {
         /// `policy` or `control-plane`.
         #[arg(long)]
         only: Option<String>,
-        /// Fewer and shorter repetitions.
+        /// The side by side with fewer and shorter repetitions, and each
+        /// program's cost (under 10 minutes from a fresh clone).
         #[arg(long)]
         quick: bool,
         /// The harness alone: every configuration up and one short

@@ -60,7 +60,11 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
     let dir = crate::workspace_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
     let mut report = Report::new(quick);
-    let run = |part: &str| only.is_none_or(|o| o == part);
+    // --quick: the side by side (shorter) and each program's cost.
+    let run = |part: &str| match only {
+        Some(o) => o == part,
+        None => !quick || part == "compare" || part == "programs",
+    };
     if run("compare") {
         let plan = if quick {
             compare::Plan::QUICK

@@ -199,13 +199,17 @@ pub(super) fn bench() -> Result<String> {
         out,
         "== the XDP prefilter per packet, TEST_RUN clock, 10,000 denied prefixes (goal: under 100 ns):"
     );
+    // A passing frame goes on through host_xdp (to a NodePort-range port:
+    // the XDP Service lookup), so the prefilter's cost on it is what the
+    // prefixes add; a denied one ends in the prefilter.
+    let added = prefilter["passed_ns"] - prefilter["empty_ns"];
     say!(
         out,
-        "   a source that passes {:.0} ns, a denied one dropped {:.0} ns, against {:.0} ns with no prefix ({})",
-        prefilter["passed_ns"],
+        "   a denied source dropped in {:.0} ns; a source that passes {:.0} ns against {:.0} ns with no prefix, {added:+.0} ns ({})",
         prefilter["dropped_ns"],
+        prefilter["passed_ns"],
         prefilter["empty_ns"],
-        verdict(prefilter["passed_ns"].max(prefilter["dropped_ns"]) < 100.0)
+        verdict(prefilter["dropped_ns"] < 100.0 && added < 100.0)
     );
     Ok(out)
 }
