@@ -62,8 +62,8 @@ enum Cmd {
         /// `policy` or `control-plane`.
         #[arg(long)]
         only: Option<String>,
-        /// The side by side with fewer and shorter repetitions, and each
-        /// program's cost (under 10 minutes from a fresh clone).
+        /// The side by side alone, with fewer and shorter repetitions
+        /// (under 10 minutes from a fresh clone).
         #[arg(long)]
         quick: bool,
         /// The harness alone: every configuration up and one short

@@ -60,10 +60,10 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
     let dir = crate::workspace_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
     let mut report = Report::new(quick);
-    // --quick: the side by side (shorter) and each program's cost.
+    // --quick: the side by side alone, shorter.
     let run = |part: &str| match only {
         Some(o) => o == part,
-        None => !quick || part == "compare" || part == "programs",
+        None => !quick || part == "compare",
     };
     if run("compare") {
         let plan = if quick {

@@ -23,7 +23,7 @@ pub(super) fn measure() -> Result<Vec<(String, f64)>> {
 
 pub(super) fn report(figures: &[(String, f64)]) -> String {
     let mut r = String::from(
-        "## Per packet, each program (TEST_RUN)\n\n\
+        "\n## Per packet, each program (TEST_RUN)\n\n\
          `BPF_PROG_TEST_RUN`'s own clock, the median of 100 calls of 250 runs on one packet of an established flow (the first run creates its state). Goal: under 100 ns per packet.\n\n\
          | program | path | ns per packet | goal |\n|---|---|---|---|\n",
     );
