@@ -811,7 +811,7 @@ fn spread(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> (f64, f64, f64) {
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
     }
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+    (super::median(v.clone()), v[0], v[v.len() - 1])
 }
 
 fn cell(samples: &[Sample], f: impl Fn(&Sample) -> f64, digits: usize) -> String {

@@ -237,9 +237,16 @@ fn percentiles(mut lat: Vec<f64>) -> Latency {
     }
 }
 
+/// The middle value; of an even count, the mean of the middle two (of
+/// two repetitions: their mean, not the larger).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// Runs the ignored TEST_RUN benchmark `name` of the golden test file
