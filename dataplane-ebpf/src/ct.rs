@@ -288,12 +288,14 @@ pub fn track_replies(flow: &Flow) -> bool {
 
 /// A new TCP connection that is not to a Service (a SYN without ACK):
 /// a translated flow still tracked on the same addresses and ports is an
-/// earlier connection the client is done with (its kernel reuses a port
-/// only then, not knowing where the Service sent it). Left in place, its
-/// reply entry would translate this connection's answers, the backend's
-/// TIME_WAIT answer to the SYN among them, back into the Service's
-/// address: the client would never see them and retry for as long as the
-/// backend's TIME_WAIT lasts. Both its entries are removed.
+/// earlier connection through a Service (the client's kernel picked the
+/// port for another destination, not knowing where the Service sent that
+/// one; were it still open, the two would share one tuple on the wire
+/// and could not both work). Left in place, its reply entry would
+/// translate this connection's answers, the backend's TIME_WAIT answer to
+/// the SYN among them, back into the Service's address: the client would
+/// never see them and retry for as long as the backend's TIME_WAIT lasts.
+/// Both its entries are removed.
 #[inline(never)]
 pub fn retire_reused(flow: &Flow) {
     if flow.dry || flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {

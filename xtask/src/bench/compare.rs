@@ -428,10 +428,13 @@ pub(super) fn program_stats(pin_dirs: &[PathBuf]) -> Result<ProgramStats> {
         }
     }
     let mut stats = ProgramStats::new();
-    for p in aya::programs::loaded_programs() {
-        let p = p?;
+    // A program unloaded while this walks the list (another lab's) is
+    // skipped, not an error.
+    for p in aya::programs::loaded_programs().flatten() {
         let ours = p
-            .map_ids()?
+            .map_ids()
+            .ok()
+            .flatten()
             .unwrap_or_default()
             .iter()
             .any(|id| maps.contains(id));

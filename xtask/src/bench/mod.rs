@@ -59,7 +59,14 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
     prepare_lab_with(true)?;
     let dir = crate::workspace_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
-    let mut report = Report::new(quick);
+    let mut report = Report::new(
+        match (quick, only) {
+            (_, Some(o)) => format!("cargo xtask bench --only {o}"),
+            (true, None) => "cargo xtask bench --quick".into(),
+            (false, None) => "cargo xtask bench".into(),
+        },
+        "release",
+    );
     // --quick: the side by side alone, shorter.
     let run = |part: &str| match only {
         Some(o) => o == part,
@@ -109,23 +116,27 @@ pub(crate) fn bench(only: Option<&str>, quick: bool, smoke: bool) -> Result<()> 
 struct Report {
     text: String,
     plots: Vec<std::path::PathBuf>,
-    quick: bool,
+    /// The command that made it, and its build profile.
+    command: String,
+    build: &'static str,
 }
 
 impl Report {
-    fn new(quick: bool) -> Self {
+    fn new(command: String, build: &'static str) -> Self {
         Report {
             text: String::new(),
             plots: Vec::new(),
-            quick,
+            command,
+            build,
         }
     }
 
     fn write(&self, dir: &std::path::Path, took: Duration) -> Result<std::path::PathBuf> {
         let mut r = format!(
-            "# dataplane benchmarks\n\nMachine: {}. `cargo xtask bench{}`, release build, {:.1} minutes (the build included).\n",
+            "# dataplane benchmarks\n\nMachine: {}. `{}`, {} build, {:.1} minutes (the build included).\n",
             compare::machine(),
-            if self.quick { " --quick" } else { "" },
+            self.command,
+            self.build,
             took.as_secs_f64() / 60.0
         );
         r.push_str(&self.text);
@@ -209,11 +220,9 @@ pub(crate) fn smoke() -> Result<()> {
         .join("smoke");
     std::fs::create_dir_all(&dir)?;
     let (text, plots) = compare::bench(compare::Plan::SMOKE, &dir)?;
-    let report = Report {
-        text,
-        plots,
-        quick: true,
-    };
+    let mut report = Report::new("cargo xtask bench --smoke".into(), "debug");
+    report.text = text;
+    report.plots = plots;
     let path = report.write(&dir, started.elapsed())?;
     eprintln!(
         "xtask: bench harness smoke run in {:.0} s: {}",
