@@ -236,6 +236,21 @@ fn renew(e: *mut CtEntry, life: u64, flags: u16, extend_only: bool) {
     }
 }
 
+/// The key under which the replies of `flow` are tracked: the flow turned
+/// around, in the reply direction (as in `pair_key`, ICMP echo
+/// identifiers move too).
+#[inline(always)]
+fn turned_reply_key(flow: &Flow) -> CtKey {
+    key(
+        flow.daddr,
+        flow.saddr,
+        flow.dport,
+        flow.sport,
+        flow.proto,
+        CT_DIR_REPLY,
+    )
+}
+
 /// Lets the replies of `flow` (a packet policy allowed) pass: an entry
 /// for the flow turned around, in the reply direction, created or renewed.
 /// An entry already there (a translated flow's own) serves as well. A
@@ -247,15 +262,7 @@ pub fn track_replies(flow: &Flow) -> bool {
     if flow.dry || is_reply(flow) {
         return false;
     }
-    // Turned around, as in `pair_key`: ICMP echo identifiers move too.
-    let k = key(
-        flow.daddr,
-        flow.saddr,
-        flow.dport,
-        flow.sport,
-        flow.proto,
-        CT_DIR_REPLY,
-    );
+    let k = turned_reply_key(flow);
     if let Some(e) = CT.get_ptr_mut(&k) {
         // SAFETY: a valid map value pointer.
         unsafe {
@@ -301,14 +308,7 @@ pub fn retire_reused(flow: &Flow) {
     if flow.dry || flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return;
     }
-    let k = key(
-        flow.daddr,
-        flow.saddr,
-        flow.dport,
-        flow.sport,
-        flow.proto,
-        CT_DIR_REPLY,
-    );
+    let k = turned_reply_key(flow);
     let Some(e) = CT.get_ptr_mut(&k) else {
         return;
     };

@@ -326,7 +326,16 @@ fn addrs(p: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
 /// ended (35 s in the bench's connection-rate run).
 #[test]
 fn a_direct_syn_retires_a_service_flow_on_the_same_ports() {
-    let f = fixture(MODE_VXLAN);
+    direct_syn_retires_service_flow(MODE_VXLAN);
+}
+
+#[test]
+fn a_direct_syn_retires_a_service_flow_on_the_same_ports_native() {
+    direct_syn_retires_service_flow(dataplane_common::MODE_NATIVE);
+}
+
+fn direct_syn_retires_service_flow(mode: u8) {
+    let f = fixture(mode);
     let _svcs = services(&f);
     let (pod, peer) = ((POD_MAC, HOST_MAC), (PEER_MAC, PEER_HOST_MAC));
     let ct_entries = || dataplane::maps::count(&f.pin_dir, "dp_ct").expect("dp_ct");
@@ -920,13 +929,7 @@ fn bench_each_program_per_packet() {
             let mut line = String::new();
             for (key, prog, dev, packet, verdict) in &cases {
                 let dev = dev(&f);
-                let time = |repeat| {
-                    if prog.ends_with("xdp") {
-                        f.timed_xdp(prog, dev, packet, repeat, *verdict)
-                    } else {
-                        f.timed(prog, dev, packet, repeat, *verdict)
-                    }
-                };
+                let time = |repeat| f.timed(prog, dev, packet, repeat, *verdict);
                 time(1);
                 let ns = median((0..100).map(|_| time(250)).collect());
                 line.push_str(&format!(" {key}={ns:.1}"));

@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{Program, SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{Program, TestRun as _, TestRunOptions};
 use dataplane::{
     bpf::{AttachMode, Datapath},
     maps::{
@@ -208,90 +208,57 @@ impl Fixture {
         self.dp.program_ref(name).expect("program")
     }
 
+    /// Runs `prog` (tc or XDP) `repeat` times on `packet` arriving on
+    /// `ifindex`: (verdict, packet out, the kernel's time per run in ns).
+    fn run(&self, prog: &str, ifindex: u32, packet: &[u8], repeat: u32) -> (u32, Vec<u8>, f64) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let mut xdp_md = [0u8; 24];
+        xdp_md[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        xdp_md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let skb = skb_ctx(ifindex);
+        let mut out = vec![0u8; packet.len() + 256];
+        let program = self.program(prog);
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(match program {
+                Program::Xdp(_) => &xdp_md[..],
+                _ => &skb[..],
+            }),
+            repeat,
+            ..Default::default()
+        };
+        let r = match program {
+            Program::Xdp(p) => p.test_run(options),
+            Program::SchedClassifier(p) => p.test_run(options),
+            _ => panic!("{prog}: neither a tc nor an XDP program"),
+        }
+        .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out, r.duration.as_nanos() as f64)
+    }
+
     /// Runs a tc program on `packet` arriving on `ifindex`: (verdict, packet out).
     pub fn tc(&self, prog: &str, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
-        let p: &SchedClassifier = self.program(prog).try_into().expect("tc program");
-        let ctx = skb_ctx(ifindex);
-        let mut out = vec![0u8; packet.len() + 256];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let (verdict, out, _) = self.run(prog, ifindex, packet, 1);
+        (verdict, out)
     }
 
     /// Runs an XDP program on `packet` arriving on `ifindex`: (action,
     /// frame out).
     pub fn xdp(&self, prog: &str, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
-        let p: &Xdp = self.program(prog).try_into().expect("xdp program");
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; packet.len() + 256];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let (action, out, _) = self.run(prog, ifindex, packet, 1);
+        (action, out)
     }
 
-    /// Runs a tc program `repeat` times on `packet` arriving on `ifindex`,
-    /// asserting its verdict; the kernel's time per run, in nanoseconds
-    /// (for the TEST_RUN benchmarks).
+    /// Runs a tc or XDP program `repeat` times on `packet` arriving on
+    /// `ifindex`, asserting its verdict; the kernel's time per run, in
+    /// nanoseconds (for the TEST_RUN benchmarks).
     pub fn timed(&self, prog: &str, ifindex: u32, packet: &[u8], repeat: u32, verdict: u32) -> f64 {
-        let p: &SchedClassifier = self.program(prog).try_into().expect("tc program");
-        let ctx = skb_ctx(ifindex);
-        let mut out = vec![0u8; packet.len() + 64];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
-        assert_eq!(r.return_value, verdict, "{prog}: verdict");
-        r.duration.as_nanos() as f64
-    }
-
-    /// [`Fixture::timed`] for an XDP program.
-    pub fn timed_xdp(
-        &self,
-        prog: &str,
-        ifindex: u32,
-        packet: &[u8],
-        repeat: u32,
-        action: u32,
-    ) -> f64 {
-        let p: &Xdp = self.program(prog).try_into().expect("xdp program");
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; packet.len() + 256];
-        let r = p
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("test run of {prog}: {e}"));
-        assert_eq!(r.return_value, action, "{prog}: action");
-        r.duration.as_nanos() as f64
+        let (got, _, ns) = self.run(prog, ifindex, packet, repeat);
+        assert_eq!(got, verdict, "{prog}: verdict");
+        ns
     }
 
     /// (hook, direction, reason) -> packets, from dp_metrics.

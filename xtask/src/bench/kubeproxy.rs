@@ -43,6 +43,16 @@ pub(crate) struct Series {
     pub points: Vec<Point>,
 }
 
+/// The one endpoint of Service `i` of `n`: the last leads to `backend`,
+/// the rest to addresses no one has.
+fn endpoint(i: usize, n: usize, backend: Ipv4Addr) -> Ipv4Addr {
+    if i + 1 == n {
+        backend
+    } else {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 246, 0, 0)) + i as u32)
+    }
+}
+
 /// kube-proxy's iptables rules for `n` Services; Service `n - 1` (the
 /// last in KUBE-SERVICES) leads to `backend`, the rest to addresses no one
 /// has.
@@ -59,11 +69,7 @@ fn iptables_rules(n: usize, backend: Ipv4Addr, pods: &str) -> String {
         );
     }
     for i in 0..n {
-        let ep = if i + 1 == n {
-            backend
-        } else {
-            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 246, 0, 0)) + i as u32)
-        };
+        let ep = endpoint(i, n, backend);
         let _ = writeln!(
             r,
             "-A KUBE-SVC-{i:016X} ! -s {pods} -d {}/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ\n\
@@ -106,11 +112,7 @@ fn nft_rules(n: usize, backend: Ipv4Addr, pods: &str) -> String {
          \tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n",
     );
     for i in 0..n {
-        let ep = if i + 1 == n {
-            backend
-        } else {
-            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 246, 0, 0)) + i as u32)
-        };
+        let ep = endpoint(i, n, backend);
         let _ = writeln!(
             r,
             "\tchain service-{i:08x} {{\n\t\tip daddr {cip} tcp dport 80 ip saddr != {pods} jump mark-for-masquerade\n\t\tnumgen random mod 1 vmap {{ 0 : goto endpoint-{i:08x} }}\n\t}}\n\
